@@ -1,0 +1,50 @@
+"""The ``hope-scale`` command line: one subcommand per task, each implemented in its own module.
+
+Every subcommand module exposes ``configure_parser(parser)`` and ``run(args) -> int``; modules are
+imported only when their subcommand is used, so ``hope-scale --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hope-scale",
+        description="Pretrain, evaluate and deploy Hope language models "
+        "(self-modifying Titans + Continuum Memory System).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Parsers are configured lazily (see main) unless we are printing help for this command.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = argv[0]
+    if name not in SUBCOMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(SUBCOMMANDS)}")
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub_parser = argparse.ArgumentParser(prog=f"hope-scale {name}", description=help_text)
+    module.configure_parser(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Model configuration: one dataclass shared by Hope and every baseline.
+
+A config is loaded from YAML (``configs/model/*.yaml``) and validated before any work starts:
+unknown keys and impossible shapes are rejected with the offending field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARCHITECTURES = ("hope", "hope_attention", "titans", "transformer")
+CMS_VARIANTS = ("sequential", "independent")
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, missing or inconsistent; the message names the field."""
+
+
+@dataclass
+class CMSLevel:
+    """One Continuum Memory System level: a pre-norm residual SwiGLU MLP updated every ``period`` tokens."""
+
+    period: int = 1  # update period in tokens (paper: chunk size C^(l)); 1 = every token seen by the optimizer
+    hidden_mult: float = 2.0  # MLP hidden width = hidden_mult * d_model (rounded to a multiple of 8)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "hope"
+    vocab_size: int = 258
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int | None = None  # default d_model // n_heads
+    max_seq_len: int = 2048  # only bounds RoPE tables and the recurrent position counter
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+
+    # --- (self-modifying) Titans memory -------------------------------------------------------
+    mem_hidden_mult: float = 1.0  # each memory MLP m(x) = x + W1 silu(W2 x) has hidden = mult * head_dim
+    chunk_size_memory: int = 16  # C_mem: chunk of the main memory M_mem
+    chunk_size_projection: int = 64  # C_proj: chunk of the projection memories M_k, M_v, M_q, M_eta, M_alpha
+    adaptive_q: bool = True  # False: q is a static per-head projection (paper text); True: q = M_q(x) (ablation table)
+    inner_momentum: float = 0.9  # beta of the momentum S_t = beta S_{t-1} - eta_t grad; 0 disables momentum
+    dgd_erase: bool = True  # delta gradient descent erase term -eta k k^T on the layer whose input is k
+    eta_max: float = 1.0  # eta_t = eta_max * sigmoid(mean(M_eta(x)) + b_eta)
+    eta_init: float = 0.1  # initial eta (sets b_eta)
+    alpha_init: float = 0.98  # initial retention alpha (sets b_alpha); alpha_t = sigmoid(mean(M_alpha(x)) + b_alpha)
+    conv_width: int = 4  # causal depthwise short convolution before the memories
+
+    # --- Continuum Memory System ---------------------------------------------------------------
+    cms_levels: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(1, 2.0), CMSLevel(4096, 2.0)])
+    cms_variant: str = "sequential"
+
+    # --- baselines -----------------------------------------------------------------------------
+    mlp_hidden_mult: float = 8 / 3  # SwiGLU hidden width of Transformer++ / Titans blocks
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        self.cms_levels = [lvl if isinstance(lvl, CMSLevel) else _from_dict(CMSLevel, lvl, "cms_levels[]")
+                           for lvl in self.cms_levels]
+        self.validate()
+
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def d_mem_hidden(self) -> int:
+        return max(1, int(round(self.mem_hidden_mult * self.d_head)))
+
+    def validate(self) -> None:
+        def need(ok: bool, field_name: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.{field_name}: {msg}")
+
+        need(self.arch in ARCHITECTURES, "arch", f"{self.arch!r} is not one of {ARCHITECTURES}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size_memory",
+                     "chunk_size_projection", "conv_width", "max_seq_len"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.head_dim is not None or self.d_model % self.n_heads == 0, "n_heads",
+             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
+        need(0.0 <= self.inner_momentum < 1.0, "inner_momentum", "must be in [0, 1)")
+        need(0.0 < self.eta_init < self.eta_max, "eta_init", f"must be in (0, eta_max={self.eta_max})")
+        need(0.0 < self.alpha_init < 1.0, "alpha_init", "must be in (0, 1)")
+        need(self.cms_variant in CMS_VARIANTS, "cms_variant", f"{self.cms_variant!r} is not one of {CMS_VARIANTS}")
+        if self.arch in ("hope", "hope_attention"):
+            need(len(self.cms_levels) > 0, "cms_levels", "Hope needs at least one CMS level")
+        for i, lvl in enumerate(self.cms_levels):
+            need(isinstance(lvl.period, int) and lvl.period >= 1, f"cms_levels[{i}].period", "must be an integer >= 1")
+            need(lvl.hidden_mult > 0, f"cms_levels[{i}].hidden_mult", "must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d, "model")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    @classmethod
+    def named(cls, name: str) -> "ModelConfig":
+        """Load ``configs/model/<name>.yaml`` (e.g. ``hope-tiny``, ``transformer-125m``)."""
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"model: no named config {name!r}; known: {known}")
+        return cls.from_yaml(path)
+
+
+def _from_dict(cls, d: dict[str, Any], where: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    return cls(**d)

@@ -1,0 +1,158 @@
+"""MLP memories updated in context by (delta) gradient descent with momentum, chunk-parallel.
+
+A memory is a 2-layer residual MLP  m(x) = x + W1 silu(W2 x)  with W1: [d, h], W2: [h, d].
+Its inner loss on a key k and a target value v̂ is  L = 1/2 ||m(k) - v̂||^2 (the factor 1/2 is folded into eta).
+One token's update (delta gradient descent with retention and momentum, paper Eqs. 86-88):
+
+    S_t  = beta S_{t-1} - eta_t grad_W L(W_grad; k_t, v̂_t)                 (momentum; beta = 0 disables it)
+    W2_t = W2_{t-1} (alpha_t I - eta_t k_t k_t^T) + S2_t                     (erase along k: W2's input is k)
+    W1_t = alpha_t W1_{t-1} + S1_t                                            (plain retention)
+
+where W_grad is the state at the start of the current chunk. Because every gradient in a chunk is taken
+at W_grad, the C updates of a chunk can be computed in parallel. Unrolling the recurrence with
+gamma_t = prod_{j<=t} alpha_j and x_t = -eta_t W2_{t-1} k_t (the erase vector):
+
+    W_t = gamma_t W_0 + c_t S_0 + sum_{s<=t} D_ts x_s k_s^T - sum_{i<=t} E_ti eta_i u_i r_i^T
+
+with D_ts = gamma_t / gamma_s, E = D @ B (B_ji = beta^(j-i)), c = D @ (beta^1..beta^C), and u_i r_i^T the
+rank-1 gradient of token i (e_i h_i^T for W1, delta_i k_i^T for W2). The erase vectors x solve a unit
+lower-triangular C x C system (the WY/UT form of DeltaNet). Reads of token t use W_t, i.e. they see every
+update of tokens <= t in the chunk (the TTT/Titans dual form) without materializing per-token weights.
+
+All tensors carry arbitrary leading batch axes ``...`` (batch, heads, memory index); they never mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MemoryState:
+    """Fast weights of one (stack of) MLP memories: current weights, momentum, and the chunk-start snapshot."""
+
+    w1: torch.Tensor  # [..., d, h]
+    w2: torch.Tensor  # [..., h, d]
+    s1: torch.Tensor  # momentum of w1
+    s2: torch.Tensor  # momentum of w2
+    w1_snap: torch.Tensor  # weights at the start of the current chunk (where gradients are taken)
+    w2_snap: torch.Tensor
+
+    @classmethod
+    def fresh(cls, w1: torch.Tensor, w2: torch.Tensor) -> "MemoryState":
+        """State at the start of a sequence: weights = meta-learned initial weights, zero momentum."""
+        return cls(w1, w2, torch.zeros_like(w1), torch.zeros_like(w2), w1, w2)
+
+    def snapshot(self) -> "MemoryState":
+        """Start a new chunk: gradients of the chunk are taken at the current weights."""
+        return MemoryState(self.w1, self.w2, self.s1, self.s2, self.w1, self.w2)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"w1": self.w1, "w2": self.w2, "s1": self.s1, "s2": self.s2,
+                "w1_snap": self.w1_snap, "w2_snap": self.w2_snap}
+
+
+def mlp_apply(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """m(x) = x + W1 silu(W2 x) for x: [..., N, d]."""
+    return x + F.silu(x @ w2.transpose(-1, -2)) @ w1.transpose(-1, -2)
+
+
+def silu_grad(z: torch.Tensor) -> torch.Tensor:
+    """d silu(z) / dz = s (1 + z (1 - s)), s = sigmoid(z)."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _decay_matrices(alpha: torch.Tensor, beta: float):
+    """Coefficients of the unrolled recurrence for log-retention over a chunk of length C.
+
+    Returns gamma [..., C], D [..., C, C] (D_ts = gamma_t/gamma_s for s <= t), E = D @ B and
+    c = D @ beta^(1..C) [..., C], and beta^(C-i) [C] (momentum carried to the chunk end).
+    """
+    c_len = alpha.shape[-1]
+    log_gamma = torch.cumsum(torch.log(alpha), dim=-1)
+    causal = torch.ones(c_len, c_len, dtype=torch.bool, device=alpha.device).tril()
+    diff = log_gamma[..., :, None] - log_gamma[..., None, :]
+    d_mat = torch.exp(torch.where(causal, diff, torch.full_like(diff, float("-inf"))))
+    idx = torch.arange(c_len, device=alpha.device, dtype=alpha.dtype)
+    lag = idx[:, None] - idx[None, :]
+    b_mat = torch.where(causal, torch.pow(torch.as_tensor(beta, dtype=alpha.dtype), lag.clamp(min=0)),
+                        torch.zeros_like(lag))
+    e_mat = d_mat @ b_mat
+    beta_pows = torch.pow(torch.as_tensor(beta, dtype=alpha.dtype), idx + 1)  # beta^1 .. beta^C
+    c_vec = d_mat @ beta_pows
+    beta_to_end = torch.pow(torch.as_tensor(beta, dtype=alpha.dtype), (c_len - 1) - idx)  # beta^(C-i)
+    return log_gamma.exp(), d_mat, e_mat, c_vec, beta_to_end
+
+
+def _shift_rows(m: torch.Tensor) -> torch.Tensor:
+    """Row s of the result is row s-1 of m (row 0 is zero): coefficients 'just before token s'."""
+    return torch.cat([torch.zeros_like(m[..., :1, :]), m[..., :-1, :]], dim=-2)
+
+
+def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor,
+                 alpha: torch.Tensor, beta: float, erase: bool, queries: torch.Tensor | None = None):
+    """Apply the updates of one chunk (all tokens of it) and optionally read the memory at each token.
+
+    keys [..., C, d] (L2-normalized), targets [..., C, d], eta/alpha [..., C]; gradients are taken at
+    ``state.w*_snap``; the recurrence starts from ``state.w*`` / ``state.s*``. Returns the new state and,
+    if ``queries`` [..., C, d] is given, reads o_t = m_{W_t}(q_t) [..., C, d].
+    """
+    w1g, w2g = state.w1_snap, state.w2_snap
+    # gradients of 1/2||m(k_i) - v̂_i||^2 at the chunk-start weights, as rank-1 factors
+    z = keys @ w2g.transpose(-1, -2)  # [..., C, h]
+    h = F.silu(z)
+    err = keys + h @ w1g.transpose(-1, -2) - targets  # e_i           [..., C, d]; grad W1 = e h^T
+    delta = (err @ w1g) * silu_grad(z)  # delta_i      [..., C, h]; grad W2 = delta k^T
+
+    gamma, d_mat, e_mat, c_vec, beta_to_end = _decay_matrices(alpha, beta)
+    eta_err, eta_delta = eta[..., None] * err, eta[..., None] * delta
+    kk = keys @ keys.transpose(-1, -2)  # k_s . k_j   [..., C, C]
+
+    if erase:  # x_s = -eta_s W2_{s-1} k_s, a unit lower-triangular system in the x's
+        z_start = z if state.w2 is w2g else keys @ state.w2.transpose(-1, -2)
+        gamma_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
+        c_prev = torch.cat([torch.zeros_like(c_vec[..., :1]), c_vec[..., :-1]], dim=-1)
+        d_prev = _shift_rows(d_mat)
+        e_prev = _shift_rows(e_mat)
+        w2k_known = (gamma_prev[..., None] * z_start + c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))
+                     - (e_prev * kk) @ eta_delta)
+        system = torch.eye(kk.shape[-1], dtype=kk.dtype, device=kk.device) + eta[..., None] * (d_prev * kk)
+        rhs = -eta[..., None] * w2k_known
+        batch = torch.broadcast_shapes(system.shape[:-2], rhs.shape[:-2])
+        erase_vecs = torch.linalg.solve_triangular(system.expand(*batch, *system.shape[-2:]),
+                                                   rhs.expand(*batch, *rhs.shape[-2:]),
+                                                   upper=False, unitriangular=True)  # [..., C, h]
+    else:
+        erase_vecs = None
+
+    # state at the chunk end (last row of the coefficient matrices)
+    g_end, c_end, d_end, e_end = gamma[..., -1], c_vec[..., -1], d_mat[..., -1, :], e_mat[..., -1, :]
+    sc = lambda v: v[..., None, None]  # noqa: E731  scalar per batch element -> broadcast over a matrix
+    w1 = sc(g_end) * state.w1 + sc(c_end) * state.s1 - (e_end[..., None] * eta_err).transpose(-1, -2) @ h
+    w2 = sc(g_end) * state.w2 + sc(c_end) * state.s2 - (e_end[..., None] * eta_delta).transpose(-1, -2) @ keys
+    if erase_vecs is not None:
+        w2 = w2 + (d_end[..., None] * erase_vecs).transpose(-1, -2) @ keys
+    beta_c = beta ** alpha.shape[-1]
+    s1 = beta_c * state.s1 - (beta_to_end[..., None] * eta_err).transpose(-1, -2) @ h
+    s2 = beta_c * state.s2 - (beta_to_end[..., None] * eta_delta).transpose(-1, -2) @ keys
+    new_state = MemoryState(w1, w2, s1, s2, state.w1_snap, state.w2_snap)
+    if queries is None:
+        return new_state, None
+
+    # reads: W2_t q_t and W1_t silu(W2_t q_t) for every t, through the unrolled form
+    qk = queries @ keys.transpose(-1, -2)  # [..., C, C]
+    zq = (gamma[..., None] * (queries @ state.w2.transpose(-1, -2))
+          + c_vec[..., None] * (queries @ state.s2.transpose(-1, -2))
+          - (e_mat * qk) @ eta_delta)
+    if erase_vecs is not None:
+        zq = zq + (d_mat * qk) @ erase_vecs
+    hq = F.silu(zq)
+    hh = hq @ h.transpose(-1, -2)  # h_i . hq_t  [..., C, C]
+    out = (queries + gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
+           + c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
+           - (e_mat * hh) @ eta_err)
+    return new_state, out
