@@ -1,7 +1,9 @@
 """MLP memories updated in context by (delta) gradient descent with momentum, chunk-parallel.
 
-A memory is a 2-layer residual MLP  m(x) = x + W1 silu(W2 x)  with W1: [d, h], W2: [h, d].
-Its inner loss on a key k and a target value v̂ is  L = 1/2 ||m(k) - v̂||^2 (the factor 1/2 is folded into eta).
+A memory is a 2-layer residual MLP with a normalized branch,  m(x) = x + n(W1 silu(W2 x)),  W1: [d, h],
+W2: [h, d], n(y) = y / rms(y) (no gain). The normalization keeps self-generated targets v̂ = m(v) bounded;
+without it the inner loop diverges (see docs/hope-design.md). Its inner loss on a key k and a target v̂ is
+L = 1/2 ||m(k) - v̂||^2 (the factor 1/2 is folded into eta).
 One token's update (delta gradient descent with retention and momentum, paper Eqs. 86-88):
 
     S_t  = beta S_{t-1} - eta_t grad_W L(W_grad; k_t, v̂_t)                 (momentum; beta = 0 disables it)
@@ -15,7 +17,7 @@ gamma_t = prod_{j<=t} alpha_j and x_t = -eta_t W2_{t-1} k_t (the erase vector):
     W_t = gamma_t W_0 + c_t S_0 + sum_{s<=t} D_ts x_s k_s^T - sum_{i<=t} E_ti eta_i u_i r_i^T
 
 with D_ts = gamma_t / gamma_s, E = D @ B (B_ji = beta^(j-i)), c = D @ (beta^1..beta^C), and u_i r_i^T the
-rank-1 gradient of token i (e_i h_i^T for W1, delta_i k_i^T for W2). The erase vectors x solve a unit
+rank-1 gradient of token i (u_i h_i^T for W1, delta_i k_i^T for W2; u_i is the loss gradient at W1 h_i). The erase vectors x solve a unit
 lower-triangular C x C system (the WY/UT form of DeltaNet). Reads of token t use W_t, i.e. they see every
 update of tokens <= t in the chunk (the TTT/Titans dual form) without materializing per-token weights.
 
@@ -55,9 +57,17 @@ class MemoryState:
                 "w1_snap": self.w1_snap, "w2_snap": self.w2_snap}
 
 
+RMS_EPS = 1e-6
+
+
+def rms_normalize(y: torch.Tensor) -> torch.Tensor:
+    """n(y) = y / sqrt(mean(y^2) + eps) over the last axis."""
+    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+
 def mlp_apply(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """m(x) = x + W1 silu(W2 x) for x: [..., N, d]."""
-    return x + F.silu(x @ w2.transpose(-1, -2)) @ w1.transpose(-1, -2)
+    """m(x) = x + n(W1 silu(W2 x)) for x: [..., N, d]."""
+    return x + rms_normalize(F.silu(x @ w2.transpose(-1, -2)) @ w1.transpose(-1, -2))
 
 
 def silu_grad(z: torch.Tensor) -> torch.Tensor:
@@ -105,8 +115,13 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     # gradients of 1/2||m(k_i) - v̂_i||^2 at the chunk-start weights, as rank-1 factors
     z = keys @ w2g.transpose(-1, -2)  # [..., C, h]
     h = F.silu(z)
-    err = keys + h @ w1g.transpose(-1, -2) - targets  # e_i           [..., C, d]; grad W1 = e h^T
-    delta = (err @ w1g) * silu_grad(z)  # delta_i      [..., C, h]; grad W2 = delta k^T
+    y = h @ w1g.transpose(-1, -2)
+    inv_rms = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+    n = y * inv_rms
+    err = keys + n - targets  # dL/dm(k)
+    # back through n(y): J^T e = (e - n (n . e) / d) / rms(y)
+    err = (err - n * (n * err).mean(-1, keepdim=True)) * inv_rms  # u_i        [..., C, d]; grad W1 = u h^T
+    delta = (err @ w1g) * silu_grad(z)  # delta_i    [..., C, h]; grad W2 = delta k^T
 
     gamma, d_mat, e_mat, c_vec, beta_to_end = _decay_matrices(alpha, beta)
     eta_err, eta_delta = eta[..., None] * err, eta[..., None] * delta
@@ -152,7 +167,7 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
         zq = zq + (d_mat * qk) @ erase_vecs
     hq = F.silu(zq)
     hh = hq @ h.transpose(-1, -2)  # h_i . hq_t  [..., C, C]
-    out = (queries + gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
-           + c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
-           - (e_mat * hh) @ eta_err)
+    out = queries + rms_normalize(gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
+                                  + c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
+                                  - (e_mat * hh) @ eta_err)
     return new_state, out

@@ -5,7 +5,7 @@ explicit weight matrices and inner gradients taken by autograd (``torch.func.gra
 targets are constants of the inner problem while everything stays differentiable for the outer loop):
 
     at a chunk boundary:  snapshot <- current weights
-    S      <- beta S - eta_t grad_W 1/2||m_snapshot(k_t) - v̂_t||^2
+    S      <- beta S - eta_t grad_W 1/2||m_snapshot(k_t) - v̂_t||^2      m(x) = x + n(W1 silu(W2 x))
     W2     <- W2 (alpha_t I - eta_t k_t k_t^T) + S2        (W2 <- alpha_t W2 + S2 without the erase term)
     W1     <- alpha_t W1 + S1
     o_t    = m_current(q_t)                                  (main memory only, after its update)
@@ -18,14 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .memory import MemoryState
+from .memory import RMS_EPS, MemoryState
 from .titans import ALPHA, ETA, K, Q, V, SelfModifyingTitans, TitansState
 
 
 def _mlp(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """m(x) = x + W1 silu(W2 x) for one vector per batch element: w1 [..., d, h], w2 [..., h, d], x [..., d]."""
+    """m(x) = x + n(W1 silu(W2 x)) for one vector per batch element: w1 [..., d, h], w2 [..., h, d], x [..., d]."""
     hidden = F.silu(torch.einsum("...hd,...d->...h", w2, x))
-    return x + torch.einsum("...dh,...h->...d", w1, hidden)
+    branch = torch.einsum("...dh,...h->...d", w1, hidden)
+    return x + branch / torch.sqrt(branch.pow(2).mean(-1, keepdim=True) + RMS_EPS)
 
 
 def _inner_grads(w1: torch.Tensor, w2: torch.Tensor, key: torch.Tensor, target: torch.Tensor):
