@@ -168,6 +168,8 @@ class CMSStreamLearner:
                 break
             inputs, labels = seg[:, :-1], seg[:, 1:]
             params = [p for i in self.trainable for p in self.groups[i]]
+            if self.state is None:
+                self.state = self.model.init_state(tokens.shape[0])
             with torch.enable_grad():
                 logits, self.state = self.model(inputs, state=self.state)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())

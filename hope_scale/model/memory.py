@@ -136,11 +136,10 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
         w2k_known = (gamma_prev[..., None] * z_start + c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))
                      - (e_prev * kk) @ eta_delta)
         system = torch.eye(kk.shape[-1], dtype=kk.dtype, device=kk.device) + eta[..., None] * (d_prev * kk)
-        rhs = -eta[..., None] * w2k_known
-        batch = torch.broadcast_shapes(system.shape[:-2], rhs.shape[:-2])
-        erase_vecs = torch.linalg.solve_triangular(system.expand(*batch, *system.shape[-2:]),
-                                                   rhs.expand(*batch, *rhs.shape[-2:]),
-                                                   upper=False, unitriangular=True)  # [..., C, h]
+        # invert the (often shared, e.g. across stacked memories) system once, then one batched matmul
+        eye = torch.eye(kk.shape[-1], dtype=kk.dtype, device=kk.device).expand_as(system)
+        inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
+        erase_vecs = inverse @ (-eta[..., None] * w2k_known)  # [..., C, h]
     else:
         erase_vecs = None
 

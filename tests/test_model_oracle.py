@@ -1,0 +1,130 @@
+"""The chunk-parallel (self-modifying) Titans layer against the token-by-token float64 oracle."""
+
+import copy
+
+import pytest
+import torch
+
+from hope_scale.model.config import ModelConfig
+from hope_scale.model.memory import MemoryState
+from hope_scale.model.reference import reference_forward
+from hope_scale.model.titans import SelfModifyingTitans, TitansState
+
+# (batch, seq_len, d_model, heads, C_mem, C_proj, adaptive_q, momentum, erase)
+SHAPES = [
+    (2, 13, 16, 2, 4, 6, True, 0.9, True),  # seq len a multiple of neither chunk size
+    (1, 17, 24, 3, 5, 3, False, 0.9, True),  # static q, C_proj < C_mem
+    (3, 9, 16, 4, 16, 16, True, 0.0, True),  # chunks longer than the sequence, no momentum
+    (2, 11, 16, 1, 1, 2, True, 0.5, False),  # token-level chunks, plain GD (no erase)
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_layer(shape, self_modifying=True, dtype=torch.float64):
+    _, _, d_model, heads, c_mem, c_proj, adaptive_q, momentum, erase = shape
+    cfg = ModelConfig(d_model=d_model, n_heads=heads, chunk_size_memory=c_mem, chunk_size_projection=c_proj,
+                      adaptive_q=adaptive_q, inner_momentum=momentum, dgd_erase=erase, mem_hidden_mult=1.5)
+    torch.manual_seed(0)
+    return SelfModifyingTitans(cfg, self_modifying=self_modifying).to(dtype)
+
+
+def perturbed_state(layer: SelfModifyingTitans, batch: int, pos: int) -> TitansState:
+    """A non-trivial initial state (mid-chunk position, non-zero momentum) whose tensors require grad."""
+    g = torch.Generator().manual_seed(1)
+    fresh = layer.init_state(batch)
+
+    def noisy(t):
+        return (t.detach() + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)).requires_grad_()
+
+    def mem(st: MemoryState | None):
+        if st is None:
+            return None
+        w1, w2 = noisy(st.w1), noisy(st.w2)
+        return MemoryState(w1, w2, noisy(st.s1), noisy(st.s2), noisy(st.w1_snap), noisy(st.w2_snap))
+
+    return TitansState(pos, noisy(fresh.conv), mem(fresh.proj), mem(fresh.mem))
+
+
+def state_tensors(st: TitansState) -> dict[str, torch.Tensor]:
+    out = {"conv": st.conv}
+    for name in ("proj", "mem"):
+        part = getattr(st, name)
+        if part is not None:
+            out.update({f"{name}.{k}": v for k, v in part.tensors().items()})
+    return out
+
+
+@pytest.mark.parametrize("self_modifying", [True, False], ids=["hope", "titans"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"shape{i}" for i in range(len(SHAPES))])
+@pytest.mark.parametrize("start", ["fresh", "mid-chunk"])
+def test_chunk_parallel_matches_token_loop_float64(shape, self_modifying, start):
+    batch, seq_len, d_model = shape[:3]
+    layer = make_layer(shape, self_modifying)
+    x = torch.randn(batch, seq_len, d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    x.requires_grad_()
+    state = None if start == "fresh" else perturbed_state(layer, batch, pos=7)
+    init_tensors = {} if state is None else state_tensors(state)
+
+    y_fast, st_fast = layer(x, state)
+    y_ref, st_ref = reference_forward(layer, x, state)
+
+    assert rel_err(y_fast, y_ref) < 1e-6
+    fast_t, ref_t = state_tensors(st_fast), state_tensors(st_ref)
+    assert fast_t.keys() == ref_t.keys()
+    for k in fast_t:
+        assert rel_err(fast_t[k], ref_t[k]) < 1e-6, k
+    assert st_fast.pos == st_ref.pos == (0 if state is None else 7) + seq_len
+
+    # gradients of a random loss on outputs and final states, w.r.t. every parameter, x and the initial state
+    proj = torch.randn(y_fast.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    wrt = dict(layer.named_parameters()) | {"x": x} | {f"init.{k}": v for k, v in init_tensors.items()}
+    names = list(wrt)
+
+    def grads(y, st):
+        loss = (y * proj).sum() + 0.1 * st.mem.w1.sum() + 0.1 * st.mem.s2.pow(2).sum()
+        return torch.autograd.grad(loss, [wrt[n] for n in names], allow_unused=True)
+
+    g_fast, g_ref = grads(y_fast, st_fast), grads(y_ref, st_ref)
+    for n, a, b in zip(names, g_fast, g_ref):
+        if b is None:
+            assert a is None or a.abs().max() == 0, n
+            continue
+        assert a is not None, n
+        assert rel_err(a, b) < 1e-6, n
+
+
+@pytest.mark.parametrize("self_modifying", [True, False], ids=["hope", "titans"])
+def test_chunk_parallel_float32_close_to_float64_oracle(self_modifying):
+    shape = (2, 21, 32, 2, 8, 16, True, 0.9, True)
+    layer64 = make_layer(shape, self_modifying)
+    layer32 = copy.deepcopy(layer64).float()
+    x = torch.randn(2, 21, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    y_ref, _ = reference_forward(layer64, x)
+    y32, _ = layer32(x.float())
+    assert rel_err(y32.double(), y_ref) < 1e-3
+
+    proj = torch.randn(y_ref.shape, dtype=torch.float64)
+    g_ref = torch.autograd.grad((y_ref * proj).sum(), list(layer64.parameters()))
+    g32 = torch.autograd.grad((y32 * proj.float()).sum(), list(layer32.parameters()))
+    for (name, _), a, b in zip(layer64.named_parameters(), g32, g_ref):
+        assert rel_err(a.double(), b) < 1e-3, name
+
+
+def test_oracle_detects_a_wrong_fast_path(monkeypatch):
+    """The comparison can fail: break the erase term in the fast path and the oracle disagrees."""
+    import hope_scale.model.memory as memory
+    shape = SHAPES[0]
+    layer = make_layer(shape)
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    y_ref, _ = reference_forward(layer, x)
+    real = memory.chunk_update
+
+    def no_erase(state, keys, targets, eta, alpha, beta, erase, queries=None):
+        return real(state, keys, targets, eta, alpha, beta, False, queries)
+
+    monkeypatch.setattr("hope_scale.model.titans.chunk_update", no_erase)
+    y_bad, _ = layer(x)
+    assert rel_err(y_bad, y_ref) > 1e-4
