@@ -1,0 +1,195 @@
+"""Training FLOPs per token of Hope and the baselines, peak FLOP/s per device, and MFU.
+
+    MFU = flops_per_token * tokens_per_second / (peak_flops_per_device * devices)
+
+Training FLOPs per token = 3 x forward FLOPs (backward = 2 x forward, the usual convention), where a
+multiply-add counts 2 and element-wise work (norms, activations, softmax, gating, decays) is not counted,
+like torchtitan (``6N + 12 L H d_head T``). Forward FLOPs per token have three parts:
+
+1. Dense: ``2 N`` where N counts every weight that multiplies a token activation: all linear layers
+   (mixer projections, CMS / SwiGLU MLPs, the LM head, which is the tied embedding), the depthwise short
+   convolution and the Titans baseline's static projections. Not counted: the embedding lookup, norm
+   gains, the scalar eta/alpha biases, and the meta-learned *initial memory states* (``mem_w*``,
+   ``proj_w*``): those are not applied to tokens directly, their use is the memory part below.
+
+2. Attention (``hope_attention``, ``transformer``): ``4 L H d_head T`` forward (QK^T and PV over the full
+   T x T score matrix, causal masking not subtracted; torchtitan's convention, 12 L H d_head T in training).
+
+3. Memory (``hope``, ``titans``): the chunk-parallel updates and reads of ``model/memory.py:chunk_update``,
+   per head and per token, with d = head dim, h = memory hidden width, C = chunk size. One memory's
+   update costs, per token,
+
+       U(C) = 6dh                      rank-1 gradient factors: z = W2 k, y = W1 silu(z), delta = W1^T u
+            + 8dh                      chunk-end W1, W2, S1, S2 (four [d x C] @ [C x h] products / C)
+            + [2dh + 2dh + 2Ch + 2Ch]  erase (DGD) only: S2 k, chunk-end erase term, the known part of
+                                       W2 k (E * kk) @ (eta delta), and inverse @ rhs of the C x C system
+
+   plus work shared by every memory that sees the same keys and decays (the stacked projection memories
+   share it):
+
+       S(C) = 2Cd                      key Gram matrix k k^T (C x C)
+            + 2C^2 + 2C                coefficient matrices E = D B and c = D beta^(1..C)  (2C^3 + 2C^2 per chunk)
+            + [C^2]                    erase only: inverting the unit lower-triangular C x C system (C^3 per chunk)
+
+   and reading the main memory at the query of each token, through the unrolled form, costs
+
+       R(C) = 8dh                      q W2^T, q S2^T, hq W1^T, hq S1^T
+            + 4Cd + 4Ch                q k^T, h hq^T and the two (E * .) @ (eta .) corrections
+            + [2Ch]                    erase only: (D * q k^T) @ erase vectors
+
+   A full MLP application m(x) = x + n(W1 silu(W2 x)) costs M = 4dh. Per head and token:
+
+       hope:   P (M + M + U(C_proj)) + S(C_proj)         P projection memories (k, v, eta, alpha[, q]):
+                                                          read at x, self-generated target M(v), update
+             + M + U(C_mem) + S(C_mem) + R(C_mem)        main memory: target M(v), update, read
+       titans: U(C_mem) + S(C_mem) + R(C_mem)            no erase, target = v (no MLP), static projections
+
+   times n_heads and n_layers. ``tests/test_train_flops.py`` checks this against PyTorch's FLOP counter
+   on real forward and forward+backward passes (the counter misses only the triangular inverse).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hope_scale.model import ModelConfig, build_model
+
+# Dense peak FLOP/s per device (no sparsity), by precision. Vendor datasheets.
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "h100-sxm": {"bf16": 989e12, "fp32": 494e12},  # fp32 = TF32 tensor cores
+    "h100-pcie": {"bf16": 756e12, "fp32": 378e12},
+    "h200": {"bf16": 989e12, "fp32": 494e12},
+    "gh200": {"bf16": 989e12, "fp32": 494e12},
+    "b200": {"bf16": 2250e12, "fp32": 1100e12},
+    "a100": {"bf16": 312e12, "fp32": 156e12},
+    "l40s": {"bf16": 362e12, "fp32": 183e12},
+    "a10g": {"bf16": 125e12, "fp32": 62.5e12},
+    "mi300x": {"bf16": 1307e12, "fp32": 654e12},
+}
+MEMORY_STATE_PARAMS = ("mem_w1", "mem_w2", "proj_w1", "proj_w2")
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training (forward + backward) FLOPs per token, by part."""
+
+    dense: float
+    attention: float
+    memory: float
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.attention + self.memory
+
+    @property
+    def forward(self) -> float:
+        return self.total / 3
+
+
+def dense_matmul_params(cfg: ModelConfig) -> int:
+    """N of the ``6N`` term (see the module docstring), counted on a meta-device model of ``cfg``."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    n = 0
+    for name, p in model.named_parameters():  # a tied head weight is listed once, as embed.weight
+        leaf = name.rsplit(".", 1)[-1]
+        if p.ndim < 2 or leaf in MEMORY_STATE_PARAMS or leaf == "out_norm_weight" or name == "embed.weight":
+            continue
+        n += p.numel()
+    return n + cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else n
+
+
+def _update(d: int, h: int, c: int, erase: bool) -> float:
+    return 6 * d * h + 8 * d * h + ((4 * d * h + 4 * c * h) if erase else 0)
+
+
+def _shared(d: int, c: int, erase: bool) -> float:
+    return 2 * c * d + 2 * c * c + 2 * c + (c * c if erase else 0)
+
+
+def _read(d: int, h: int, c: int, erase: bool) -> float:
+    return 8 * d * h + 4 * c * d + 4 * c * h + (2 * c * h if erase else 0)
+
+
+def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward FLOPs per token of all memory updates and reads of a Hope / Titans model (0 otherwise)."""
+    if cfg.arch not in ("hope", "titans"):
+        return 0.0
+    d, h, cm, cp = cfg.d_head, cfg.d_mem_hidden, cfg.chunk_size_memory, cfg.chunk_size_projection
+    mlp = 4 * d * h
+    if cfg.arch == "hope":
+        erase = cfg.dgd_erase
+        n_proj = 5 if cfg.adaptive_q else 4
+        per_head = (n_proj * (2 * mlp + _update(d, h, cp, erase)) + _shared(d, cp, erase)
+                    + mlp + _update(d, h, cm, erase) + _shared(d, cm, erase) + _read(d, h, cm, erase))
+    else:
+        per_head = _update(d, h, cm, False) + _shared(d, cm, False) + _read(d, h, cm, False)
+    return float(per_head * cfg.n_heads * cfg.n_layers)
+
+
+def attention_forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    if cfg.arch not in ("hope_attention", "transformer"):
+        return 0.0
+    return float(4 * cfg.n_layers * cfg.n_heads * cfg.d_head * seq_len)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
+    """Training FLOPs per token of ``cfg`` at sequence length ``seq_len``."""
+    return FlopsPerToken(dense=6.0 * dense_matmul_params(cfg),
+                         attention=3.0 * attention_forward_flops_per_token(cfg, seq_len),
+                         memory=3.0 * memory_forward_flops_per_token(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# peak FLOP/s and MFU
+
+
+def detect_device() -> str:
+    """A key of ``PEAK_FLOPS`` for the current CUDA device, or ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for key, needles in (("gh200", ("gh200",)), ("h200", ("h200",)), ("h100-pcie", ("h100 pcie",)),
+                         ("h100-sxm", ("h100",)), ("b200", ("b200",)), ("a100", ("a100",)),
+                         ("l40s", ("l40s",)), ("a10g", ("a10g",)), ("mi300x", ("mi300x",))):
+        if any(n in name for n in needles):
+            return key
+    return "unknown"
+
+
+_MEASURED_CPU: dict[tuple[str, int], float] = {}
+
+
+def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 512, seconds: float = 0.3) -> float:
+    """Achieved FLOP/s of square matmuls on this CPU with the current thread count (cached per process)."""
+    key = (str(dtype), torch.get_num_threads())
+    if key not in _MEASURED_CPU:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up
+        n, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or n < 3:
+            a @ b
+            n += 1
+        _MEASURED_CPU[key] = 2.0 * size ** 3 * n / elapsed
+    return _MEASURED_CPU[key]
+
+
+def peak_flops(device: str = "auto", precision: str = "bf16", override: float | None = None) -> float:
+    """Peak FLOP/s of one device: ``override`` if given, the table entry, or a measurement on CPU."""
+    if override is not None:
+        return float(override)
+    device = detect_device() if device == "auto" else device
+    if device == "cpu":
+        return measure_cpu_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    if device not in PEAK_FLOPS:
+        raise ValueError(f"no peak FLOP/s known for device {device!r}; set logging.peak_flops "
+                         f"(known devices: {sorted(PEAK_FLOPS)} and cpu)")
+    return PEAK_FLOPS[device][precision]
+
+
+def mfu(flops_per_tok: float, tokens_per_second: float, peak_per_device: float, devices: int) -> float:
+    """Model FLOPs utilization in [0, 1]."""
+    return flops_per_tok * tokens_per_second / (peak_per_device * devices)
