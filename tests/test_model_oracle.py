@@ -120,11 +120,11 @@ def test_oracle_detects_a_wrong_fast_path(monkeypatch):
     layer = make_layer(shape)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     y_ref, _ = reference_forward(layer, x)
-    real = memory.chunk_update
+    real = memory.chunk_coefficients
 
-    def no_erase(state, keys, targets, eta, alpha, beta, erase, queries=None):
-        return real(state, keys, targets, eta, alpha, beta, False, queries)
+    def no_erase(keys, eta, alpha, beta, erase, queries=None):
+        return real(keys, eta, alpha, beta, False, queries)
 
-    monkeypatch.setattr("hope_scale.model.titans.chunk_update", no_erase)
+    monkeypatch.setattr("hope_scale.model.titans.chunk_coefficients", no_erase)
     y_bad, _ = layer(x)
     assert rel_err(y_bad, y_ref) > 1e-4

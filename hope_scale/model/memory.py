@@ -76,11 +76,42 @@ def silu_grad(z: torch.Tensor) -> torch.Tensor:
     return s * (1 + z * (1 - s))
 
 
-def _decay_matrices(alpha: torch.Tensor, beta: float):
-    """Coefficients of the unrolled recurrence for log-retention over a chunk of length C.
+@dataclass
+class ChunkCoefficients:
+    """Everything about a chunk that does not depend on the memory state (keys, eta, alpha, queries only).
 
-    Returns gamma [..., C], D [..., C, C] (D_ts = gamma_t/gamma_s for s <= t), E = D @ B and
-    c = D @ beta^(1..C) [..., C], and beta^(C-i) [C] (momentum carried to the chunk end).
+    All fields carry the leading axes of eta; with an extra chunk axis they describe many chunks at once
+    (``chunk_coefficients`` on [..., N, C] inputs), and ``select(n)`` picks chunk n.
+    """
+
+    eta: torch.Tensor  # [..., C]
+    gamma: torch.Tensor  # gamma_t = prod_{j<=t} alpha_j                     [..., C]
+    c_vec: torch.Tensor  # c_t = sum_{j<=t} (gamma_t/gamma_j) beta^j           [..., C]
+    d_mat: torch.Tensor  # D_ts = gamma_t / gamma_s for s <= t                 [..., C, C]
+    e_mat: torch.Tensor  # E = D @ B, B_ji = beta^(j-i)                        [..., C, C]
+    gamma_prev: torch.Tensor | None  # gamma_{s-1}, c_{s-1}, E_{s-1,i} k_i.k_s: what W2_{s-1} k_s needs
+    c_prev: torch.Tensor | None
+    e_kk_prev: torch.Tensor | None  # [..., C, C]
+    erase_inverse: torch.Tensor | None  # (I + diag(eta) (D_{s-1,j} k_j.k_s))^-1  [..., C, C]
+    d_qk: torch.Tensor | None  # D_ts q_t.k_s  (reads)                         [..., C, C]
+    e_qk: torch.Tensor | None  # E_ti q_t.k_i
+
+    def select(self, n: int) -> "ChunkCoefficients":
+        """Chunk n of coefficients computed with a chunk axis just before the token axis."""
+        def pick(name, t):
+            if t is None:
+                return t
+            matrix = name in ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
+            return t[..., n, :, :] if matrix else t[..., n, :]
+        return ChunkCoefficients(**{k: pick(k, v) for k, v in self.__dict__.items()})
+
+
+def chunk_coefficients(keys: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, beta: float, erase: bool,
+                       queries: torch.Tensor | None = None) -> ChunkCoefficients:
+    """Coefficients of the unrolled recurrence of a chunk: keys [..., C, d], eta/alpha [..., C].
+
+    D_ts = gamma_t / gamma_s (s <= t), B_ji = beta^(j-i), E = D @ B, c = D @ (beta^1..beta^C); computed in
+    log space so that every coefficient is <= 1.
     """
     c_len = alpha.shape[-1]
     log_gamma = torch.cumsum(torch.log(alpha), dim=-1)
@@ -88,14 +119,25 @@ def _decay_matrices(alpha: torch.Tensor, beta: float):
     diff = log_gamma[..., :, None] - log_gamma[..., None, :]
     d_mat = torch.exp(torch.where(causal, diff, torch.full_like(diff, float("-inf"))))
     idx = torch.arange(c_len, device=alpha.device, dtype=alpha.dtype)
-    lag = idx[:, None] - idx[None, :]
-    b_mat = torch.where(causal, torch.pow(torch.as_tensor(beta, dtype=alpha.dtype), lag.clamp(min=0)),
-                        torch.zeros_like(lag))
+    beta_t = torch.as_tensor(beta, dtype=alpha.dtype, device=alpha.device)
+    b_mat = torch.where(causal, torch.pow(beta_t, (idx[:, None] - idx[None, :]).clamp(min=0)), 0.0)
     e_mat = d_mat @ b_mat
-    beta_pows = torch.pow(torch.as_tensor(beta, dtype=alpha.dtype), idx + 1)  # beta^1 .. beta^C
-    c_vec = d_mat @ beta_pows
-    beta_to_end = torch.pow(torch.as_tensor(beta, dtype=alpha.dtype), (c_len - 1) - idx)  # beta^(C-i)
-    return log_gamma.exp(), d_mat, e_mat, c_vec, beta_to_end
+    c_vec = d_mat @ torch.pow(beta_t, idx + 1)
+    gamma = log_gamma.exp()
+    kk = keys @ keys.transpose(-1, -2)  # k_s . k_j
+    gamma_prev = c_prev = e_kk_prev = inverse = None
+    if erase:  # x_s = -eta_s W2_{s-1} k_s is a unit lower-triangular system in the x's
+        gamma_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
+        c_prev = torch.cat([torch.zeros_like(c_vec[..., :1]), c_vec[..., :-1]], dim=-1)
+        e_kk_prev = _shift_rows(e_mat) * kk
+        system = torch.eye(c_len, dtype=kk.dtype, device=kk.device) + eta[..., None] * (_shift_rows(d_mat) * kk)
+        eye = torch.eye(c_len, dtype=kk.dtype, device=kk.device).expand_as(system)
+        inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
+    d_qk = e_qk = None
+    if queries is not None:
+        qk = queries @ keys.transpose(-1, -2)  # q_t . k_s
+        d_qk, e_qk = d_mat * qk, e_mat * qk
+    return ChunkCoefficients(eta, gamma, c_vec, d_mat, e_mat, gamma_prev, c_prev, e_kk_prev, inverse, d_qk, e_qk)
 
 
 def _shift_rows(m: torch.Tensor) -> torch.Tensor:
@@ -103,13 +145,15 @@ def _shift_rows(m: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(m[..., :1, :]), m[..., :-1, :]], dim=-2)
 
 
-def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor,
-                 alpha: torch.Tensor, beta: float, erase: bool, queries: torch.Tensor | None = None):
+def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
+                 beta: float, queries: torch.Tensor | None = None, n_valid: int | None = None):
     """Apply the updates of one chunk (all tokens of it) and optionally read the memory at each token.
 
-    keys [..., C, d] (L2-normalized), targets [..., C, d], eta/alpha [..., C]; gradients are taken at
+    keys [..., C, d] (L2-normalized), targets [..., C, d], ``coef`` from ``chunk_coefficients`` (with
+    ``queries`` if reads are wanted, and ``erase`` deciding the DGD erase term). Gradients are taken at
     ``state.w*_snap``; the recurrence starts from ``state.w*`` / ``state.s*``. Returns the new state and,
-    if ``queries`` [..., C, d] is given, reads o_t = m_{W_t}(q_t) [..., C, d].
+    if ``queries`` [..., C, d] is given, reads o_t = m_{W_t}(q_t) [..., C, d]. Only the first ``n_valid``
+    tokens count (the rest is padding with eta = 0): the returned state is the one after token n_valid.
     """
     w1g, w2g = state.w1_snap, state.w2_snap
     # gradients of 1/2||m(k_i) - v̂_i||^2 at the chunk-start weights, as rank-1 factors
@@ -122,51 +166,44 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     # back through n(y): J^T e = (e - n (n . e) / d) / rms(y)
     err = (err - n * (n * err).mean(-1, keepdim=True)) * inv_rms  # u_i        [..., C, d]; grad W1 = u h^T
     delta = (err @ w1g) * silu_grad(z)  # delta_i    [..., C, h]; grad W2 = delta k^T
-
-    gamma, d_mat, e_mat, c_vec, beta_to_end = _decay_matrices(alpha, beta)
+    eta = coef.eta
     eta_err, eta_delta = eta[..., None] * err, eta[..., None] * delta
-    kk = keys @ keys.transpose(-1, -2)  # k_s . k_j   [..., C, C]
 
-    if erase:  # x_s = -eta_s W2_{s-1} k_s, a unit lower-triangular system in the x's
+    erase_vecs = None
+    if coef.erase_inverse is not None:  # x_s = -eta_s W2_{s-1} k_s
         z_start = z if state.w2 is w2g else keys @ state.w2.transpose(-1, -2)
-        gamma_prev = torch.cat([torch.ones_like(gamma[..., :1]), gamma[..., :-1]], dim=-1)
-        c_prev = torch.cat([torch.zeros_like(c_vec[..., :1]), c_vec[..., :-1]], dim=-1)
-        d_prev = _shift_rows(d_mat)
-        e_prev = _shift_rows(e_mat)
-        w2k_known = (gamma_prev[..., None] * z_start + c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))
-                     - (e_prev * kk) @ eta_delta)
-        system = torch.eye(kk.shape[-1], dtype=kk.dtype, device=kk.device) + eta[..., None] * (d_prev * kk)
-        # invert the (often shared, e.g. across stacked memories) system once, then one batched matmul
-        eye = torch.eye(kk.shape[-1], dtype=kk.dtype, device=kk.device).expand_as(system)
-        inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
-        erase_vecs = inverse @ (-eta[..., None] * w2k_known)  # [..., C, h]
-    else:
-        erase_vecs = None
+        w2k_known = (coef.gamma_prev[..., None] * z_start
+                     + coef.c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))
+                     - coef.e_kk_prev @ eta_delta)
+        erase_vecs = coef.erase_inverse @ (-eta[..., None] * w2k_known)  # [..., C, h]
 
-    # state at the chunk end (last row of the coefficient matrices)
-    g_end, c_end, d_end, e_end = gamma[..., -1], c_vec[..., -1], d_mat[..., -1, :], e_mat[..., -1, :]
+    # state after the last valid token L: row L of the coefficients, momentum carried by beta^(L-i)
+    last = (n_valid or eta.shape[-1]) - 1
     sc = lambda v: v[..., None, None]  # noqa: E731  scalar per batch element -> broadcast over a matrix
-    w1 = sc(g_end) * state.w1 + sc(c_end) * state.s1 - (e_end[..., None] * eta_err).transpose(-1, -2) @ h
-    w2 = sc(g_end) * state.w2 + sc(c_end) * state.s2 - (e_end[..., None] * eta_delta).transpose(-1, -2) @ keys
+    g_end, c_end = sc(coef.gamma[..., last]), sc(coef.c_vec[..., last])
+    e_end, d_end = coef.e_mat[..., last, :, None], coef.d_mat[..., last, :, None]
+    w1 = g_end * state.w1 + c_end * state.s1 - (e_end * eta_err).transpose(-1, -2) @ h
+    w2 = g_end * state.w2 + c_end * state.s2 - (e_end * eta_delta).transpose(-1, -2) @ keys
     if erase_vecs is not None:
-        w2 = w2 + (d_end[..., None] * erase_vecs).transpose(-1, -2) @ keys
-    beta_c = beta ** alpha.shape[-1]
-    s1 = beta_c * state.s1 - (beta_to_end[..., None] * eta_err).transpose(-1, -2) @ h
-    s2 = beta_c * state.s2 - (beta_to_end[..., None] * eta_delta).transpose(-1, -2) @ keys
+        w2 = w2 + (d_end * erase_vecs).transpose(-1, -2) @ keys
+    idx = torch.arange(eta.shape[-1], device=eta.device, dtype=eta.dtype)
+    beta_to_end = torch.pow(torch.as_tensor(beta, dtype=eta.dtype), (last - idx).clamp(min=0))[:, None]
+    beta_c = beta ** (last + 1)
+    s1 = beta_c * state.s1 - (beta_to_end * eta_err).transpose(-1, -2) @ h
+    s2 = beta_c * state.s2 - (beta_to_end * eta_delta).transpose(-1, -2) @ keys
     new_state = MemoryState(w1, w2, s1, s2, state.w1_snap, state.w2_snap)
     if queries is None:
         return new_state, None
 
     # reads: W2_t q_t and W1_t silu(W2_t q_t) for every t, through the unrolled form
-    qk = queries @ keys.transpose(-1, -2)  # [..., C, C]
-    zq = (gamma[..., None] * (queries @ state.w2.transpose(-1, -2))
-          + c_vec[..., None] * (queries @ state.s2.transpose(-1, -2))
-          - (e_mat * qk) @ eta_delta)
+    zq = (coef.gamma[..., None] * (queries @ state.w2.transpose(-1, -2))
+          + coef.c_vec[..., None] * (queries @ state.s2.transpose(-1, -2))
+          - coef.e_qk @ eta_delta)
     if erase_vecs is not None:
-        zq = zq + (d_mat * qk) @ erase_vecs
+        zq = zq + coef.d_qk @ erase_vecs
     hq = F.silu(zq)
     hh = hq @ h.transpose(-1, -2)  # h_i . hq_t  [..., C, C]
-    out = queries + rms_normalize(gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
-                                  + c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
-                                  - (e_mat * hh) @ eta_err)
+    out = queries + rms_normalize(coef.gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
+                                  + coef.c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
+                                  - (coef.e_mat * hh) @ eta_err)
     return new_state, out

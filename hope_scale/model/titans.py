@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CausalShortConv
-from .memory import MemoryState, chunk_update, mlp_apply
+from .memory import MemoryState, chunk_coefficients, chunk_update, mlp_apply
 
 # index of each projection memory in the stacked projection weights
 K, V, ETA, ALPHA, Q = 0, 1, 2, 3, 4
@@ -127,6 +127,10 @@ class SelfModifyingTitans(nn.Module):
         b, _, t, _ = o.shape
         return self.w_out(o.transpose(1, 2).reshape(b, t, -1) * F.silu(self.w_gate(x)))
 
+    def memory_targets(self, mem: MemoryState, v: torch.Tensor) -> torch.Tensor:
+        """Targets of the main memory: self-generated v̂ = M_mem(v) at the chunk start (Hope), or v (Titans)."""
+        return mlp_apply(mem.w1_snap, mem.w2_snap, v) if self.self_modifying else v
+
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: TitansState | None = None):
         """x: [B, T, d_model] -> (y [B, T, d_model], new state)."""
@@ -144,24 +148,43 @@ class SelfModifyingTitans(nn.Module):
                     proj = proj.snapshot()
                 k, v, q, eta, alpha = self.read_projections(proj.w1_snap, proj.w2_snap, xh[:, :, a:b])
                 targets = mlp_apply(proj.w1_snap, proj.w2_snap, v[:, :, None])  # v̂_□ = M_□(v)
-                proj, _ = chunk_update(proj, k[:, :, None], targets, eta[:, :, None], alpha[:, :, None],
-                                       self.beta, self.erase)
+                coef = chunk_coefficients(k[:, :, None], eta[:, :, None], alpha[:, :, None], self.beta, self.erase)
+                proj, _ = chunk_update(proj, k[:, :, None], targets, coef, self.beta)
                 pieces.append((k, v, q, eta, alpha))
             k, v, q, eta, alpha = (torch.cat(p, dim=2) for p in zip(*pieces))
         else:
             k, v, q, eta, alpha = self.static_projections(xh)
 
-        # phase 2: the main memory, read after every update of tokens <= t (chunk C_mem)
+        # phase 2: the main memory, read after every update of tokens <= t (chunk C_mem). Its keys, eta and
+        # alpha are known for the whole sequence, so the state-independent coefficients of all whole chunks
+        # are computed at once on a [B, H, N, C] layout (the last chunk padded with eta = 0, alpha = 1).
         mem, outs = state.mem, []
-        for a, b, new_chunk in _chunk_spans(pos, t_len, self.cfg.chunk_size_memory):
-            if new_chunk:
-                mem = mem.snapshot()
-            vs = v[:, :, a:b]
-            targets = mlp_apply(mem.w1_snap, mem.w2_snap, vs) if self.self_modifying else vs
-            mem, o = chunk_update(mem, k[:, :, a:b], targets, eta[:, :, a:b], alpha[:, :, a:b],
-                                  self.beta, self.erase, queries=q[:, :, a:b])
+        c_mem = self.cfg.chunk_size_memory
+        head = min(t_len, (c_mem - pos % c_mem) % c_mem)  # tokens that finish a chunk begun earlier
+        if head:
+            coef = chunk_coefficients(k[:, :, :head], eta[:, :, :head], alpha[:, :, :head], self.beta, self.erase,
+                                      queries=q[:, :, :head])
+            mem, o = chunk_update(mem, k[:, :, :head], self.memory_targets(mem, v[:, :, :head]), coef, self.beta,
+                                  queries=q[:, :, :head])
             outs.append(o)
-        o = torch.cat(outs, dim=2)
+        rest = t_len - head
+        n_chunks = -(-rest // c_mem)
+        pad = n_chunks * c_mem - rest
+
+        def chunked(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+            t = F.pad(t[:, :, head:], (0, 0, 0, pad) if t.dim() == 4 else (0, pad), value=fill)
+            return t.view(*t.shape[:2], n_chunks, c_mem, *t.shape[3:])
+
+        if n_chunks:
+            k_c, v_c, q_c = chunked(k), chunked(v), chunked(q)
+            coefs = chunk_coefficients(k_c, chunked(eta), chunked(alpha, 1.0), self.beta, self.erase, queries=q_c)
+        for n in range(n_chunks):
+            mem = mem.snapshot()
+            n_valid = c_mem if n < n_chunks - 1 else c_mem - pad
+            mem, o = chunk_update(mem, k_c[:, :, n], self.memory_targets(mem, v_c[:, :, n]), coefs.select(n),
+                                  self.beta, queries=q_c[:, :, n], n_valid=n_valid)
+            outs.append(o)
+        o = torch.cat(outs, dim=2)[:, :, :t_len]
         self.last_stats = {"eta": eta.detach().mean(), "alpha": alpha.detach().mean(),
                            "mem_w1_norm": mem.w1.detach().norm(dim=(-2, -1)).mean(),
                            "mem_w2_norm": mem.w2.detach().norm(dim=(-2, -1)).mean()}
