@@ -40,7 +40,9 @@ def test_constant_and_validation():
     s = LRSchedule("constant", 3e-4, total_steps=10, warmup_steps=2)
     assert [s(i) for i in range(4)] == pytest.approx([1.5e-4, 3e-4, 3e-4, 3e-4])
     with pytest.raises(ValueError, match="warmup_steps"):
-        LRSchedule("cosine", 1.0, total_steps=5, warmup_steps=5)
+        LRSchedule("cosine", 1.0, total_steps=5, warmup_steps=-1)
+    short = LRSchedule("cosine", 1.0, total_steps=3, warmup_steps=10)  # shorter than its warm-up: only warms up
+    assert [short(i) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="kind"):
         LRSchedule("linear", 1.0, total_steps=5)
     with pytest.raises(ValueError):

@@ -10,7 +10,8 @@ run needs no schedule state: the step counter in the checkpoint is enough.
     constant     lr(s) = peak
 
 with S = total steps, W = warm-up steps, min = min_lr_ratio * peak. Cosine reaches ``min`` exactly at the
-last step S - 1; WSD too (the decay phase's last step has q = 1). WSD is the schedule of MiniCPM
+last step S - 1; WSD too (the decay phase's last step has q = 1). A run shorter than its warm-up
+(a quick test of a big config) only warms up. WSD is the schedule of MiniCPM
 (Hu et al., 2024) that lets one run be continued from the end of its stable phase.
 """
 
@@ -32,8 +33,8 @@ class LRSchedule:
     def __post_init__(self) -> None:
         if self.kind not in ("cosine", "wsd", "constant"):
             raise ValueError(f"unknown schedule kind {self.kind!r}")
-        if not 0 <= self.warmup_steps < self.total_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps={self.total_steps})")
+        if self.total_steps < 1 or self.warmup_steps < 0:
+            raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps}, {self.warmup_steps}")
 
     @classmethod
     def from_config(cls, schedule_cfg, peak_lr: float, total_steps: int) -> "LRSchedule":
@@ -47,7 +48,7 @@ class LRSchedule:
     @property
     def decay_steps(self) -> int:
         """WSD: length of the final decay phase."""
-        return max(1, math.ceil(self.decay_fraction * (self.total_steps - self.warmup_steps)))
+        return max(1, math.ceil(self.decay_fraction * max(0, self.total_steps - self.warmup_steps)))
 
     def __call__(self, step: int) -> float:
         if step < 0:

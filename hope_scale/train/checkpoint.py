@@ -1,0 +1,344 @@
+"""Sharded, atomic, checksummed training checkpoints.
+
+Layout of ``checkpoint.dir`` (a filesystem every rank can reach: node-local only for single-node runs)::
+
+    latest                      text file naming the newest complete checkpoint ("step_00000200")
+    step_00000200/
+        manifest.json           step, tokens, layout, world size, config, sha256 + size of every file below
+        trainer.pt              run state written by rank 0: step and token counters, data-loader state, config
+        rank_00000.pt           what each rank exported: its slice of the fp32 weights and AdamW moments keyed
+        rank_00001.pt           by global parameter name (TrainEngine.export_state), CMS schedule, RNG states
+    .tmp-step_00000250/         a save in progress (or one killed mid-way): never read, removed by the next save
+
+Saving (collective, every rank calls ``save``): rank 0 makes the temporary folder; each rank writes its file,
+fsyncs it and hashes what is on disk; rank 0 gathers the hashes, writes ``trainer.pt`` and ``manifest.json``
+(fsynced), renames the folder to ``step_N`` (atomic), fsyncs the parent, then replaces ``latest`` through a
+fsynced temporary file (atomic). A process killed at any point leaves either the previous checkpoint as
+``latest`` or the new one complete. Older checkpoints beyond ``keep_last_n`` are deleted afterwards.
+
+Loading: rank 0 checks the candidates newest first (``latest``, then every ``step_*`` folder by step): the
+manifest must parse and every file must exist with the recorded size and sha256. A checkpoint that fails is
+reported (which file, what is wrong) and skipped; the newest valid one is used, and its path is broadcast so
+every rank reads the same checkpoint. Each rank then assembles its own slices from all rank files
+(memory-mapped, so only the bytes it needs are read) -- which is what lets a checkpoint saved at one parallel
+layout (TP x PP x DP, ZeRO stage) resume at another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT = "hope-scale/checkpoint/v1"
+MANIFEST = "manifest.json"
+TRAINER_FILE = "trainer.pt"
+LATEST = "latest"
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+TMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required, or a checkpoint that fails verification."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# small collective helpers that also work without an initialized process group
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist_on() else 1
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def _gather_to_all(obj: Any) -> list[Any]:
+    if not _dist_on():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    if not _dist_on():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# file primitives
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_fsynced(obj: Any, path: Path) -> dict[str, Any]:
+    """torch.save to ``path``, flush it to disk, and describe it as the manifest does (size + sha256)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint: its folder, manifest, rank 0's trainer state, and lazy access to rank files."""
+
+    path: Path
+    manifest: dict[str, Any]
+    trainer: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+    def rank_part(self, rank: int) -> dict[str, Any]:
+        """The file saved by ``rank`` (memory-mapped: tensors are read when touched)."""
+        return torch.load(self.path / rank_file(rank), map_location="cpu", mmap=True, weights_only=False)
+
+    def rank_parts(self) -> Iterator[dict[str, Any]]:
+        for r in range(self.world_size):
+            yield self.rank_part(r)
+
+
+class CheckpointManager:
+    """Save and find checkpoints under ``root`` (see module docstring). ``log`` receives messages on rank 0."""
+
+    def __init__(self, root: str | os.PathLike, keep_last_n: int = 3, log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.keep_last_n = keep_last_n
+        self.log = log
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(self, step: int, rank_state: dict[str, Any], trainer_state: dict[str, Any],
+             meta: dict[str, Any] | None = None, _hook: Callable[[str], None] | None = None) -> Path:
+        """Write checkpoint ``step`` (collective). ``rank_state`` is this rank's payload; ``trainer_state`` and
+        ``meta`` (JSON-able, copied into the manifest) are taken from rank 0. Returns the final folder."""
+        rank, world = _rank(), _world()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(f"{TMP_PREFIX}step_*"):  # saves killed mid-way
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        started = time.perf_counter()
+        entry = _save_fsynced(rank_state, tmp / rank_file(rank))
+        if _hook is not None:
+            _hook("rank_file_written")
+        entries = _gather_to_all((rank_file(rank), entry))
+        if rank == 0:
+            files = dict(entries)
+            files[TRAINER_FILE] = _save_fsynced(trainer_state, tmp / TRAINER_FILE)
+            manifest = {"format": FORMAT, "step": step, "world_size": world, "created": time.time(),
+                        **(meta or {}), "files": files}
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            if _hook is not None:
+                _hook("before_rename")
+            if final.exists():  # e.g. a corrupt checkpoint of this step that the run resumed before
+                trash = self.root / f"{TMP_PREFIX}old-{final.name}"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            if _hook is not None:
+                _hook("before_latest")
+            _write_text_atomic(self.root / LATEST, final.name + "\n")
+            self._prune(keep=final.name)
+            size = sum(e["bytes"] for e in files.values())
+            self.log(f"checkpoint: saved {final} ({size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
+        _barrier()
+        return final
+
+    def _prune(self, keep: str) -> None:
+        steps = sorted(self._step_dirs(), key=lambda p: self._step_of(p))
+        old = [p for p in steps if p.name != keep][: max(0, len(steps) - self.keep_last_n)]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- finding and verifying ---------------------------------------------------------------------
+    @staticmethod
+    def _step_of(path: Path) -> int:
+        m = STEP_DIR.match(path.name)
+        return int(m.group(1)) if m else -1
+
+    def _step_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders to try, best first: the one ``latest`` names, then all by decreasing step."""
+        ordered = sorted(self._step_dirs(), key=self._step_of, reverse=True)
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            if named in ordered:
+                ordered.remove(named)
+                ordered.insert(0, named)
+        return ordered
+
+    @staticmethod
+    def verify(path: Path) -> list[str]:
+        """Problems with checkpoint folder ``path`` (empty if it is complete and intact)."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return [f"{manifest_path} is missing (incomplete save)"]
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return [f"{manifest_path} is not valid JSON ({e})"]
+        if manifest.get("format") != FORMAT:
+            return [f"{manifest_path}: unknown format {manifest.get('format')!r}"]
+        problems = []
+        expected = {rank_file(r) for r in range(int(manifest.get("world_size", 0)))} | {TRAINER_FILE}
+        missing_entries = sorted(expected - set(manifest.get("files", {})))
+        if missing_entries:
+            problems.append(f"{manifest_path} lists no entry for {missing_entries}")
+        for name, info in sorted(manifest.get("files", {}).items()):
+            f = path / name
+            if not f.is_file():
+                problems.append(f"{f} is missing")
+            elif f.stat().st_size != info["bytes"]:
+                problems.append(f"{f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated?)")
+            elif sha256_file(f) != info["sha256"]:
+                problems.append(f"{f} fails its sha256 checksum (corrupted)")
+        return problems
+
+    def find_valid(self, path: str | os.PathLike | None = None) -> Path | None:
+        """The newest checkpoint that passes ``verify`` (rank 0 checks, every rank gets the answer; collective).
+
+        With ``path`` (a checkpoint folder, or a checkpoint root): that folder, or that root's newest valid one.
+        Every rejected checkpoint is reported. Returns None if there is no checkpoint at all; raises
+        CheckpointError if checkpoints exist but none is valid.
+        """
+        chosen: Any = None
+        if _rank() == 0:
+            chosen = self._find_valid_local(Path(path) if path is not None else None)
+        chosen = _broadcast(chosen)
+        if isinstance(chosen, CheckpointError):
+            raise chosen
+        return None if chosen is None else Path(chosen)
+
+    def _find_valid_local(self, path: Path | None) -> str | CheckpointError | None:
+        if path is None:
+            cands = self.candidates()
+        elif not path.exists():
+            return CheckpointError(f"checkpoint {path} does not exist")
+        elif (path / MANIFEST).exists() or STEP_DIR.match(path.name):
+            cands = [path]  # one checkpoint folder: exactly that one
+        else:
+            cands = CheckpointManager(path, log=self.log).candidates()  # a checkpoint root
+        rejected = []
+        for cand in cands:
+            problems = self.verify(cand)
+            if not problems:
+                if rejected:
+                    self.log(f"checkpoint: using {cand}, the newest valid checkpoint")
+                return str(cand)
+            rejected.append(cand)
+            self.log(f"checkpoint: REFUSING {cand}: " + "; ".join(problems)
+                     + ("; trying the previous one" if cand is not cands[-1] else ""))
+        if rejected:
+            return CheckpointError(f"no valid checkpoint under {path or self.root}: "
+                                   f"{len(rejected)} found, all failed verification (see messages above)")
+        return None
+
+    def load(self, path: str | os.PathLike | None = None) -> LoadedCheckpoint | None:
+        """``find_valid`` and read the manifest and trainer state (collective). None if there is none."""
+        found = self.find_valid(path)
+        if found is None:
+            return None
+        manifest = json.loads((found / MANIFEST).read_text())
+        trainer = torch.load(found / TRAINER_FILE, map_location="cpu", weights_only=False)
+        return LoadedCheckpoint(found, manifest, trainer)

@@ -1,0 +1,138 @@
+"""CheckpointManager: atomic sharded saves, checksums verified on load, fallback to the previous valid one."""
+
+import json
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+
+from hope_scale.train.checkpoint import (LATEST, MANIFEST, TRAINER_FILE, CheckpointError, CheckpointManager,
+                                        capture_rng, rank_file, restore_rng, step_dir_name)
+
+
+def _payload(step):
+    return {"engine": {"w": torch.full((64, 64), float(step))}, "rng": capture_rng()}
+
+
+def _save(mgr, step):
+    return mgr.save(step, _payload(step), {"step": step, "data": {"epoch": 0, "sample_in_epoch": step}},
+                    meta={"tokens": step * 10})
+
+
+def _messages():
+    out = []
+    return out, out.append
+
+
+def test_round_trip_manifest_latest_and_pruning(tmp_path):
+    msgs, log = _messages()
+    mgr = CheckpointManager(tmp_path, keep_last_n=2, log=log)
+    for step in (1, 2, 3):
+        _save(mgr, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, step_dir_name(2), step_dir_name(3)]
+    assert (tmp_path / LATEST).read_text().strip() == step_dir_name(3)
+    manifest = json.loads((tmp_path / step_dir_name(3) / MANIFEST).read_text())
+    assert manifest["step"] == 3 and manifest["world_size"] == 1 and manifest["tokens"] == 30
+    assert set(manifest["files"]) == {rank_file(0), TRAINER_FILE}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"].values())
+    loaded = mgr.load()
+    assert loaded.step == 3 and loaded.trainer["data"]["sample_in_epoch"] == 3
+    assert torch.equal(loaded.rank_part(0)["engine"]["w"], torch.full((64, 64), 3.0))
+    assert [p["engine"]["w"][0, 0].item() for p in loaded.rank_parts()] == [3.0]
+
+
+def test_empty_root_has_no_checkpoint(tmp_path):
+    assert CheckpointManager(tmp_path / "none").load() is None
+    with pytest.raises(CheckpointError, match="does not exist"):
+        CheckpointManager(tmp_path).load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+def test_damaged_latest_is_refused_and_previous_used(tmp_path, damage):
+    msgs, log = _messages()
+    mgr = CheckpointManager(tmp_path, keep_last_n=3, log=log)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    newest = tmp_path / step_dir_name(2)
+    victim = newest / rank_file(0)
+    if damage == "truncate":
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2])
+        expect = "truncated"
+    elif damage == "flip":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        expect = "sha256"
+    elif damage == "delete":
+        victim.unlink()
+        expect = "is missing"
+    else:
+        (newest / MANIFEST).write_text("{not json")
+        expect = "not valid JSON"
+    loaded = mgr.load()
+    assert loaded.step == 1
+    assert torch.equal(loaded.rank_part(0)["engine"]["w"], torch.full((64, 64), 1.0))
+    refusal = [m for m in msgs if "REFUSING" in m]
+    assert len(refusal) == 1 and str(newest) in refusal[0] and expect in refusal[0]
+    assert any("newest valid" in m for m in msgs)
+    # an explicit path to the damaged checkpoint is refused outright
+    with pytest.raises(CheckpointError, match="failed verification"):
+        mgr.load(newest)
+
+
+def test_all_damaged_is_an_error(tmp_path):
+    mgr = CheckpointManager(tmp_path, log=lambda m: None)
+    _save(mgr, 1)
+    (tmp_path / step_dir_name(1) / TRAINER_FILE).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="all failed verification"):
+        mgr.load()
+
+
+def _save_and_die(root, stage):
+    def hook(point):
+        if point == stage:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mgr = CheckpointManager(root, keep_last_n=5, log=lambda m: None)
+    mgr.save(2, _payload(2), {"step": 2}, _hook=hook)
+
+
+@pytest.mark.parametrize("stage", ["rank_file_written", "before_rename", "before_latest"])
+def test_kill_mid_save_keeps_previous_checkpoint(tmp_path, stage):
+    mgr = CheckpointManager(tmp_path, keep_last_n=5, log=lambda m: None)
+    _save(mgr, 1)
+    proc = multiprocessing.get_context("fork").Process(target=_save_and_die, args=(tmp_path, stage))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == -signal.SIGKILL
+    assert (tmp_path / LATEST).read_text().strip() == step_dir_name(1)
+    loaded = mgr.load()
+    assert loaded.step == 1 and loaded.rank_part(0)["engine"]["w"][0, 0].item() == 1.0
+    # the next save cleans up and completes
+    _save(mgr, 2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert mgr.load().step == 2
+
+
+def test_resave_over_a_corrupt_step(tmp_path):
+    mgr = CheckpointManager(tmp_path, log=lambda m: None)
+    _save(mgr, 1)
+    _save(mgr, 2)
+    (tmp_path / step_dir_name(2) / rank_file(0)).write_bytes(b"x")
+    assert mgr.load().step == 1  # resumed from 1 ...
+    _save(mgr, 2)  # ... and the run reaches step 2 again
+    assert mgr.load().step == 2 and CheckpointManager.verify(tmp_path / step_dir_name(2)) == []
+
+
+def test_rng_round_trip():
+    import random
+
+    import numpy as np
+
+    state = capture_rng()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
