@@ -1,0 +1,163 @@
+"""A small single-process trainer for CPU experiments: synthetic tasks, text, and continual learning.
+
+This is not the production trainer (``hope_scale/train``, distributed, sharded checkpoints); it trains the
+tiny models that the evaluation benchmarks need, in minutes, with the same update rules:
+
+* AdamW (betas 0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay, gradient
+  clipping;
+* for Hope / Hope-Attention the CMS update schedule of pretraining (``CMSGradientSchedule``, paper
+  Eq. 71): a CMS level's parameters are stepped only when its period (in stream tokens) has elapsed,
+  with the mean of the gradients accumulated since its last step.
+
+Batches come from a ``batch_fn(step) -> (inputs [B, T], labels [B, T])`` (labels -100 are ignored).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hope_scale.model.cms import CMSGradientSchedule, cms_level_parameters
+
+from .corpus import random_windows
+from .niah import NIAHGenerator
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    cms_schedule: bool = True  # Hope archs: step each CMS level only when its period has elapsed
+    log_every: int = 50
+    time_budget_s: float | None = None  # stop early once this much wall time is spent
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+class Trainer:
+    """Runs the steps of one training run, possibly in pieces (``run(n)``), keeping the optimizer, the
+    CMS schedule and the learning-rate schedule continuous between pieces."""
+
+    def __init__(self, model: torch.nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                 cfg: TrainConfig, name: str = ""):
+        self.model, self.batch_fn, self.cfg, self.name = model, batch_fn, cfg, name
+        self.opt = make_optimizer(model, cfg)
+        self.schedule = CMSGradientSchedule(model) if cfg.cms_schedule and cms_level_parameters(model) else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.history: list[float] = []
+
+    def run(self, n_steps: int | None = None, log: Callable[[str], None] | None = print) -> "Trainer":
+        """Run ``n_steps`` more steps (default: to the end), stopping early at the time budget."""
+        cfg, model = self.cfg, self.model
+        end = cfg.steps if n_steps is None else min(cfg.steps, self.step + n_steps)
+        model.train()
+        t0 = time.perf_counter()
+        while self.step < end:
+            if cfg.time_budget_s is not None and self.seconds + time.perf_counter() - t0 >= cfg.time_budget_s:
+                break
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(self.step, cfg)
+            x, y = self.batch_fn(self.step)
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            n_tokens = int(x.numel())
+            if self.schedule is not None:
+                self.schedule.apply(n_tokens)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.grad_clip)
+            self.opt.step()
+            self.tokens += n_tokens
+            self.history.append(float(loss.detach()))
+            if log and cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps - 1):
+                log(f"[train {self.name}] step {self.step:5d}  loss {np.mean(self.history[-cfg.log_every:]):.4f}  "
+                    f"lr {lr_at(self.step, cfg):.2e}  tokens {self.tokens}  "
+                    f"{self.seconds + time.perf_counter() - t0:.1f}s")
+            self.step += 1
+        self.seconds += time.perf_counter() - t0
+        model.eval()
+        return self
+
+    def result(self, keep_history: bool = True) -> dict:
+        h = self.history
+        out = {"steps": len(h), "tokens": self.tokens, "seconds": self.seconds,
+               "loss_first": float(np.mean(h[:10])) if h else float("nan"),
+               "final_loss": float(np.mean(h[-min(20, len(h)):])) if h else float("nan")}
+        if keep_history:
+            out["loss_history"] = list(h)
+        return out
+
+
+def train(model: torch.nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]], cfg: TrainConfig,
+          log: Callable[[str], None] | None = print, name: str = "") -> dict:
+    """Train ``model`` in place; returns the loss history and the budget actually used."""
+    return Trainer(model, batch_fn, cfg, name).run(log=log).result()
+
+
+# -- batch sources ------------------------------------------------------------------------------------
+
+def text_batches(stream: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    """Random windows of a token stream: inputs w[:-1], labels w[1:] (every position trained)."""
+
+    def fn(step: int):
+        rng = np.random.default_rng([seed, step])
+        w = torch.from_numpy(random_windows(stream, batch_size, seq_len + 1, rng))
+        return w[:, :-1], w[:, 1:]
+
+    return fn
+
+
+def niah_batches(generator: NIAHGenerator, batch_size: int, length: int, seed: int, pad_id: int,
+                 depths: tuple[float, float] = (0.0, 1.0), answer_only: bool = True):
+    """NIAH training batches at one length: prompt + answer, right-padded to ``length``; the loss is on the
+    answer tokens (``answer_only``) or on every real token. Depths are drawn uniformly in ``depths``."""
+    tok = generator.tokenizer
+
+    def fn(step: int):
+        rng = np.random.default_rng([seed, step])
+        x = torch.full((batch_size, length), pad_id, dtype=torch.long)
+        y = torch.full((batch_size, length), -100, dtype=torch.long)
+        for row in range(batch_size):
+            depth = float(rng.uniform(*depths))
+            s = generator.sample(length, round(depth, 4), index=int(rng.integers(2**31)))
+            prompt = tok.encode(s.prompt)
+            answer = tok.encode(" " + ", ".join(s.answers) + ".")
+            seq = (prompt + answer)[:length + 1]
+            n = len(seq) - 1
+            x[row, :n] = torch.tensor(seq[:-1])
+            labels = torch.tensor(seq[1:])
+            if answer_only:
+                labels[: len(prompt) - 1] = -100
+            y[row, :n] = labels
+        return x, y
+
+    return fn
