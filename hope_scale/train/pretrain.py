@@ -1,0 +1,285 @@
+"""``hope-scale pretrain``: pretrain a model from a YAML config with ``key.sub=value`` overrides.
+
+    hope-scale pretrain                                        # the embedded default: hope-tiny on CPU
+    hope-scale pretrain --config configs/train/hope-760m.yaml train.max_steps=1000 optimizer.lr=3e-4
+    launch/single_node.sh 8 configs/train/hope-760m.yaml       # one process per GPU (DeepSpeed launcher)
+
+One process per device; the launcher's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT say where
+each sits. Steps: validate the config (nothing else happens if it is wrong) -> prepare the built-in corpus if
+asked and absent -> TrainEngine at the configured layout -> data loaders for this data-parallel rank -> resume
+from the newest valid checkpoint (or ``--resume PATH``), at any layout -> loop: ``grad_accum_steps``
+micro-batches per optimizer step, lr from the schedule, metrics every ``log_every`` steps, validation every
+``eval_every`` steps, a checkpoint every ``every_steps`` steps and at the end. SIGTERM / SIGINT (e.g. SLURM
+preemption) make every rank save a checkpoint at the next step boundary and stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hope_scale.model import ConfigError
+
+from .checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
+from .config import DEFAULT_CONFIG, TrainConfig, load_config
+from .flops import flops_per_token, peak_flops
+from .metrics import MetricsLogger
+from .schedules import LRSchedule
+
+DATA_WAIT_SECONDS = 3600  # how long ranks other than 0 wait for rank 0 to prepare the built-in corpus
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help=f"training YAML (default: the embedded {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="checkpoint folder (or checkpoint root) to resume from; overrides checkpoint.resume")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides after the options, e.g. optimizer.lr=3e-4 parallel.tensor_parallel=2")
+
+
+def run(args: argparse.Namespace) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides, world_size=world_size)
+    except ConfigError as e:
+        print(f"hope-scale pretrain: invalid config: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    trainer = None
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.train()
+    except (ConfigError, CheckpointError) as e:
+        print(f"hope-scale pretrain: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    if world_size > 1:
+        # gloo threads can outlive DeepSpeed's globals and abort the interpreter at exit (SIGABRT) after a
+        # successful run: the process groups are destroyed (close), so leave without running finalizers
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def ensure_data(cfg: TrainConfig, rank: int) -> None:
+    """Prepare the built-in corpus into ``data.path`` if asked and absent (rank 0; others wait), then check
+    that a local dataset fits the model (sequence length, vocabulary) before anything expensive starts."""
+    from hope_scale.data.manifest import MANIFEST_NAME, read_manifest
+
+    path = cfg.data.path
+    if not path or "://" in path:
+        return  # a mixture or remote data: the loader checks it
+    root = Path(path)
+    if read_manifest(root) is None:
+        if not cfg.prepare.prepare_builtin:
+            raise ConfigError(f"data.path: {root} holds no prepared dataset ({MANIFEST_NAME} missing); run "
+                              "`hope-scale prepare-data` or set data.prepare_builtin=true")
+        if rank == 0:
+            from data_prep.prepare import prepare_builtin
+
+            print(f"data: preparing the built-in corpus into {root} (seq_len {cfg.train.seq_len}, "
+                  f"tokenizer {cfg.prepare.tokenizer}) ...", flush=True)
+            started = time.perf_counter()
+            prepare_builtin(root, seq_len=cfg.train.seq_len, tokenizer=cfg.prepare.tokenizer,
+                            max_mb=cfg.prepare.builtin_max_mb, val_fraction=cfg.prepare.builtin_val_fraction)
+            print(f"data: ready in {time.perf_counter() - started:.0f} s", flush=True)
+        else:
+            deadline = time.monotonic() + DATA_WAIT_SECONDS
+            while read_manifest(root) is None:  # the manifest is written last
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"data.path: rank 0 did not finish preparing {root} in {DATA_WAIT_SECONDS} s")
+                time.sleep(1.0)
+    manifest = read_manifest(root)
+    if manifest["seq_len"] != cfg.train.seq_len:
+        raise ConfigError(f"train.seq_len: {cfg.train.seq_len}, but {root} was prepared with seq_len "
+                          f"{manifest['seq_len']} (prepare it again, or use another data.path)")
+    if manifest["vocab_size"] > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the vocabulary of the "
+                          f"tokenizer {root} was prepared with ({manifest['vocab_size']})")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One process's part of a pretraining run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        from hope_scale.data.loader import build_train_loader, build_val_loader
+        from hope_scale.parallel.engine import OptimizerSettings, TrainEngine
+
+        self.cfg = cfg
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        ensure_data(cfg, self.rank)
+        self.layout = cfg.layout(self.world_size)
+        t, o = cfg.train, cfg.optimizer
+        self.engine = TrainEngine(
+            cfg.model, self.layout,
+            optimizer=OptimizerSettings(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay),
+            precision=cfg.parallel.precision, grad_clip=o.grad_clip,
+            grad_accum_steps=cfg.grad_accum_steps(self.world_size), seed=t.seed,
+            deepspeed_config=cfg.parallel.deepspeed,
+            backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
+        info = self.engine.info
+        self.loader = build_train_loader(cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                                         dp_rank=info.dp_rank, dp_world_size=info.dp_size, seed=t.seed)
+        self.val_loader = None
+        if t.eval_every > 0:
+            self.val_loader = build_val_loader(cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
+                                               dp_rank=info.dp_rank, dp_world_size=info.dp_size,
+                                               max_batches=t.eval_batches)
+        self.schedule = LRSchedule.from_config(cfg.schedule, o.lr, t.max_steps)
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last_n, log=self.log)
+        fpt = flops_per_token(cfg.model, t.seq_len).total
+        peak = peak_flops(cfg.logging.device, cfg.parallel.precision, cfg.logging.peak_flops)
+        self.metrics = MetricsLogger(cfg.logging.dir, enabled=info.is_logging_rank, max_steps=t.max_steps,
+                                     flops_per_token=fpt, peak_flops_total=peak * self.world_size,
+                                     devices=self.world_size)
+        self.step = 0
+        self.tokens = 0
+        self.last_saved_step: int | None = None
+        self._stop_requested = False
+        rng = self._resume(resume if resume is not None else cfg.checkpoint.resume)
+        if rng is not None:
+            restore_rng(rng)  # last, after everything that draws random numbers during set-up
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # -- resumption -----------------------------------------------------------------------------
+    def _resume(self, source: str) -> dict | None:
+        from hope_scale.parallel.engine import assemble_rank_state
+
+        if source == "never":
+            return None
+        loaded = self.ckpt.load(None if source == "auto" else source)
+        if loaded is None:
+            if source != "auto":
+                raise CheckpointError(f"--resume {source}: no checkpoint there")
+            self.log(f"checkpoint: none in {self.ckpt.root}, starting from step 0")
+            return None
+        saved_model = loaded.trainer["config"]["model"]
+        now_model = self.cfg.model.to_dict()
+        differ = sorted(k for k in set(saved_model) | set(now_model) if saved_model.get(k) != now_model.get(k))
+        if differ:
+            raise CheckpointError(f"checkpoint {loaded.path} was saved for another model: model.{differ[0]} is "
+                                  f"{saved_model.get(differ[0])!r} there, {now_model.get(differ[0])!r} here "
+                                  f"(differing fields: {differ})")
+        state = assemble_rank_state((part["engine"] for part in loaded.rank_parts()), self.engine.state_needs())
+        self.engine.import_state(state)
+        del state
+        trainer = loaded.trainer
+        self.step, self.tokens = int(trainer["step"]), int(trainer["tokens"])
+        self.loader.load_state_dict(trainer["data"])
+        self.last_saved_step = self.step
+        saved_layout = loaded.manifest.get("layout", {})
+        self.log(f"checkpoint: resumed from {loaded.path} at step {self.step} ({self.tokens:,} tokens); saved at "
+                 f"{_layout_str(saved_layout)} on {loaded.world_size} process(es), now "
+                 f"{_layout_str(self.layout.to_dict())} on {self.world_size}")
+        return loaded.rank_part(self.rank if self.rank < loaded.world_size else 0)["rng"]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self._install_signal_handlers()
+        accum = self.engine.grad_accum_steps
+        self.metrics.print(
+            f"train: model {cfg.model_name or cfg.model.arch}, layout {_layout_str(self.layout.to_dict())}, "
+            f"{self.world_size} process(es), {t.global_batch_size} x {t.seq_len} tokens per step "
+            f"({accum} micro-batch(es) of {t.micro_batch_size} per DP rank), steps {self.step} -> {t.max_steps}, "
+            f"logs {cfg.logging.dir}, checkpoints {cfg.checkpoint.dir}")
+        first = self.step
+        while self.step < t.max_steps:
+            started = time.perf_counter()
+            micro_batches = [next(self.loader) for _ in range(accum)]
+            lr = self.schedule(self.step)
+            out = self.engine.train_step(micro_batches, lr)
+            self.step += 1
+            self.tokens += int(out["tokens"])
+            seconds = time.perf_counter() - started
+            if not math.isfinite(out["loss"]):
+                raise FloatingPointError(f"loss is {out['loss']} at step {self.step}; stopping without saving "
+                                         f"(the last checkpoint is step {self.last_saved_step})")
+            write = self.step % cfg.logging.log_every == 0 or self.step == t.max_steps or self.step == first + 1
+            memory = self.engine.memory_stats() if write else None  # collective: same steps on every rank
+            self.metrics.log_step(self.step, self.tokens, out["loss"], lr, out["grad_norm"], int(out["tokens"]),
+                                  seconds, memory, write)
+            if t.eval_every and self.step % t.eval_every == 0:
+                self.evaluate()
+            stop = self._agree_to_stop()
+            every = cfg.checkpoint.every_steps
+            if stop or (every and self.step % every == 0):
+                self.save()
+            if stop:
+                self.log(f"train: stopping at step {self.step} on a termination signal (checkpoint saved)")
+                return
+        if self.last_saved_step != self.step:
+            self.save()
+        if t.eval_every and self.step % t.eval_every != 0 and self.val_loader is not None:
+            self.evaluate()
+
+    def evaluate(self) -> float:
+        losses = [self.engine.eval_loss(batch) for batch in self.val_loader]
+        mean = sum(losses) / len(losses)
+        self.metrics.log_eval(self.step, mean, len(losses))
+        return mean
+
+    def save(self) -> None:
+        rank_state = {"engine": self.engine.export_state(), "rng": capture_rng()}
+        trainer_state = {"step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
+                         "config": self.cfg.to_dict(), "world_size": self.world_size}
+        meta = {"tokens": self.tokens, "layout": self.layout.to_dict(), "model_name": self.cfg.model_name,
+                "config": self.cfg.to_dict()}
+        self.ckpt.save(self.step, rank_state, trainer_state, meta)
+        self.last_saved_step = self.step
+
+    # -- termination signals ---------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):  # noqa: ARG001
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, request_stop)
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank got a termination signal (collective, so every rank saves and stops together)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.engine.device)
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def close(self) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        for loader in (getattr(self, "loader", None), getattr(self, "val_loader", None)):
+            if loader is not None:
+                loader.close()
+        if hasattr(self, "engine"):
+            self.engine.close()
+
+
+def _layout_str(layout: dict) -> str:
+    return (f"TP={layout.get('tensor_parallel', '?')} PP={layout.get('pipeline_parallel', '?')} "
+            f"DP={layout.get('data_parallel', '?')} ZeRO-{layout.get('zero_stage', '?')}")

@@ -1,0 +1,86 @@
+"""TrainConfig: YAML + key.sub=value overrides, validated before any work, errors naming the field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hope_scale.model import ConfigError
+from hope_scale.train.config import DEFAULT_CONFIG, TRAIN_CONFIG_DIR, TrainConfig, apply_overrides, load_config, read_yaml
+
+
+def test_default_config_loads_and_round_trips():
+    cfg = load_config()
+    assert cfg.model_name == "hope-tiny" and cfg.model.arch == "hope"
+    assert cfg.data.path and cfg.prepare.prepare_builtin
+    assert cfg.grad_accum_steps(1) == cfg.train.global_batch_size // cfg.train.micro_batch_size
+    again = TrainConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+    assert yaml.safe_load(yaml.safe_dump(cfg.to_dict())) == cfg.to_dict()
+
+
+@pytest.mark.parametrize("path", sorted(TRAIN_CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+    raw = read_yaml(path)
+    cfg = TrainConfig.from_dict(raw)
+    p = cfg.parallel
+    world = p.tensor_parallel * p.pipeline_parallel * (p.data_parallel or 1)
+    cfg.validate(world)  # the layout it describes fits a matching world size
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["optimizer.lr=3e-4", "train.max_steps=7", "model.d_model=128", "schedule.kind=wsd",
+                             "parallel.zero_stage=2", "data.shuffle=false", "logging.peak_flops=1e12",
+                             "model.cms_levels=[{period: 1, hidden_mult: 2.0}]"])
+    assert cfg.optimizer.lr == pytest.approx(3e-4) and isinstance(cfg.optimizer.lr, float)
+    assert cfg.train.max_steps == 7 and cfg.schedule.kind == "wsd" and cfg.parallel.zero_stage == 2
+    assert cfg.model.d_model == 128 and cfg.model.n_layers == 4  # the rest of hope-tiny is kept
+    assert len(cfg.model.cms_levels) == 1 and cfg.model.cms_levels[0].hidden_mult == 2.0
+    assert cfg.data.shuffle is False and cfg.logging.peak_flops == 1e12
+    assert cfg.model_name == "hope-tiny"
+
+
+def test_inline_model_without_name():
+    raw = read_yaml(DEFAULT_CONFIG)
+    raw["model"] = {"arch": "transformer", "d_model": 64, "n_layers": 2, "n_heads": 2, "vocab_size": 258}
+    cfg = TrainConfig.from_dict(raw)
+    assert cfg.model.arch == "transformer" and cfg.model_name is None
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["optimizer.lr=abc"], None, "optimizer.lr: expected a number, got 'abc'"),
+    (["optimizer.lrr=1"], None, "optimizer: unknown key(s) ['lrr']"),
+    (["trian.max_steps=1"], None, "config: unknown section(s) ['trian']"),
+    (["model.d_modell=3"], None, "model: unknown key(s) ['d_modell']"),
+    (["model=hope-huge"], None, "model: no named config 'hope-huge'"),
+    (["data.shuffle=maybe"], None, "data.shuffle: expected true/false, got 'maybe'"),
+    (["data.tokenizr=byte"], None, "data: unknown key(s) ['tokenizr']"),
+    (["train.max_steps=1.5"], None, "train.max_steps: expected an integer, got 1.5"),
+    (["train.max_steps=0"], None, "train.max_steps: must be >= 1"),
+    (["schedule.kind=linear"], None, "schedule.kind: 'linear' is not one of"),
+    (["schedule.warmup_steps=-1"], None, "schedule.warmup_steps: must be >= 0"),
+    (["parallel.tensor_parallel=3"], 3, "parallel.tensor_parallel: model.n_heads=4 is not divisible by tensor_parallel=3"),
+    (["parallel.pipeline_parallel=3"], 3, "parallel.pipeline_parallel: model.n_layers=4 is not divisible by pipeline_parallel=3"),
+    (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], 2, "parallel.zero_stage: ZeRO stage 2 cannot be combined"),
+    (["parallel.tensor_parallel=2"], 3, "world size 3"),
+    (["parallel.data_parallel=2"], 4, "parallel.data_parallel"),
+    (["parallel.precision=fp16"], None, "parallel.precision: 'fp16' is not one of"),
+    (["train.global_batch_size=12"], 2, "train.global_batch_size: 12 is not a multiple of micro_batch_size*data_parallel=16"),
+    (["train.seq_len=4096"], None, "train.seq_len: 4096 exceeds model max_seq_len=1024"),
+    (["model.n_heads=3"], None, "model.n_heads"),
+    (["optimizer.lr"], None, "expected key.sub=value"),
+])
+def test_validation_errors_name_the_field(overrides, world, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides, world_size=world)
+    assert message in str(err.value)
+
+
+def test_model_override_turns_name_into_mapping():
+    raw = apply_overrides({"model": "hope-tiny"}, ["model.n_layers=2"])
+    assert raw["model"] == {"name": "hope-tiny", "n_layers": 2}
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

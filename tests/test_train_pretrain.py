@@ -1,0 +1,187 @@
+"""`hope-scale pretrain` end to end on CPU: the embedded default, exact resume after a kill, fallback from a
+corrupted checkpoint, config errors before any work, and resharded resumption across layouts (gloo processes).
+
+Every run uses a tiny Hope model (d_model 32, 2 layers, 2 heads, 32-token sequences) on a slice of the
+built-in corpus that the first run prepares itself. ``OMP_NUM_THREADS=1``: the same thread count in every run
+keeps CPU arithmetic bit-identical between an uninterrupted and a resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
+    "model.chunk_size_memory=8", "model.chunk_size_projection=16",
+    # a CMS level with a period of 2 optimizer steps (128 tokens each): its schedule state must resume too
+    "model.cms_levels=[{period: 1, hidden_mult: 1.0}, {period: 256, hidden_mult: 1.0}]",
+    "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4", f"train.max_steps={STEPS}",
+    "train.eval_every=4", "train.eval_batches=2", "checkpoint.every_steps=4", "checkpoint.keep_last_n=3",
+    "logging.log_every=1", "schedule.warmup_steps=2", "logging.peak_flops=1e10",
+    "data.builtin_max_mb=0.2", "data.builtin_val_fraction=0.1",
+]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    (tmp / "tmp").mkdir(parents=True, exist_ok=True)
+    env.update({"TMPDIR": str(tmp / "tmp"), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+                "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"})
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _run_args(run: Path, data: Path, extra=()) -> list[str]:
+    return [*TINY, f"data.path={data}", f"checkpoint.dir={run / 'ckpt'}", f"logging.dir={run / 'tb'}",
+            f"data.cache_dir={run / 'cache'}", *extra]
+
+
+def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, options=(), kill_after_line: str | None = None,
+             timeout: float = 600) -> tuple[int, str]:
+    """Run `hope-scale pretrain` (nproc > 1: through launch/single_node.sh); returns (exit code, output).
+    With ``kill_after_line``, SIGKILL the whole process group as soon as a line starting with it appears."""
+    run.mkdir(parents=True, exist_ok=True)
+    overrides = _run_args(run, data, extra)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "hope_scale.cli", "pretrain", *options, *overrides]
+    else:
+        cmd = ["bash", str(REPO / "launch" / "single_node.sh"), str(nproc),
+               str(REPO / "configs" / "train" / "hope-tiny-cpu.yaml"), *overrides]
+    proc = subprocess.Popen(cmd, cwd=run, env=_env(run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if kill_after_line is not None and line.startswith(kill_after_line):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, "".join(lines)
+
+
+def metrics(run: Path) -> dict[int, dict]:
+    """Per-step train metrics from metrics.jsonl (full precision)."""
+    out = {}
+    for line in (run / "tb" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row
+    return out
+
+
+def losses(run: Path, steps) -> list[float]:
+    m = metrics(run)
+    return [m[s]["train/loss"] for s in steps]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The embedded default command (no --config) with tiny overrides, uninterrupted: prepares the data."""
+    root = tmp_path_factory.mktemp("pretrain")
+    data = root / "data" / "builtin-byte-32"
+    run = root / "reference"
+    code, out = pretrain(run, data)
+    assert code == 0, out[-4000:]
+    return {"root": root, "data": data, "run": run, "out": out}
+
+
+def test_embedded_default_runs_end_to_end(reference):
+    run, out = reference["run"], reference["out"]
+    assert "data: preparing the built-in corpus" in out
+    assert (reference["data"] / "hope_data.json").is_file()
+    step_lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == STEPS and all("tok/s" in s and "MFU" in s and "ETA" in s for s in step_lines)
+    assert sum(line.startswith("eval ") for line in out.splitlines()) == 2
+    m = metrics(run)
+    assert sorted(m) == list(range(1, STEPS + 1))
+    assert m[STEPS]["train/loss"] < m[1]["train/loss"] - 0.1  # it learns
+    assert all(m[s]["perf/mfu"] > 0 and m[s]["perf/tokens_per_sec"] > 0 for s in m)
+    # TensorBoard event files with the scalars the issue asks for, incl. Hope memory-state statistics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/mfu",
+                "perf/peak_memory_gib", "eval/loss", "hope/layer0/eta", "hope/layer1/alpha",
+                "hope/layer0/mem_w1_norm", "hope/layer1/mem_w2_norm"):
+        assert tag in tags, tag
+    assert len(acc.Scalars("train/loss")) == STEPS
+    ckpt = run / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000004", "step_00000008"]
+    manifest = json.loads((ckpt / "step_00000008" / "manifest.json").read_text())
+    assert manifest["step"] == STEPS and manifest["tokens"] == STEPS * 4 * 32
+    assert set(manifest["files"]) == {"rank_00000.pt", "trainer.pt"}
+
+
+def test_kill_mid_run_then_resume_is_bit_exact(reference, tmp_path):
+    run = tmp_path / "killed"
+    code, out = pretrain(run, reference["data"], kill_after_line="step      5/")
+    assert code == -signal.SIGKILL, out[-3000:]
+    assert (run / "ckpt" / "latest").read_text().strip() == "step_00000004"
+    code, out = pretrain(run, reference["data"])
+    assert code == 0, out[-4000:]
+    assert "resumed from" in out and "step_00000004 at step 4" in out
+    ref, got = metrics(reference["run"]), metrics(run)
+    for step in range(5, STEPS + 1):  # bit-exact on CPU: same losses and gradient norms
+        assert got[step]["train/loss"] == ref[step]["train/loss"], step
+        assert got[step]["train/grad_norm"] == ref[step]["train/grad_norm"], step
+        assert got[step]["train/lr"] == ref[step]["train/lr"], step
+    assert got[STEPS]["progress/tokens"] == ref[STEPS]["progress/tokens"]
+
+
+def test_corrupted_checkpoint_is_refused_and_previous_used(reference, tmp_path):
+    run = tmp_path / "corrupt"
+    shutil.copytree(reference["run"] / "ckpt", run / "ckpt")
+    victim = run / "ckpt" / "step_00000008" / "rank_00000.pt"
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+    code, out = pretrain(run, reference["data"])
+    assert code == 0, out[-4000:]
+    assert "REFUSING" in out and "step_00000008" in out and "truncated" in out
+    assert "step_00000004 at step 4" in out
+    assert losses(run, range(5, STEPS + 1)) == losses(reference["run"], range(5, STEPS + 1))
+    assert (run / "ckpt" / "latest").read_text().strip() == "step_00000008"
+
+
+def test_config_error_stops_before_any_work(tmp_path):
+    code, out = pretrain(tmp_path / "bad", tmp_path / "data", extra=["parallel.tensor_parallel=3"])
+    assert code == 2
+    assert "parallel.tensor_parallel: model.n_heads=2 is not divisible by tensor_parallel=3" in out
+    assert not (tmp_path / "data").exists() and not (tmp_path / "bad" / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_resharded_resume_tp2_to_dp2_and_single_process(reference, tmp_path):
+    """Saved at TP=2 (2 processes), resumed at DP=2 (2 processes) and on 1 process: the continuation matches
+    the TP=2 run's own (up to float reduction order)."""
+    tp2 = tmp_path / "tp2"
+    code, out = pretrain(tp2, reference["data"], ["parallel.tensor_parallel=2"], nproc=2)
+    assert code == 0, out[-4000:]
+    assert metrics(tp2)[1]["train/loss"] == pytest.approx(metrics(reference["run"])[1]["train/loss"], rel=1e-6)
+    saved = tp2 / "ckpt" / "step_00000004"
+    ref = losses(tp2, range(5, STEPS + 1))
+    for name, nproc, extra in (("dp2", 2, []), ("single", 1, [])):
+        run = tmp_path / name
+        code, out = pretrain(run, reference["data"], [*extra, f"checkpoint.resume={saved}"], nproc=nproc)
+        assert code == 0, out[-4000:]
+        assert "saved at TP=2 PP=1 DP=1 ZeRO-0 on 2 process(es)" in out
+        assert losses(run, range(5, STEPS + 1)) == pytest.approx(ref, rel=2e-5), name
