@@ -347,13 +347,33 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a config file. ``base: other.yaml`` (relative to this file's folder) inherits that config:
+    mappings merge key by key, anything else (including ``model: <name>``) replaces the base's value."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config: file {path} not found")
     with open(path) as f:
-        raw = yaml.safe_load(f)
-    return raw or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ConfigError(f"base: {path} inherits from itself through {base_path}")
+    return _deep_merge(read_yaml(base_path, (*_seen, path.resolve())), raw)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
