@@ -12,6 +12,9 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-data": ("data_prep.prepare", "Tokenize a corpus into MDS shards of fixed-length samples"),
+    "train-tokenizer": ("data_prep.train_tokenizer", "Train a byte-level BPE tokenizer (tokenizer.json) on a corpus"),
+    "pretrain": ("hope_scale.train.pretrain", "Pretrain a model from a YAML config with key=value overrides"),
     "eval": ("hope_scale.eval.cli", "Evaluate a checkpoint: perplexity, niah, mqar, continual, lm-eval"),
     "generate": ("hope_scale.eval.generate_cli", "Sample text from a checkpoint (streaming; optional test-time --memorize)"),
     "train-synthetic": ("hope_scale.eval.train_synthetic_cli", "Train a small model on CPU (mqar, passkey, text) for evaluation"),
