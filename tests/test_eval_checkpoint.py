@@ -67,3 +67,57 @@ def test_model_specs():
     assert config_from_spec("hope-tiny").d_model == 256
     with pytest.raises(ValueError, match="unknown model field"):
         config_from_spec("hope:widthh=3")
+
+
+def _trainer_checkpoint(root, model, data_cfg):
+    """A checkpoint in the trainer's format (hope_scale/train/checkpoint.py + TrainEngine.export_state),
+    with each weight split into two boxes held by different parts, as a sharded run stores them."""
+    from hope_scale.parallel.engine import STATE_FORMAT
+    from hope_scale.train.checkpoint import CheckpointManager
+
+    first, second = {}, {}
+    for name, p in model.named_parameters():  # the tied head is not a separate entry
+        t = p.detach().clone()
+        half, rest = t.shape[0] // 2, [[0, n] for n in t.shape[1:]]
+        first[name] = {"global_shape": list(t.shape), "box": [[0, half]] + rest, "value": t[:half].clone()}
+        second[name] = {"global_shape": list(t.shape), "box": [[half, t.shape[0] - half]] + rest,
+                        "value": t[half:].clone()}
+    engine = {"format": STATE_FORMAT, "model_config": model.cfg.to_dict(), "steps": 7, "cms_schedule": {},
+              "group_steps": {}, "params": first}
+    manager = CheckpointManager(root, log=lambda m: None)
+    manager.save(7, {"engine": engine, "rng": {}}, {"step": 7, "config": {"data": data_cfg}},
+                 {"tokens": 1234, "model_name": "tiny", "config": {"data": data_cfg}})
+    return second
+
+
+def test_trainer_checkpoint_format(tmp_path, monkeypatch):
+    from hope_scale.data.manifest import FORMAT_NAME, FORMAT_VERSION, write_manifest
+    from hope_scale.train import checkpoint as train_ckpt
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="hope", d_model=32, n_layers=2, n_heads=2, chunk_size_memory=8,
+                                    chunk_size_projection=16, cms_levels=[{"period": 1, "hidden_mult": 1.0}])).eval()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_manifest(data, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tokenizer": {"kind": "byte"}})
+    second = _trainer_checkpoint(tmp_path / "ckpt", model, {"path": str(data), "tokenizer": "nonexistent.json"})
+    # the rank file holds the first halves; serve the second halves as a second part, as a 2-rank run would
+    real_parts = train_ckpt.LoadedCheckpoint.rank_parts
+
+    def two_parts(self):
+        yield from real_parts(self)
+        yield {"engine": {"format": "hope-scale/rank-state/v1", "params": second}}
+
+    monkeypatch.setattr(train_ckpt.LoadedCheckpoint, "rank_parts", two_parts)
+    for path in (tmp_path / "ckpt", tmp_path / "ckpt" / "step_00000007"):
+        loaded = load_checkpoint(path)
+        assert loaded.format == "hope-scale/checkpoint/v1" and loaded.meta["step"] == 7
+        assert loaded.meta["tokenizer_source"].startswith("dataset manifest")
+        x = torch.randint(0, 256, (2, 24))
+        with torch.no_grad():
+            assert torch.equal(model(x), loaded.model(x))
+    # a corrupted rank file is refused by the trainer's own verification
+    rank0 = tmp_path / "ckpt" / "step_00000007" / "rank_00000.pt"
+    rank0.write_bytes(rank0.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated|checksum"):
+        load_checkpoint(tmp_path / "ckpt")

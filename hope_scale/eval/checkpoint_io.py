@@ -13,8 +13,10 @@ Formats understood:
     ``path`` may be the file itself or a folder holding ``model.pt``. It is written atomically (temporary
     file in the same folder, fsync, rename), so a reader never sees half a checkpoint.
 
-(b) **Trainer checkpoints** (``hope_scale/train``, sharded with a manifest). Until that format lands,
-    a folder that is not (a) is rejected with an error that says so (see ``_load_trainer_checkpoint``).
+(b) **Trainer checkpoints** (``hope_scale/train/checkpoint.py``: ``latest`` + ``step_N/`` folders with a
+    manifest, ``trainer.pt`` and one ``rank_*.pt`` per rank). ``path`` is the checkpoint root (the newest
+    valid checkpoint is used) or one ``step_N`` folder; the files are verified with the trainer's own
+    checks, and the sharded weights of any parallel layout are consolidated into one model.
 """
 
 from __future__ import annotations
@@ -143,12 +145,57 @@ def _load_eval_checkpoint(file: Path) -> LoadedModel:
 
 
 def _load_trainer_checkpoint(folder: Path, device) -> LoadedModel:
-    """Trainer checkpoints (``hope_scale/train``): not readable yet, their format has not landed."""
+    """A trainer checkpoint (``hope_scale/train/checkpoint.py``): ``folder`` is a checkpoint root (its newest
+    valid checkpoint is used) or one ``step_N`` folder. Files are verified (sizes, sha256) by the trainer's
+    own manager; the sharded fp32 weights of all rank files are consolidated into one model (any layout:
+    TP/PP/DP/ZeRO), and the tokenizer is the one the training data was prepared with."""
     try:
-        import hope_scale.train.checkpoint  # noqa: F401
-    except ImportError:
-        raise CheckpointError(
-            f"{folder} holds no {CHECKPOINT_FILE}; the trainer's sharded checkpoint format "
-            "(hope_scale/train) is not available in this version, so only single-process evaluation "
-            "checkpoints (hope-scale train-synthetic / eval continual --save-dir) can be loaded") from None
-    raise CheckpointError(f"{folder}: loading trainer checkpoints is not wired into hope_scale.eval yet")
+        from hope_scale.parallel.engine import consolidate_full_state
+        from hope_scale.train.checkpoint import CheckpointError as TrainCheckpointError
+        from hope_scale.train.checkpoint import CheckpointManager
+    except ImportError as err:
+        raise CheckpointError(f"{folder} holds no {CHECKPOINT_FILE}, and the trainer's checkpoint code "
+                              f"(hope_scale.train) cannot be imported: {err}") from None
+    messages: list[str] = []
+    manager = CheckpointManager(folder, log=messages.append)
+    try:
+        found = manager.load(folder)
+    except TrainCheckpointError as err:
+        raise CheckpointError(f"{err}; " + " | ".join(messages)) from None
+    if found is None:
+        raise CheckpointError(f"{folder} holds no {CHECKPOINT_FILE} and no trainer checkpoint "
+                              "(no step_* folder with a manifest.json)")
+    try:
+        engines = [part["engine"] for part in found.rank_parts()]
+        cfg = ModelConfig.from_dict(engines[0]["model_config"])
+        full = consolidate_full_state(engines, "value")
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{found.path}: cannot assemble the model weights from the rank files: {err}") from err
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if cfg.tie_embeddings:
+        missing = [m for m in missing if m != "head.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"{found.path}: weights do not match the model config "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    train_cfg = found.manifest.get("config") or found.trainer.get("config") or {}
+    tokenizer, tok_source = _trainer_tokenizer(train_cfg.get("data") or {})
+    meta = {"step": found.step, "tokens": found.manifest.get("tokens"), "model_name": found.manifest.get("model_name"),
+            "layout": found.manifest.get("layout"), "tokenizer_source": tok_source, "messages": messages}
+    return LoadedModel(model, tokenizer, cfg, str(found.path), "hope-scale/checkpoint/v1", meta)
+
+
+def _trainer_tokenizer(data_cfg: dict) -> tuple[Tokenizer, str]:
+    """The tokenizer of a training run: the one recorded in its prepared dataset's manifest when that folder
+    is readable, else the run's ``data.tokenizer`` setting (``byte`` by default)."""
+    from hope_scale.data.manifest import read_manifest
+
+    path = data_cfg.get("path")
+    if path and "://" not in str(path) and Path(path).is_dir():
+        manifest = read_manifest(path)
+        if manifest and manifest.get("tokenizer"):
+            spec = dict(manifest["tokenizer"])
+            if spec.get("kind") == "hf" and not Path(spec.get("source", "")).exists():
+                spec["source"] = str(Path(path) / "tokenizer.json")  # the copy kept next to the shards
+            return load_tokenizer(spec), f"dataset manifest {Path(path) / 'hope_data.json'}"
+    return load_tokenizer(data_cfg.get("tokenizer") or "byte"), "data.tokenizer of the training config"

@@ -9,7 +9,8 @@ rates, evaluation windows):
 * ``test-time`` (deployment): the model trained on A reads a stream of B and keeps learning only through
   CMS level updates at their periods (``CMSStreamLearner``: theta_l <- theta_l - lr * mean gradient of the
   next-token loss over the period; no optimizer state; the sequence-mixer memory is carried along the
-  stream). ``trainable_levels`` says which levels may change. Models without CMS (Transformer++, Titans)
+  stream, read in segments of ``stream_segment_len`` tokens with the gradient truncated between segments).
+  ``trainable_levels`` says which levels may change. Models without CMS (Transformer++, Titans)
   get the same rule on their MLPs as a single level with period ``baseline_period``, so "what the model
   may change at test time, and how often" is the only difference.
 
@@ -85,6 +86,9 @@ class ContinualConfig:
     eval_points: int = 4  # evaluations during phase B / the stream (forgetting curves)
     stream_tokens: int = 16384  # test-time: tokens of B read by the stream learner
     stream_lr: float = 1e-2
+    stream_segment_len: int | None = None  # test-time: tokens per forward/backward (truncated backprop); None =
+    # the smallest trainable period. Keep it near the training length: gradients through Hope's memory grow
+    # quickly with the backprop length (see docs/evaluation.md)
     trainable_levels: list[int] | None = None  # test-time: CMS levels that may change (None = all)
     baseline_period: int | None = None  # test-time period of baseline MLPs (None: the smallest trainable CMS period)
     seed: int = 0
@@ -177,7 +181,7 @@ def run_continual(entries: list[ModelEntry], domain_a: TokenDomain, domain_b: To
 
         if cfg.mode in ("test-time", "both"):
             m = copy.deepcopy(model) if cfg.mode == "both" else model
-            learner = stream_learner(m, cfg.stream_lr, cfg.trainable_levels, baseline_period)
+            learner = stream_learner(m, cfg.stream_lr, cfg.trainable_levels, baseline_period, cfg.stream_segment_len)
             stream = torch.from_numpy(domain_b.train[: cfg.stream_tokens + 1]).long()[None]
             curve = [{"tokens_b": 0, **row["after_a"]}]
             piece = max(learner.segment_len, (cfg.stream_tokens // max(1, cfg.eval_points))
