@@ -48,9 +48,10 @@ def _run_args(run: Path, data: Path, extra=()) -> list[str]:
 
 
 def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, options=(), kill_after_line: str | None = None,
-             timeout: float = 600) -> tuple[int, str]:
+             term_after_line: str | None = None, timeout: float = 600) -> tuple[int, str]:
     """Run `hope-scale pretrain` (nproc > 1: through launch/single_node.sh); returns (exit code, output).
-    With ``kill_after_line``, SIGKILL the whole process group as soon as a line starting with it appears."""
+    With ``kill_after_line``, SIGKILL the whole process group as soon as a line starting with it appears;
+    with ``term_after_line``, send the process SIGTERM (preemption) and let it finish."""
     run.mkdir(parents=True, exist_ok=True)
     overrides = _run_args(run, data, extra)
     if nproc == 1:
@@ -67,6 +68,9 @@ def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, options=(), kill_a
             if kill_after_line is not None and line.startswith(kill_after_line):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
+            if term_after_line is not None and line.startswith(term_after_line):
+                proc.send_signal(signal.SIGTERM)
+                term_after_line = None
         proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
@@ -133,14 +137,22 @@ def test_embedded_default_runs_end_to_end(reference):
     assert set(manifest["files"]) == {"rank_00000.pt", "trainer.pt"}
 
 
-def test_kill_mid_run_then_resume_is_bit_exact(reference, tmp_path):
+def test_kill_and_preemption_then_resume_is_bit_exact(reference, tmp_path):
+    """SIGKILL after step 5 (checkpoint 4 survives), resume; SIGTERM after step 6 (every rank saves at the next
+    step boundary and exits 0), resume again: steps 5-8 equal the uninterrupted run's bit for bit."""
     run = tmp_path / "killed"
     code, out = pretrain(run, reference["data"], kill_after_line="step      5/")
     assert code == -signal.SIGKILL, out[-3000:]
     assert (run / "ckpt" / "latest").read_text().strip() == "step_00000004"
-    code, out = pretrain(run, reference["data"])
+    code, out = pretrain(run, reference["data"], term_after_line="step      6/")
     assert code == 0, out[-4000:]
     assert "resumed from" in out and "step_00000004 at step 4" in out
+    stopped = int(out.split("train: stopping at step ")[1].split()[0])
+    assert 6 <= stopped < STEPS
+    assert (run / "ckpt" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    code, out = pretrain(run, reference["data"])
+    assert code == 0, out[-4000:]
+    assert f"at step {stopped} " in out
     ref, got = metrics(reference["run"]), metrics(run)
     for step in range(5, STEPS + 1):  # bit-exact on CPU: same losses and gradient norms
         assert got[step]["train/loss"] == ref[step]["train/loss"], step
