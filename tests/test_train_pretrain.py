@@ -182,18 +182,25 @@ def test_config_error_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_resharded_resume_tp2_to_dp2_and_single_process(reference, tmp_path):
-    """Saved at TP=2 (2 processes), resumed at DP=2 (2 processes) and on 1 process: the continuation matches
-    the TP=2 run's own (up to float reduction order)."""
-    tp2 = tmp_path / "tp2"
-    code, out = pretrain(tp2, reference["data"], ["parallel.tensor_parallel=2"], nproc=2)
+def test_resharded_resume_across_layouts_and_zero_stages(reference, tmp_path):
+    """TP=2 x PP=2 (4 processes, ZeRO-1) saves at step 4; resumed at DP=2 with ZeRO-2 (2 processes), which saves
+    at step 8; that resumed on 1 process with ZeRO-0. Each continuation matches the 4-process run's own losses
+    (up to float reduction order: the layouts sum in different orders)."""
+    ten = ["train.max_steps=10"]  # the schedule depends on max_steps: every run of the chain uses the same
+    a = tmp_path / "tp2pp2"
+    code, out = pretrain(a, reference["data"], [*ten, "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
+                                                "parallel.zero_stage=1"], nproc=4)
     assert code == 0, out[-4000:]
-    assert metrics(tp2)[1]["train/loss"] == pytest.approx(metrics(reference["run"])[1]["train/loss"], rel=1e-6)
-    saved = tp2 / "ckpt" / "step_00000004"
-    ref = losses(tp2, range(5, STEPS + 1))
-    for name, nproc, extra in (("dp2", 2, []), ("single", 1, [])):
-        run = tmp_path / name
-        code, out = pretrain(run, reference["data"], [*extra, f"checkpoint.resume={saved}"], nproc=nproc)
-        assert code == 0, out[-4000:]
-        assert "saved at TP=2 PP=1 DP=1 ZeRO-0 on 2 process(es)" in out
-        assert losses(run, range(5, STEPS + 1)) == pytest.approx(ref, rel=2e-5), name
+    # initial weights do not depend on the layout: step 1 equals the single-process run's
+    assert metrics(a)[1]["train/loss"] == pytest.approx(metrics(reference["run"])[1]["train/loss"], rel=1e-6)
+    b = tmp_path / "dp2-zero2"
+    code, out = pretrain(b, reference["data"], [*ten, "parallel.zero_stage=2",
+                                                f"checkpoint.resume={a / 'ckpt' / 'step_00000004'}"], nproc=2)
+    assert code == 0, out[-4000:]
+    assert "saved at TP=2 PP=2 DP=1 ZeRO-1 on 4 process(es), now TP=1 PP=1 DP=2 ZeRO-2 on 2" in out
+    assert losses(b, range(5, 11)) == pytest.approx(losses(a, range(5, 11)), rel=2e-5)
+    c = tmp_path / "single"
+    code, out = pretrain(c, reference["data"], [*ten, f"checkpoint.resume={b / 'ckpt' / 'step_00000008'}"])
+    assert code == 0, out[-4000:]
+    assert "saved at TP=1 PP=1 DP=2 ZeRO-2 on 2 process(es), now TP=1 PP=1 DP=1 ZeRO-0 on 1" in out
+    assert losses(c, (9, 10)) == pytest.approx(losses(a, (9, 10)), rel=2e-5)
