@@ -204,3 +204,33 @@ def test_resharded_resume_across_layouts_and_zero_stages(reference, tmp_path):
     assert code == 0, out[-4000:]
     assert "saved at TP=1 PP=1 DP=2 ZeRO-2 on 2 process(es), now TP=1 PP=1 DP=1 ZeRO-0 on 1" in out
     assert losses(c, (9, 10)) == pytest.approx(losses(a, (9, 10)), rel=2e-5)
+
+
+def test_which_checkpoint_a_run_resumes_from(tmp_path):
+    """checkpoint.resume=PATH seeds a run only until it has checkpoints of its own; --resume always wins."""
+    import torch
+
+    from hope_scale.train.checkpoint import CheckpointError, CheckpointManager
+    from hope_scale.train.config import load_config
+    from hope_scale.train.pretrain import Trainer
+
+    def saved(root, step):
+        CheckpointManager(root, log=lambda m: None).save(step, {"w": torch.zeros(1)}, {"step": step})
+
+    def pick(resume_value, resume_arg=None):
+        t = Trainer.__new__(Trainer)  # only the checkpoint choice: no engine, no data
+        t.cfg = load_config(None, [f"checkpoint.dir={tmp_path / 'own'}", f"checkpoint.resume={resume_value}"])
+        t.ckpt = CheckpointManager(t.cfg.checkpoint.dir, log=lambda m: None)
+        t.rank, t.log = 0, lambda m: None
+        found = t._find_checkpoint(resume_arg)
+        return None if found is None else (found.path.parent.name, found.step)
+
+    saved(tmp_path / "seed", 3)
+    assert pick("auto") is None and pick("never") is None
+    assert pick(str(tmp_path / "seed")) == ("seed", 3)  # own dir empty: the seed checkpoint
+    with pytest.raises(CheckpointError, match="elsewhere does not exist"):
+        pick(str(tmp_path / "elsewhere"))
+    saved(tmp_path / "own", 7)
+    assert pick(str(tmp_path / "seed")) == ("own", 7)  # restarted: its own progress
+    assert pick("auto") == ("own", 7) and pick("never") is None
+    assert pick("auto", resume_arg=str(tmp_path / "seed" / "step_00000003")) == ("seed", 3)

@@ -4,7 +4,8 @@ A config has seven sections (see ``configs/train/hope-tiny-cpu.yaml`` for a comm
 
     model:       a name from configs/model (``hope-760m``), or a mapping of ModelConfig fields, optionally
                  with ``name:`` as the base the fields override (``{name: hope-tiny, d_model: 128}``)
-    data:        prepared dataset folder, tokenizer, split names, whether to prepare the built-in corpus
+    data:        the loader's DataConfig (path or weighted streams, cache, shuffle) and whether to prepare
+                 the built-in corpus into ``data.path`` when it is absent
     parallel:    tensor/pipeline/data parallel sizes, ZeRO stage, precision
     optimizer:   AdamW hyper-parameters and gradient clipping
     schedule:    learning-rate schedule (cosine or WSD, with warm-up)
@@ -13,15 +14,15 @@ A config has seven sections (see ``configs/train/hope-tiny-cpu.yaml`` for a comm
     logging:     TensorBoard folder, console cadence, peak FLOP/s used for MFU
 
 Every error names the field (``optimizer.lr: expected a number, got 'abc'``,
-``parallel.tensor_parallel: n_heads=4 not divisible by 3``) and is raised by ``load_config`` before any
-model, process group or dataset is touched.
+``parallel.tensor_parallel: model.n_heads=4 is not divisible by tensor_parallel=3 ...``) and is raised by
+``load_config`` before any model, process group or dataset is touched.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,7 +104,9 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     every_steps: int = 50  # 0: only at the end
     keep_last_n: int = 3
-    resume: str = "auto"  # auto: latest valid checkpoint in ``dir`` if any; never; or a checkpoint path
+    # auto: newest valid checkpoint in ``dir`` if any; never; or a path (checkpoint folder or root) used when
+    # ``dir`` holds no checkpoint yet -- so a restarted run continues its own progress (see pretrain.py)
+    resume: str = "auto"
 
 
 @dataclass
@@ -168,11 +171,9 @@ class TrainConfig:
             dp = world_size // mp if world_size is not None and mp > 0 and world_size % mp == 0 else 1
         return ParallelLayout(p.tensor_parallel, p.pipeline_parallel, dp, p.zero_stage)
 
-    def data_parallel_size(self, world_size: int) -> int:
-        return self.layout(world_size).data_parallel
-
     def grad_accum_steps(self, world_size: int) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.data_parallel_size(world_size))
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.layout(world_size).data_parallel)
 
     def tokens_per_step(self) -> int:
         return self.train.global_batch_size * self.train.seq_len
@@ -204,7 +205,8 @@ class TrainConfig:
 
         need(o.lr > 0, "optimizer.lr", "must be > 0")
         need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-        need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must be in [0, 1)")
+        need(0 <= o.beta1 < 1, "optimizer.beta1", "must be in [0, 1)")
+        need(0 <= o.beta2 < 1, "optimizer.beta2", "must be in [0, 1)")
         need(o.eps > 0, "optimizer.eps", "must be > 0")
         need(o.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
         need(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")

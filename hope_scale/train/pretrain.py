@@ -151,8 +151,9 @@ class Trainer:
                                                max_batches=t.eval_batches)
         self.schedule = LRSchedule.from_config(cfg.schedule, o.lr, t.max_steps)
         self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last_n, log=self.log)
-        fpt = flops_per_token(cfg.model, t.seq_len).total
-        peak = peak_flops(cfg.logging.device, cfg.parallel.precision, cfg.logging.peak_flops)
+        fpt = flops_per_token(cfg.model, t.seq_len).total if info.is_logging_rank else 0.0
+        peak = peak_flops(cfg.logging.device, cfg.parallel.precision, cfg.logging.peak_flops) \
+            if info.is_logging_rank else 0.0  # on CPU a measurement: only where it is used
         self.metrics = MetricsLogger(cfg.logging.dir, enabled=info.is_logging_rank, max_steps=t.max_steps,
                                      flops_per_token=fpt, peak_flops_total=peak * self.world_size,
                                      devices=self.world_size)
@@ -160,7 +161,7 @@ class Trainer:
         self.tokens = 0
         self.last_saved_step: int | None = None
         self._stop_requested = False
-        rng = self._resume(resume if resume is not None else cfg.checkpoint.resume)
+        rng = self._resume(resume)
         if rng is not None:
             restore_rng(rng)  # last, after everything that draws random numbers during set-up
 
@@ -169,16 +170,34 @@ class Trainer:
             print(msg, flush=True)
 
     # -- resumption -----------------------------------------------------------------------------
-    def _resume(self, source: str) -> dict | None:
-        from hope_scale.parallel.engine import assemble_rank_state
+    def _find_checkpoint(self, resume_arg: str | None):
+        """The checkpoint to resume from (collective), or None to start at step 0.
 
+        ``--resume PATH``: exactly that checkpoint folder (or that root's newest valid one). Otherwise
+        ``checkpoint.resume``: ``never``; ``auto``: the newest valid one in ``checkpoint.dir``; a path: the newest
+        valid one in ``checkpoint.dir`` if it has any (a restarted run continues its own progress), else the path.
+        """
+        source = self.cfg.checkpoint.resume
+        if resume_arg is not None or source not in ("auto", "never"):
+            own = None if resume_arg is not None else self.ckpt.load()
+            path = resume_arg if resume_arg is not None else source
+            loaded = own or self.ckpt.load(path)
+            if loaded is None:
+                raise CheckpointError(f"resume: no checkpoint at {path}")
+            return loaded
         if source == "never":
             return None
-        loaded = self.ckpt.load(None if source == "auto" else source)
+        loaded = self.ckpt.load()
         if loaded is None:
-            if source != "auto":
-                raise CheckpointError(f"--resume {source}: no checkpoint there")
             self.log(f"checkpoint: none in {self.ckpt.root}, starting from step 0")
+        return loaded
+
+    def _resume(self, resume_arg: str | None) -> dict | None:
+        """Load the checkpoint ``_find_checkpoint`` picks; returns this rank's saved RNG state (or None)."""
+        from hope_scale.parallel.engine import assemble_rank_state
+
+        loaded = self._find_checkpoint(resume_arg)
+        if loaded is None:
             return None
         saved_model = loaded.trainer["config"]["model"]
         now_model = self.cfg.model.to_dict()
