@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hope_scale.model import ModelConfig, build_model
 from hope_scale.parallel.layout import LayoutError, ParallelLayout
@@ -20,8 +21,8 @@ CLIP = 0.5  # binds on these batches (norms ~ 2-6), so the clipping path is exer
 
 
 def tiny_cfg(arch: str = "hope", **kw) -> dict:
-    d = dict(arch=arch, vocab_size=64, d_model=64, n_layers=2, n_heads=4, chunk_size_memory=8,
-             chunk_size_projection=16, max_seq_len=64,
+    d = dict(arch=arch, vocab_size=64, d_model=64, n_layers=2, n_heads=4, chunk_size_memory=16,
+             chunk_size_projection=32, max_seq_len=64,
              cms_levels=[{"period": 1, "hidden_mult": 1.0}, {"period": 300, "hidden_mult": 1.0}])
     d.update(kw)
     return d
@@ -41,45 +42,69 @@ def make_batches(steps: int, n_micro: int, batch: int = 2, seq: int = 32, vocab:
 
 # --- worker (runs in each rank's process) ------------------------------------------------------------
 def train_worker(p: dict) -> dict:
-    from hope_scale.parallel.engine import TrainEngine
+    import time
 
+    from hope_scale.parallel.engine import TrainEngine, assemble_rank_state
+
+    t0 = time.perf_counter()
     layout = ParallelLayout(**p["layout"])
     eng = TrainEngine(ModelConfig.from_dict(p["cfg"]), layout, p["opt"], precision=p.get("precision", "fp32"),
                       grad_clip=p["clip"], grad_accum_steps=p["gas"], seed=0,
                       deepspeed_config=p.get("ds_extra"))
+    out = {"losses": [], "norms": [], "stepped": [], "rank": eng.info.to_dict(),
+           "flags": {"first": eng.is_first_stage, "last": eng.is_last_stage, "logging": eng.is_logging_rank}}
+    out["t_init"] = time.perf_counter() - t0
     if p.get("import_parts") is not None:
-        from hope_scale.parallel.engine import assemble_rank_state
-
         eng.import_state(assemble_rank_state(p["import_parts"], eng.state_needs()))
-    out = {"losses": [], "norms": [], "stepped": [], "rank": eng.info.to_dict()}
+        out["after_import"] = eng.export_state()
+    t1 = time.perf_counter()
     for mbs in p["batches"]:
         mine = mbs[eng.dp_rank * p["gas"]:(eng.dp_rank + 1) * p["gas"]]
         r = eng.train_step(mine, p["opt"]["lr"])
         out["losses"].append(r["loss"])
         out["norms"].append(r["grad_norm"])
         out["stepped"].append(r["cms_stepped"])
+    out["t_train"] = time.perf_counter() - t1
     if p.get("eval") is not None:
         out["eval"] = eng.eval_loss(p["eval"])
     out["stats"] = eng.memory_stats()
+    t2 = time.perf_counter()
     out["state"] = eng.export_state()
+    out["t_export"] = time.perf_counter() - t2
+    eng.close(destroy_process_group=False)
     return out
 
 
+def jobs_worker(p: dict) -> list[dict]:
+    """Several train_worker jobs (layouts of the same world size) one after another in the same processes."""
+    return [train_worker(job) for job in p["jobs"]]
+
+
+def job(cfg: dict, layout: ParallelLayout, batches, gas: int, **kw) -> dict:
+    return {"cfg": cfg, "layout": layout.to_dict(), "opt": OPT, "clip": kw.pop("clip", CLIP), "gas": gas,
+            "batches": batches, **kw}
+
+
 def run_layout(cfg: dict, layout: ParallelLayout, batches, gas: int, **kw) -> list[dict]:
-    payload = {"cfg": cfg, "layout": layout.to_dict(), "opt": OPT, "clip": kw.pop("clip", CLIP), "gas": gas,
-               "batches": batches, **kw}
-    return run_local("tests.test_parallel_engine:train_worker", layout.world_size, payload, timeout=900)
+    return run_local("tests.test_parallel_engine:train_worker", layout.world_size,
+                     job(cfg, layout, batches, gas, **kw), timeout=900)
+
+
+def run_jobs(world_size: int, jobs: list[dict]) -> list[list[dict]]:
+    """Run jobs in sequence on one set of ``world_size`` processes; returns per job the per-rank results."""
+    per_rank = run_local("tests.test_parallel_engine:jobs_worker", world_size, {"jobs": jobs}, timeout=1200)
+    return [[per_rank[r][j] for r in range(world_size)] for j in range(len(jobs))]
 
 
 # --- plain PyTorch reference ---------------------------------------------------------------------------
-def reference_run(cfg: dict, batches, clip: float = CLIP):
+def reference_run(cfg: dict, batches, clip: float = CLIP, dtype: torch.dtype = torch.float32):
     """Single-process training without DeepSpeed: mean micro-batch loss, clip over all gradients, then the CMS
     schedule (accumulate / hide / hand the mean), then AdamW with the engine's param groups."""
     from hope_scale.parallel.engine import CMSPeriodSchedule, cms_level_of, decays
 
     mc = ModelConfig.from_dict(cfg)
     torch.manual_seed(0)
-    model = build_model(mc)
+    model = build_model(mc).to(dtype)
     groups: dict = {}
     for n, p in model.named_parameters():
         lvl, wd = cms_level_of(n), decays(n, p)
@@ -94,7 +119,7 @@ def reference_run(cfg: dict, batches, clip: float = CLIP):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in mbs:
-            loss = model.loss(x, y) / len(mbs)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100) / len(mbs)
             loss.backward()
             total += loss.item()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else 1e30)))
@@ -118,7 +143,33 @@ def reference_run(cfg: dict, batches, clip: float = CLIP):
 
 def max_param_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b), sorted(set(a) ^ set(b))
-    return max((a[n] - b[n]).abs().max().item() for n in a)
+    return max((a[n].double() - b[n].double()).abs().max().item() for n in a)
+
+
+def check_against_reference(results: list[dict], cfg: dict, batches, dtype=torch.float32, loss_rel=1e-6,
+                            norm_rel=1e-5, param_abs=1e-8) -> dict:
+    """Every rank reports the reference's losses and grad norms; the parts' consolidated parameters equal the
+    reference's. Returns the measured deviations."""
+    from hope_scale.parallel.engine import consolidate_full_state
+
+    ref_losses, ref_norms, ref_params, _, _ = reference_run(cfg, batches, dtype=dtype)
+    for r in results:
+        assert r["losses"] == results[0]["losses"]  # same value on every rank
+        assert r["losses"] == pytest.approx(ref_losses, rel=loss_rel), r["rank"]
+        assert r["norms"] == pytest.approx(ref_norms, rel=norm_rel), r["rank"]
+    params = consolidate_full_state([r["state"] for r in results])
+    diff = max_param_diff(params, ref_params)
+    assert diff < param_abs, diff
+    moved = max_param_diff(params, {n: p.detach() for n, p in _initial_params(cfg).items()})
+    assert moved > 100 * param_abs  # the run changed the weights far more than the tolerance
+    return {"param_diff": diff, "moved": moved,
+            "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(results[0]["losses"], ref_losses)),
+            "norm_rel": max(abs(a - b) / abs(b) for a, b in zip(results[0]["norms"], ref_norms))}
+
+
+def _initial_params(cfg: dict) -> dict:
+    torch.manual_seed(0)
+    return dict(build_model(ModelConfig.from_dict(cfg)).named_parameters())
 
 
 # --- tests -----------------------------------------------------------------------------------------------

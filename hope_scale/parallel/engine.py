@@ -32,6 +32,7 @@ from .optim import CMS_BUFFER, MOMENT_KEYS, CMSAdamW
 from .parallelize import ModelPart, ShardSpec, parallelize
 
 STATE_FORMAT = "hope-scale/rank-state/v1"
+PRECISIONS = ("fp32", "bf16", "fp64")  # fp64: ZeRO-0 and DP=1 only, for exact layout-equivalence tests
 _CMS_NAME = re.compile(r"^blocks\.\d+\.cms\.levels\.(\d+)\.")
 
 
@@ -145,7 +146,8 @@ class TrainEngine:
             not depend on the layout).
         layout: TP x PP x DP and ZeRO stage; validated against the model and the world size before any work.
         optimizer: AdamW settings {lr, betas, eps, weight_decay}.
-        precision: "fp32" or "bf16" (bf16 weights/activations, fp32 master weights and optimizer state).
+        precision: "fp32" or "bf16" (bf16 weights/activations, fp32 master weights and optimizer state); "fp64"
+            (ZeRO-0, DP=1 only) exists for exact equivalence tests across TP/PP layouts.
         grad_clip: global gradient-norm clip (0 disables clipping; the norm is still reported).
         grad_accum_steps: micro-batches per optimizer step on each data-parallel rank.
         seed: initial weights.
@@ -157,8 +159,12 @@ class TrainEngine:
                  optimizer: OptimizerSettings | dict | None = None, precision: str = "fp32",
                  grad_clip: float = 1.0, grad_accum_steps: int = 1, seed: int = 0,
                  deepspeed_config: dict | None = None, backend: str | None = None):
-        if precision not in ("fp32", "bf16"):
-            raise LayoutError(f"train.precision: {precision!r} is not one of ('fp32', 'bf16')")
+        if precision not in PRECISIONS:
+            raise LayoutError(f"train.precision: {precision!r} is not one of {PRECISIONS}")
+        if precision == "fp64" and (layout.zero_stage != 0 or layout.data_parallel != 1):
+            raise LayoutError("train.precision: fp64 (exactness tests) needs parallel.zero_stage=0 and "
+                              "data_parallel=1: ZeRO keeps fp32 master weights and DeepSpeed reduces only fp32/bf16 "
+                              "gradients across data-parallel ranks")
         if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
             raise LayoutError(f"train.grad_accum_steps: must be an integer >= 1, got {grad_accum_steps!r}")
         self.cfg, self.layout = model_cfg, layout
@@ -173,7 +179,8 @@ class TrainEngine:
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
         full = build_model(model_cfg)
-        self.part: ModelPart = parallelize(full, self.info)
+        self.master_dtype = torch.float64 if precision == "fp64" else torch.float32
+        self.part: ModelPart = parallelize(full, self.info, dtype=self.master_dtype)
         del full
         self._seed_parallel_rng(seed)
         self.specs: dict[str, ShardSpec] = dict(self.part.specs)
@@ -194,6 +201,10 @@ class TrainEngine:
 
             pipe = build_pipeline_module(self.part, self.info)
             self.ds, _, _, _ = deepspeed.initialize(model=pipe, optimizer=self.optimizer, config=ds_config)
+        self.optimizer.materialize_state()
+        if precision == "fp64":  # DP=1: nothing to all-reduce, and DeepSpeed's reducer rejects fp64 gradients
+            self.ds.enable_backward_allreduce = False
+            self.ds.pipeline_enable_backward_allreduce = False
         if self._exact_fp32_norm():
             # ZeRO-0 fp32: DeepSpeed's clip_grad_norm_ counts replicated parameters per pipeline stage
             # inconsistently and keeps no norm; use the exact one (see global_grad_norm)
@@ -247,7 +258,7 @@ class TrainEngine:
         return _merge(cfg, extra or {})
 
     def _exact_fp32_norm(self) -> bool:
-        return self.layout.zero_stage == 0 and self.precision == "fp32"
+        return self.layout.zero_stage == 0 and self.precision in ("fp32", "fp64")
 
     # --- rank info ----------------------------------------------------------------------------------
     @property
@@ -321,7 +332,7 @@ class TrainEngine:
                 dist.all_reduce(mean, group=self._ps.get_data_parallel_group(with_context_parallel=False))
                 return float(mean.item()) / self.info.dp_size
             out = self.ds.train_batch(data_iter=iter(batches))
-            return float(out.item())
+            return float(out.float().item())  # DeepSpeed hands other stages an fp32 copy: same value on all
         finally:
             self.optimizer.skip_all = False
             self.part.loss_scale = 1.0
@@ -353,7 +364,7 @@ class TrainEngine:
             for p in self.part.parameters():
                 if p.grad is not None:
                     p.grad.detach().mul_(coef.to(p.grad.dtype))
-        self.ds._global_grad_norm = norm.float()
+        self.ds._global_grad_norm = norm
 
     @torch.no_grad()
     def eval_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -367,12 +378,12 @@ class TrainEngine:
             return float(loss.item()) / self.info.dp_size
         out = self.ds.eval_batch(data_iter=iter([(ids, labels)]), num_micro_batches=1)
         self.ds.train()
-        return float(out.item())
+        return float(out.float().item())
 
     def memory_stats(self) -> dict[str, float]:
         """Memory-state statistics of the last forward ("layer{i}/{eta,alpha,mem_w1_norm,mem_w2_norm}"), averaged
-        over tensor-parallel ranks (their heads) and gathered from every pipeline stage. Collective: call on all
-        ranks; every rank gets the full dict."""
+        over tensor-parallel ranks (their heads) and data-parallel ranks (their batches) and gathered from every
+        pipeline stage. Collective: call on all ranks; every rank gets the same full dict."""
         local: dict[str, float] = {}
         keys, vals = [], []
         for idx, blk in self.part.blocks.items():
@@ -385,6 +396,9 @@ class TrainEngine:
             if self.info.tp_size > 1:
                 dist.all_reduce(t, group=self._ps.get_tensor_model_parallel_group())
                 t /= self.info.tp_size
+            if self.info.dp_size > 1:
+                dist.all_reduce(t, group=self._ps.get_data_parallel_group(with_context_parallel=False))
+                t /= self.info.dp_size
             local = dict(zip(keys, t.cpu().tolist()))
         if self.info.pp_size == 1:
             return local
@@ -420,9 +434,9 @@ class TrainEngine:
 
         if self._zero_partitioned(p):
             t = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-            return t.detach().float().cpu().reshape(_local_shape(self.specs[self.param_name[p]]))
+            return t.detach().to(self.master_dtype).cpu().reshape(_local_shape(self.specs[self.param_name[p]]))
         t = p.detach() if key is None else self.optimizer.state[p][key]
-        return t.float().cpu().clone()
+        return t.to(self.master_dtype).cpu().clone()
 
     def _set_local(self, p: nn.Parameter, key: str | None, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -441,7 +455,7 @@ class TrainEngine:
         elif self._zero_partitioned(p):
             safe_set_full_optimizer_state(p, value.float(), key)
         else:
-            self.optimizer.state[p][key].copy_(value)
+            self.optimizer.state[p][key].copy_(value.to(self.optimizer.state[p][key].dtype))
 
     def state_keys(self, name: str) -> tuple[str, ...]:
         return MOMENT_KEYS + ((CMS_BUFFER,) if cms_level_of(name) is not None else ())
@@ -514,12 +528,22 @@ class TrainEngine:
             raise ValueError(f"import_state: {name} holds box {box} of {tuple(entry['global_shape'])}, this rank "
                              f"needs {spec.box} of {spec.global_shape}")
 
-    def close(self) -> None:
-        """Free DeepSpeed's buffers and destroy the process groups (call before the process exits)."""
-        from .layout import shutdown_distributed
+    def close(self, destroy_process_group: bool = True) -> None:
+        """Release DeepSpeed's engine and Megatron's model-parallel groups; with ``destroy_process_group`` also the
+        default process group (call before the process exits). Without it, another engine -- at another layout of
+        the same world size -- can be built in this process."""
+        from megatron.core import parallel_state
 
-        self.ds = None
-        shutdown_distributed()
+        if self.ds is not None:
+            self.ds.destroy()
+            self.ds = None
+        self.part = None
+        if destroy_process_group:
+            from .layout import shutdown_distributed
+
+            shutdown_distributed()
+        elif parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
 
 
 def _local_shape(spec: ShardSpec) -> tuple[int, ...]:
@@ -608,13 +632,23 @@ def assemble_rank_state(parts: Iterable[dict], needs: dict[str, ShardSpec]) -> d
     return {"format": STATE_FORMAT, **meta, "params": out_params}
 
 
-def consolidate_full_state(parts: Iterable[dict]) -> dict[str, torch.Tensor]:
-    """Full (unsharded) fp32 parameters from all rank parts: {global name: tensor} (e.g. to load a LanguageModel
-    with ``load_state_dict(..., strict=False)`` -- the tied head is not a separate entry)."""
+def consolidate_full_state(parts: Iterable[dict], field: str = "value") -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors from all rank parts: {global name: tensor} for ``field`` ("value" = fp32 parameters,
+    or an optimizer-state key such as "exp_avg"). Loads into a LanguageModel with ``load_state_dict(strict=False)``
+    (the tied head is not a separate entry). Raises if some element is covered by no part."""
     full: dict[str, torch.Tensor] = {}
+    covered: dict[str, torch.Tensor] = {}
     for part in parts:
         for name, entry in part["params"].items():
+            if field not in entry:
+                continue
             if name not in full:
-                full[name] = torch.zeros(tuple(entry["global_shape"]), dtype=entry["value"].dtype)
-            full[name][tuple(slice(a, a + n) for a, n in entry["box"])] = entry["value"]
+                full[name] = torch.zeros(tuple(entry["global_shape"]), dtype=entry[field].dtype)
+                covered[name] = torch.zeros(tuple(entry["global_shape"]), dtype=torch.bool)
+            box = tuple(slice(a, a + n) for a, n in entry["box"])
+            full[name][box] = entry[field]
+            covered[name][box] = True
+    holes = [n for n, c in covered.items() if not bool(c.all())]
+    if holes:
+        raise KeyError(f"consolidate_full_state: {field!r} of {holes[:5]} is not fully covered by the parts")
     return full

@@ -15,8 +15,8 @@ as it is about to be applied (reduced across data-parallel ranks, unscaled, clip
 
 ``cms_grad_sum`` lives in the optimizer state next to ``exp_avg``/``exp_avg_sq``, so DeepSpeed's per-parameter
 state API (``safe_get_full_optimizer_state``) reads and writes it like a moment, and checkpoints reshard it.
-Optimizer state is created eagerly for every parameter of every group on the first ``step`` (also when the
-group is skipped), so all keys exist from then on.
+Optimizer state is created eagerly (``materialize_state`` after DeepSpeed has built its partitions, and for
+every parameter of every group on each ``step``, also when the group is skipped), so all keys exist.
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ class CMSAdamW(torch.optim.AdamW):
         if group.get("cms_level") is not None and CMS_BUFFER not in st:
             st[CMS_BUFFER] = torch.zeros_like(p, memory_format=torch.preserve_format)
         self.group_tag_of[p] = group["tag"]
+
+    def materialize_state(self) -> None:
+        """Create the state of every parameter the groups hold now (DeepSpeed ZeRO 1/2 links its per-parameter
+        state views once, after the first step of the first group, so all groups' state must exist by then)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._ensure_state(p, group)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -34,7 +34,6 @@ global tensor), which is what layout-independent checkpoints are keyed by.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -169,7 +168,8 @@ def vocab_parallel_loss(vocab_logits: torch.Tensor, labels: torch.Tensor) -> tor
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     mask = labels != -100
-    per_token = vocab_parallel_cross_entropy(vocab_logits.float(), torch.where(mask, labels, 0))
+    logits = vocab_logits if vocab_logits.dtype == torch.float64 else vocab_logits.float()
+    per_token = vocab_parallel_cross_entropy(logits, torch.where(mask, labels, 0))
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
@@ -288,7 +288,3 @@ def parallelize(model: LanguageModel, info: RankInfo, dtype: torch.dtype = torch
 def shard_of(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     """The piece of a global tensor that ``spec`` covers."""
     return full[spec.slices()]
-
-
-def num_global_parameters(cfg: ModelConfig) -> int:
-    return sum(math.prod(p.shape) for p in LanguageModel(cfg).parameters())

@@ -1,0 +1,69 @@
+"""Hope and Transformer++ at TP=2, PP=2, DP=2 and TP=2 x PP=2 train exactly like one process.
+
+Three optimizer steps of 2 micro-batches (2 x 32 tokens), clipping binding, CMS level 1 (period 300 tokens) due
+at step 3 with the mean of 3 steps' gradients. TP and PP runs use fp64 (ZeRO-0) so that the comparison is sharp even for Hope, whose
+gradients amplify fp32 rounding (a 1e-7 weight perturbation moves its gradient by ~1e-3 relative); DeepSpeed
+reduces only fp32/bf16 gradients across data-parallel ranks, so the DP runs use fp32 with ZeRO-1.
+Tolerances on the consolidated parameters vs a plain-PyTorch run (updates are ~1e-3):
+fp64: 1e-8 abs; fp32: transformer 5e-7 (a few ulp of weights ~1), hope 2e-6 abs. Losses 1e-6 rel (Megatron's vocab-parallel
+cross-entropy computes in fp32), grad norms 1e-6 rel (fp32 hope: 1e-4).
+
+All 2-process layouts of both architectures run in one set of 2 processes (engines built one after another),
+the 4-process layout in another, to keep process start-up (imports of torch/DeepSpeed/Megatron) to two.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hope_scale.parallel.layout import ParallelLayout
+
+from .test_parallel_engine import check_against_reference, job, make_batches, run_jobs, tiny_cfg
+
+pytestmark = pytest.mark.slow
+
+LAYOUTS = {
+    "tp2": (ParallelLayout(tensor_parallel=2), "fp64"),
+    "pp2": (ParallelLayout(pipeline_parallel=2), "fp64"),
+    "dp2_zero1": (ParallelLayout(data_parallel=2, zero_stage=1), "fp32"),
+    "tp2xpp2": (ParallelLayout(tensor_parallel=2, pipeline_parallel=2), "fp64"),
+}
+ARCHS = ("hope", "transformer")
+BATCHES = make_batches(steps=3, n_micro=2)
+
+
+def _job(arch: str, case: str) -> dict:
+    layout, precision = LAYOUTS[case]
+    return job(tiny_cfg(arch), layout, BATCHES, gas=2 // layout.data_parallel, precision=precision)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    out = {}
+    for world in (2, 4):
+        keys = [(a, c) for a in ARCHS for c in LAYOUTS if LAYOUTS[c][0].world_size == world]
+        for key, res in zip(keys, run_jobs(world, [_job(*k) for k in keys])):
+            out[key] = res
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_layout_matches_one_process(results, arch, case):
+    layout, precision = LAYOUTS[case]
+    res = results[(arch, case)]
+    cfg = tiny_cfg(arch)
+    if precision == "fp64":
+        tol, norm_rel, dtype = 1e-8, 1e-6, torch.float64
+    else:
+        (tol, norm_rel), dtype = (2e-6, 1e-4) if arch == "hope" else (5e-7, 1e-6), torch.float32
+    dev = check_against_reference(res, cfg, BATCHES, dtype=dtype, loss_rel=1e-6, norm_rel=norm_rel, param_abs=tol)
+    print(f"{arch} {case} {precision}: {dev}")
+    assert sum(r["flags"]["logging"] for r in res) == 1
+    assert {r["flags"]["last"] for r in res} == ({True, False} if layout.pipeline_parallel > 1 else {True})
+    if arch == "hope":
+        assert all(r["stepped"] == [{0: True, 1: False}, {0: True, 1: False}, {0: True, 1: True}] for r in res)
+        stats = res[0]["stats"]  # gathered from every stage, averaged over TP ranks
+        assert all(r["stats"] == stats for r in res)
+        assert sorted(k.split("/")[0] for k in stats if k.endswith("/eta")) == ["layer0", "layer1"]
