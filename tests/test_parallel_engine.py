@@ -76,8 +76,20 @@ def train_worker(p: dict) -> dict:
 
 
 def jobs_worker(p: dict) -> list[dict]:
-    """Several train_worker jobs (layouts of the same world size) one after another in the same processes."""
-    return [train_worker(job) for job in p["jobs"]]
+    """Several train_worker jobs (layouts of the same world size) one after another in the same processes.
+    A job with ``import_from: k`` starts from the state all ranks exported at the end of job k."""
+    import torch.distributed as dist
+
+    outs, states = [], []
+    for job in p["jobs"]:
+        if job.get("import_from") is not None:
+            job = {**job, "import_parts": states[job["import_from"]]}
+        out = train_worker(job)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, out["state"])
+        states.append(parts)
+        outs.append(out)
+    return outs
 
 
 def job(cfg: dict, layout: ParallelLayout, batches, gas: int, **kw) -> dict:
@@ -138,6 +150,8 @@ def reference_run(cfg: dict, batches, clip: float = CLIP, dtype: torch.dtype = t
                     p.grad = None
         opt.step()
         losses.append(total)
+    names = {p: n for n, p in model.named_parameters()}
+    model.cms_buffers = {names[p]: b for p, b in bufs.items()}
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}, opt, model
 
 

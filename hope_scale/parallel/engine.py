@@ -331,11 +331,22 @@ class TrainEngine:
                 mean = total / len(batches)
                 dist.all_reduce(mean, group=self._ps.get_data_parallel_group(with_context_parallel=False))
                 return float(mean.item()) / self.info.dp_size
+            self._pipe_shape(batches)
             out = self.ds.train_batch(data_iter=iter(batches))
             return float(out.float().item())  # DeepSpeed hands other stages an fp32 copy: same value on all
         finally:
             self.optimizer.skip_all = False
             self.part.loss_scale = 1.0
+
+    def _pipe_shape(self, batches) -> None:
+        """DeepSpeed's pipeline engine sizes its send/receive buffers from the first micro-batch it sees; when the
+        micro-batch shape changes (evaluation, a different sequence length) they must be rebuilt."""
+        shape = tuple(batches[0][0].shape)
+        if any(tuple(ids.shape) != shape for ids, _ in batches):
+            raise ValueError("pipeline_parallel > 1 needs micro-batches of one shape within a step")
+        if shape != getattr(self, "_last_pipe_shape", None):
+            self.ds.reset_activation_shape()
+            self._last_pipe_shape = shape
 
     def global_grad_norm(self) -> float:
         norm = self.ds.get_global_grad_norm()
@@ -376,6 +387,7 @@ class TrainEngine:
             self.ds.train()
             dist.all_reduce(loss, group=self._ps.get_data_parallel_group(with_context_parallel=False))
             return float(loss.item()) / self.info.dp_size
+        self._pipe_shape([(ids, labels)])
         out = self.ds.eval_batch(data_iter=iter([(ids, labels)]), num_micro_batches=1)
         self.ds.train()
         return float(out.float().item())
