@@ -120,3 +120,17 @@ def test_domains_need_enough_heldout_tokens(domains):
         run_continual([ModelEntry("t", build_model(ModelConfig(arch="transformer", **TINY)))], a, b,
                       ContinualConfig(mode="train", seq_len=10_000, steps_a=0, steps_b=1), log=None)
     assert np.all(a.heldout < 256)
+
+
+def test_clipped_stream_learner_bounds_each_segment_update(domains):
+    from hope_scale.eval.continual import ClippedStreamLearner
+
+    _, b = domains
+    model = _hope([{"period": 16, "hidden_mult": 1.0}])
+    params = cms_level_parameters(model)[0]
+    before = [p.detach().clone() for p in params]
+    learner = ClippedStreamLearner(model, lr=2.0, segment_len=16, max_grad_norm=1e-3)
+    learner.feed(torch.from_numpy(b.train[:17]).long()[None])
+    step = torch.sqrt(sum(((p.detach() - q) ** 2).sum() for p, q in zip(params, before)))
+    assert learner.updates == {0: 1} and learner.clipped_segments == 1
+    assert step.item() == pytest.approx(2.0 * 1e-3, rel=1e-3)

@@ -102,7 +102,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-points", type=int, default=4)
     p.add_argument("--stream-tokens", type=int, default=16384, help="test-time: tokens of B read")
-    p.add_argument("--stream-lr", type=float, default=1e-2, help="test-time: SGD step of a CMS level update")
+    p.add_argument("--stream-lr", type=float, default=0.3, help="test-time: SGD step of a CMS level update")
+    p.add_argument("--stream-clip", type=float, default=1.0,
+                   help="test-time: clip each segment's gradient to this norm before accumulating (0: off)")
     p.add_argument("--stream-segment", type=int, default=None,
                    help="test-time: tokens per forward/backward, the truncated-backprop length (default: smallest "
                         "trainable period; must divide every trainable period)")
@@ -329,7 +331,7 @@ def run_continual_cmd(args) -> int:
     ccfg = ContinualConfig(mode=args.mode, seq_len=args.seq_len, batch_size=args.batch_size, steps_a=args.steps_a,
                            steps_b=args.steps_b, lr=args.lr, eval_tokens=args.eval_tokens,
                            eval_points=args.eval_points, stream_tokens=args.stream_tokens, stream_lr=args.stream_lr,
-                           stream_segment_len=args.stream_segment,
+                           stream_segment_len=args.stream_segment, stream_max_grad_norm=args.stream_clip or None,
                            trainable_levels=args.trainable_levels, baseline_period=args.baseline_period,
                            seed=args.seed)
 

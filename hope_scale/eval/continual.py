@@ -40,12 +40,36 @@ from .trainer import Trainer, TrainConfig, text_batches
 MODES = ("train", "test-time", "both")
 
 
-class MLPStreamLearner(CMSStreamLearner):
+class ClippedStreamLearner(CMSStreamLearner):
+    """``CMSStreamLearner`` whose per-segment gradient (all trainable levels together) is clipped to
+    ``max_grad_norm`` before it is accumulated, the same safeguard as gradient clipping in training.
+
+    Reading long streams, a Hope model occasionally produces gradients 10^3-10^4 times larger than usual
+    (see docs/evaluation.md); one such segment makes an unclipped SGD update destroy the model. The update
+    rule is otherwise unchanged: theta_l <- theta_l - lr * mean over the period of the (clipped) gradients."""
+
+    def __init__(self, *args, max_grad_norm: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self.clipped_segments = 0
+
+    def _accumulate_and_update(self, grads, n_tokens: int) -> None:
+        if self.max_grad_norm and grads:
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+            if norm > self.max_grad_norm:
+                grads = [g * (self.max_grad_norm / (norm + 1e-6)) for g in grads]
+                self.clipped_segments += 1
+        super()._accumulate_and_update(grads, n_tokens)
+
+
+class MLPStreamLearner(ClippedStreamLearner):
     """The CMS test-time rule applied to a model without CMS: its per-block SwiGLU MLPs (the Transformer++
     and Titans FFNs) form a single level with period ``period``. Same feed/update code as
     ``CMSStreamLearner``; only which parameters form the level differs."""
 
-    def __init__(self, model: nn.Module, lr: float, period: int, segment_len: int | None = None):
+    def __init__(self, model: nn.Module, lr: float, period: int, segment_len: int | None = None,
+                 max_grad_norm: float | None = None):
+        self.max_grad_norm, self.clipped_segments = max_grad_norm, 0
         mlp_params = [p for m in model.modules() if isinstance(m, SwiGLU) for p in m.parameters()]
         if not mlp_params:
             raise ValueError("model has no SwiGLU MLPs to learn at test time")
@@ -65,12 +89,16 @@ class MLPStreamLearner(CMSStreamLearner):
 
 
 def stream_learner(model: nn.Module, lr: float, trainable_levels: Iterable[int] | None,
-                   baseline_period: int, segment_len: int | None = None) -> CMSStreamLearner:
-    """CMSStreamLearner for models with CMS levels, MLPStreamLearner for the others."""
+                   baseline_period: int, segment_len: int | None = None,
+                   max_grad_norm: float | None = None) -> CMSStreamLearner:
+    """The CMS stream learner for models with CMS levels, MLPStreamLearner for the others (both with the
+    optional per-segment gradient clipping of ``ClippedStreamLearner``)."""
     if cms_level_parameters(model):
         levels = None if trainable_levels is None else [i for i in trainable_levels if i in cms_level_parameters(model)]
-        return CMSStreamLearner(model, lr=lr, trainable_levels=levels, segment_len=segment_len)
-    return MLPStreamLearner(model, lr=lr, period=baseline_period, segment_len=segment_len)
+        return ClippedStreamLearner(model, lr=lr, trainable_levels=levels, segment_len=segment_len,
+                                    max_grad_norm=max_grad_norm)
+    return MLPStreamLearner(model, lr=lr, period=baseline_period, segment_len=segment_len,
+                            max_grad_norm=max_grad_norm)
 
 
 @dataclass
@@ -85,7 +113,8 @@ class ContinualConfig:
     eval_tokens: int = 8192  # held-out tokens of each domain per evaluation
     eval_points: int = 4  # evaluations during phase B / the stream (forgetting curves)
     stream_tokens: int = 16384  # test-time: tokens of B read by the stream learner
-    stream_lr: float = 1e-2
+    stream_lr: float = 0.3
+    stream_max_grad_norm: float | None = 1.0  # test-time: clip each segment's gradient (None/0: no clipping)
     stream_segment_len: int | None = None  # test-time: tokens per forward/backward (truncated backprop); None =
     # the smallest trainable period. Keep it near the training length: gradients through Hope's memory grow
     # quickly with the backprop length (see docs/evaluation.md)
@@ -181,7 +210,8 @@ def run_continual(entries: list[ModelEntry], domain_a: TokenDomain, domain_b: To
 
         if cfg.mode in ("test-time", "both"):
             m = copy.deepcopy(model) if cfg.mode == "both" else model
-            learner = stream_learner(m, cfg.stream_lr, cfg.trainable_levels, baseline_period, cfg.stream_segment_len)
+            learner = stream_learner(m, cfg.stream_lr, cfg.trainable_levels, baseline_period, cfg.stream_segment_len,
+                                     cfg.stream_max_grad_norm)
             stream = torch.from_numpy(domain_b.train[: cfg.stream_tokens + 1]).long()[None]
             curve = [{"tokens_b": 0, **row["after_a"]}]
             piece = max(learner.segment_len, (cfg.stream_tokens // max(1, cfg.eval_points))
@@ -198,6 +228,7 @@ def run_continual(entries: list[ModelEntry], domain_a: TokenDomain, domain_b: To
                 "trainable_levels": list(learner.trainable),
                 "trainable_periods": [learner.periods[i] for i in learner.trainable],
                 "updates": {str(i): n for i, n in learner.updates.items()},
+                "clipped_segments": learner.clipped_segments,
                 "seconds": time.perf_counter() - t0, **summary(row["after_a"], after)}
             log(f"[continual] {e.name}: test-time on B  forgetting {row['test_time']['forgetting']:+.4f}  "
                 f"learning {row['test_time']['learning']:+.4f}  updates {row['test_time']['updates']}")

@@ -40,6 +40,8 @@ class TrainConfig:
     cms_schedule: bool = True  # Hope archs: step each CMS level only when its period has elapsed
     log_every: int = 50
     time_budget_s: float | None = None  # stop early once this much wall time is spent
+    cpu_budget_s: float | None = None  # stop early once this process has used this much CPU time (robust to
+    # other load on a shared machine, unlike wall time)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +74,7 @@ class Trainer:
         self.opt = make_optimizer(model, cfg)
         self.schedule = CMSGradientSchedule(model) if cfg.cms_schedule and cms_level_parameters(model) else None
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.step, self.tokens, self.seconds, self.cpu_seconds = 0, 0, 0.0, 0.0
         self.history: list[float] = []
 
     def run(self, n_steps: int | None = None, log: Callable[[str], None] | None = print) -> "Trainer":
@@ -80,9 +82,11 @@ class Trainer:
         cfg, model = self.cfg, self.model
         end = cfg.steps if n_steps is None else min(cfg.steps, self.step + n_steps)
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         while self.step < end:
             if cfg.time_budget_s is not None and self.seconds + time.perf_counter() - t0 >= cfg.time_budget_s:
+                break
+            if cfg.cpu_budget_s is not None and self.cpu_seconds + time.process_time() - c0 >= cfg.cpu_budget_s:
                 break
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(self.step, cfg)
@@ -104,12 +108,13 @@ class Trainer:
                     f"{self.seconds + time.perf_counter() - t0:.1f}s")
             self.step += 1
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
         model.eval()
         return self
 
     def result(self, keep_history: bool = True) -> dict:
         h = self.history
-        out = {"steps": len(h), "tokens": self.tokens, "seconds": self.seconds,
+        out = {"steps": len(h), "tokens": self.tokens, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                "loss_first": float(np.mean(h[:10])) if h else float("nan"),
                "final_loss": float(np.mean(h[-min(20, len(h)):])) if h else float("nan")}
         if keep_history:
