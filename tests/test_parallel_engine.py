@@ -208,6 +208,17 @@ def test_layout_validation_names_the_field():
     with pytest.raises(LayoutError, match="parallel.data_parallel"):
         ParallelLayout.for_world(6, tensor_parallel=4)
     assert ParallelLayout.for_world(8, 2, 2) == ParallelLayout(2, 2, 2, 0)
+    # precision checks happen in the engine before any process group or DeepSpeed import
+    from hope_scale.parallel.engine import TrainEngine
+
+    for layout, precision, words in [(ParallelLayout(), "bf16", "zero_stage >= 1"),
+                                     (ParallelLayout(zero_stage=1), "fp64", "zero_stage=0"),
+                                     (ParallelLayout(), "fp16", "not one of")]:
+        with pytest.raises(LayoutError, match="train.precision") as e:
+            TrainEngine(cfg, layout, precision=precision)
+        assert words in str(e.value)
+    with pytest.raises(LayoutError, match="train.grad_accum_steps"):
+        TrainEngine(cfg, ParallelLayout(), grad_accum_steps=0)
 
 
 def test_single_process_engine_matches_plain_pytorch_and_cms_periods():

@@ -146,7 +146,8 @@ class TrainEngine:
             not depend on the layout).
         layout: TP x PP x DP and ZeRO stage; validated against the model and the world size before any work.
         optimizer: AdamW settings {lr, betas, eps, weight_decay}.
-        precision: "fp32" or "bf16" (bf16 weights/activations, fp32 master weights and optimizer state); "fp64"
+        precision: "fp32" or "bf16" (bf16 weights/activations, fp32 master weights, gradient accumulation and
+            optimizer state; needs zero_stage >= 1); "fp64"
             (ZeRO-0, DP=1 only) exists for exact equivalence tests across TP/PP layouts.
         grad_clip: global gradient-norm clip (0 disables clipping; the norm is still reported).
         grad_accum_steps: micro-batches per optimizer step on each data-parallel rank.
@@ -161,6 +162,10 @@ class TrainEngine:
                  deepspeed_config: dict | None = None, backend: str | None = None):
         if precision not in PRECISIONS:
             raise LayoutError(f"train.precision: {precision!r} is not one of {PRECISIONS}")
+        if precision == "bf16" and layout.zero_stage == 0:
+            raise LayoutError("train.precision: bf16 needs parallel.zero_stage >= 1 (DeepSpeed keeps fp32 master "
+                              "weights and fp32 gradient accumulation only in its ZeRO / bf16 optimizers; ZeRO-1 "
+                              "costs no extra communication)")
         if precision == "fp64" and (layout.zero_stage != 0 or layout.data_parallel != 1):
             raise LayoutError("train.precision: fp64 (exactness tests) needs parallel.zero_stage=0 and "
                               "data_parallel=1: ZeRO keeps fp32 master weights and DeepSpeed reduces only fp32/bf16 "
