@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def build_corpus(folder: Path, min_mb: float) -> int:
 def bench_prepare(corpus: Path, out: Path, seq_len: int, tokenizer: str, workers: int) -> dict:
     from data_prep.prepare import PrepareConfig, prepare_dataset
 
-    started = time.perf_counter()
+    started, cpu_before = time.perf_counter(), _cpu_seconds()
     s = prepare_dataset(PrepareConfig(out=out, inputs=[str(corpus)], seq_len=seq_len, tokenizer=tokenizer,
                                       workers=workers, overwrite=True, progress=False, quiet=True))
     return {
@@ -52,7 +53,14 @@ def bench_prepare(corpus: Path, out: Path, seq_len: int, tokenizer: str, workers
         "mb": s.text_bytes / 1e6, "tokens": sum(s.tokens.values()), "samples": sum(s.samples.values()),
         "skipped": sum(s.skipped.values()), "mb_s": s.mb_per_s, "tok_s": s.tokens_per_s,
         "seconds": s.seconds, "wall": time.perf_counter() - started,
+        "cpu_main": _cpu_seconds()[0] - cpu_before[0], "cpu_workers": _cpu_seconds()[1] - cpu_before[1],
     }
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and of its finished child processes."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def bench_loader(data: Path, cache: Path, seq_len: int, batch: int, num_workers: int, seconds: float) -> float:
@@ -72,7 +80,8 @@ def bench_loader(data: Path, cache: Path, seq_len: int, batch: int, num_workers:
 
 
 def bench_hope_tiny(seq_len: int, batch: int, steps: int) -> float | None:
-    """hope-tiny training tokens/s (forward + backward + AdamW), or None if the model is not available."""
+    """hope-tiny training tokens/s (forward + backward + AdamW), the best of 1 thread and all threads
+    (the higher, the stricter the comparison), or None if the model is not available."""
     try:
         import torch
 
@@ -80,6 +89,18 @@ def bench_hope_tiny(seq_len: int, batch: int, steps: int) -> float | None:
     except ImportError as err:
         print(f"hope_scale.model not importable ({err}): cannot compare with hope-tiny training throughput")
         return None
+    threads = torch.get_num_threads()
+    rates = []
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        rates.append(_train_rate(build_model, seq_len, batch, steps))
+    torch.set_num_threads(threads)
+    return max(rates)
+
+
+def _train_rate(build_model, seq_len: int, batch: int, steps: int) -> float:
+    import torch
+
     torch.manual_seed(0)
     model = build_model("hope-tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -120,7 +141,9 @@ def main() -> int:
         size = build_corpus(corpus, args.min_mb)
     else:
         size = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
-    print(f"## prepare-data on {corpus} ({size / 1e6:.1f} MB), seq_len {args.seq_len}, {os.cpu_count()} CPU cores")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"## prepare-data on {corpus} ({size / 1e6:.1f} MB), seq_len {args.seq_len}, {os.cpu_count()} CPU cores "
+          f"(load average {load})")
 
     import streaming  # noqa: F401  (import once up front so that it is not part of any timing)
 
@@ -134,13 +157,15 @@ def main() -> int:
               f"{time.perf_counter() - started:.0f} s)")
         tokenizers.append(str(tok_path))
 
-    print("| tokenizer | workers | MB of text | tokens | samples | skipped | MB/s | tokens/s | s (+start-up) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tokenizer | workers | MB of text | tokens | samples | skipped | MB/s | tokens/s | s (+start-up) "
+          "| CPU s main / workers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for tok in tokenizers:
         for workers in (1, 2):
             r = bench_prepare(corpus, work / f"data-{Path(tok).stem}-w{workers}", args.seq_len, tok, workers)
             print(f"| {r['tokenizer']} | {workers} | {r['mb']:.1f} | {r['tokens']:,} | {r['samples']:,} | {r['skipped']} "
-                  f"| {r['mb_s']:.2f} | {r['tok_s']:,.0f} | {r['seconds']:.1f} (+{r['wall'] - r['seconds']:.1f}) |")
+                  f"| {r['mb_s']:.2f} | {r['tok_s']:,.0f} | {r['seconds']:.1f} (+{r['wall'] - r['seconds']:.1f}) "
+                  f"| {r['cpu_main']:.1f} / {r['cpu_workers']:.1f} |")
 
     print(f"\n## Loader: batches of {args.batch} x {args.seq_len} tokens, one rank")
     rates = {}

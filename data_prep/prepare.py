@@ -10,6 +10,8 @@ Library use::
     from data_prep.prepare import PrepareConfig, prepare_dataset, prepare_builtin
     summary = prepare_dataset(PrepareConfig(out="data/shakespeare", inputs=["shakespeare/"], seq_len=1024))
     root = prepare_builtin("data/builtin-byte-1024", seq_len=1024)   # the offline default corpus
+
+With ``workers > 1`` the worker processes are spawned: a calling script needs ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
