@@ -12,4 +12,4 @@ export LOCAL_WORLD_SIZE=${SLURM_NTASKS_PER_NODE:-$SLURM_NTASKS}
 export LOCAL_WORLD_SIZE=${LOCAL_WORLD_SIZE%%(*}   # "8(x2)" -> "8"
 : "${MASTER_ADDR:?set by launch/slurm.sbatch}" "${MASTER_PORT:?set by launch/slurm.sbatch}"
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-exec "$PYTHON" -m hope_scale.cli pretrain --config "$CONFIG" "$@"
+"$PYTHON" -m hope_scale.cli pretrain --config "$CONFIG" "$@"

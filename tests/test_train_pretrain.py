@@ -47,19 +47,37 @@ def _run_args(run: Path, data: Path, extra=()) -> list[str]:
             f"data.cache_dir={run / 'cache'}", *extra]
 
 
-def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, options=(), kill_after_line: str | None = None,
-             term_after_line: str | None = None, timeout: float = 600) -> tuple[int, str]:
-    """Run `hope-scale pretrain` (nproc > 1: through launch/single_node.sh); returns (exit code, output).
+CPU_CONFIG = str(REPO / "configs" / "train" / "hope-tiny-cpu.yaml")
+
+
+def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, launcher: str = "python",
+             kill_after_line: str | None = None, term_after_line: str | None = None,
+             timeout: float = 900) -> tuple[int, str]:
+    """Run `hope-scale pretrain`; returns (exit code, output). ``launcher``:
+
+    python        ``python -m hope_scale.cli pretrain OVERRIDES`` (the embedded default config; nproc 1)
+    single_node   ``launch/single_node.sh NPROC CONFIG OVERRIDES``
+    multi_node    ``launch/multi_node.sh HOSTFILE CONFIG OVERRIDES`` with a "localhost slots=NPROC" hostfile
+    slurm         NPROC processes of ``launch/slurm_task.sh CONFIG OVERRIDES`` with the variables srun sets
+
     With ``kill_after_line``, SIGKILL the whole process group as soon as a line starting with it appears;
-    with ``term_after_line``, send the process SIGTERM (preemption) and let it finish."""
+    with ``term_after_line``, send the process SIGTERM (preemption) and let it finish.
+    """
     run.mkdir(parents=True, exist_ok=True)
     overrides = _run_args(run, data, extra)
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "hope_scale.cli", "pretrain", *options, *overrides]
+    env = _env(run)
+    if launcher == "slurm":
+        return _slurm_tasks(run, nproc, overrides, env, timeout)
+    if launcher == "python":
+        assert nproc == 1
+        cmd = [sys.executable, "-m", "hope_scale.cli", "pretrain", *overrides]
+    elif launcher == "single_node":
+        cmd = ["bash", str(REPO / "launch" / "single_node.sh"), str(nproc), CPU_CONFIG, *overrides]
     else:
-        cmd = ["bash", str(REPO / "launch" / "single_node.sh"), str(nproc),
-               str(REPO / "configs" / "train" / "hope-tiny-cpu.yaml"), *overrides]
-    proc = subprocess.Popen(cmd, cwd=run, env=_env(run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        (run / "hostfile").write_text(f"# test hostfile\nlocalhost slots={nproc}\n")
+        env["DS_LAUNCHER_ARGS"] = "--no_ssh_check"  # one host, no ssh: the launcher starts the ranks locally
+        cmd = ["bash", str(REPO / "launch" / "multi_node.sh"), str(run / "hostfile"), CPU_CONFIG, *overrides]
+    proc = subprocess.Popen(cmd, cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines = []
     try:
@@ -77,6 +95,32 @@ def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, options=(), kill_a
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, "".join(lines)
+
+
+def _slurm_tasks(run: Path, ntasks: int, overrides: list[str], env: dict, timeout: float) -> tuple[int, str]:
+    from hope_scale.parallel.launch import free_port, remove_deepspeed_shm
+
+    port = free_port()
+    procs = []
+    for task in range(ntasks):
+        task_env = dict(env, SLURM_PROCID=str(task), SLURM_NTASKS=str(ntasks), SLURM_LOCALID=str(task),
+                        SLURM_NTASKS_PER_NODE=f"{ntasks}(x1)", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        log = open(run / f"task{task}.log", "w")
+        procs.append((subprocess.Popen(["bash", str(REPO / "launch" / "slurm_task.sh"), CPU_CONFIG, *overrides],
+                                       cwd=run, env=task_env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
+    code = 0
+    try:
+        for p, _ in procs:
+            code = code or p.wait(timeout=timeout)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            log.close()
+        remove_deepspeed_shm(port)
+    return code, "".join((run / f"task{t}.log").read_text() for t in range(ntasks))
 
 
 def metrics(run: Path) -> dict[int, dict]:
@@ -185,52 +229,26 @@ def test_config_error_stops_before_any_work(tmp_path):
 def test_resharded_resume_across_layouts_and_zero_stages(reference, tmp_path):
     """TP=2 x PP=2 (4 processes, ZeRO-1) saves at step 4; resumed at DP=2 with ZeRO-2 (2 processes), which saves
     at step 8; that resumed on 1 process with ZeRO-0. Each continuation matches the 4-process run's own losses
-    (up to float reduction order: the layouts sum in different orders)."""
+    (up to float reduction order: the layouts sum in different orders). The three runs go through the three
+    launch scripts: SLURM tasks (as srun starts them), the multi-node script (a one-host hostfile) and the
+    single-node script."""
     ten = ["train.max_steps=10"]  # the schedule depends on max_steps: every run of the chain uses the same
     a = tmp_path / "tp2pp2"
     code, out = pretrain(a, reference["data"], [*ten, "parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-                                                "parallel.zero_stage=1"], nproc=4)
+                                                "parallel.zero_stage=1"], nproc=4, launcher="slurm")
     assert code == 0, out[-4000:]
     # initial weights do not depend on the layout: step 1 equals the single-process run's
     assert metrics(a)[1]["train/loss"] == pytest.approx(metrics(reference["run"])[1]["train/loss"], rel=1e-6)
     b = tmp_path / "dp2-zero2"
     code, out = pretrain(b, reference["data"], [*ten, "parallel.zero_stage=2",
-                                                f"checkpoint.resume={a / 'ckpt' / 'step_00000004'}"], nproc=2)
+                                                f"checkpoint.resume={a / 'ckpt' / 'step_00000004'}"],
+                         nproc=2, launcher="multi_node")
     assert code == 0, out[-4000:]
     assert "saved at TP=2 PP=2 DP=1 ZeRO-1 on 4 process(es), now TP=1 PP=1 DP=2 ZeRO-2 on 2" in out
     assert losses(b, range(5, 11)) == pytest.approx(losses(a, range(5, 11)), rel=2e-5)
     c = tmp_path / "single"
-    code, out = pretrain(c, reference["data"], [*ten, f"checkpoint.resume={b / 'ckpt' / 'step_00000008'}"])
+    code, out = pretrain(c, reference["data"], [*ten, f"checkpoint.resume={b / 'ckpt' / 'step_00000008'}"],
+                         nproc=1, launcher="single_node")
     assert code == 0, out[-4000:]
     assert "saved at TP=1 PP=1 DP=2 ZeRO-2 on 2 process(es), now TP=1 PP=1 DP=1 ZeRO-0 on 1" in out
     assert losses(c, (9, 10)) == pytest.approx(losses(a, (9, 10)), rel=2e-5)
-
-
-def test_which_checkpoint_a_run_resumes_from(tmp_path):
-    """checkpoint.resume=PATH seeds a run only until it has checkpoints of its own; --resume always wins."""
-    import torch
-
-    from hope_scale.train.checkpoint import CheckpointError, CheckpointManager
-    from hope_scale.train.config import load_config
-    from hope_scale.train.pretrain import Trainer
-
-    def saved(root, step):
-        CheckpointManager(root, log=lambda m: None).save(step, {"w": torch.zeros(1)}, {"step": step})
-
-    def pick(resume_value, resume_arg=None):
-        t = Trainer.__new__(Trainer)  # only the checkpoint choice: no engine, no data
-        t.cfg = load_config(None, [f"checkpoint.dir={tmp_path / 'own'}", f"checkpoint.resume={resume_value}"])
-        t.ckpt = CheckpointManager(t.cfg.checkpoint.dir, log=lambda m: None)
-        t.rank, t.log = 0, lambda m: None
-        found = t._find_checkpoint(resume_arg)
-        return None if found is None else (found.path.parent.name, found.step)
-
-    saved(tmp_path / "seed", 3)
-    assert pick("auto") is None and pick("never") is None
-    assert pick(str(tmp_path / "seed")) == ("seed", 3)  # own dir empty: the seed checkpoint
-    with pytest.raises(CheckpointError, match="elsewhere does not exist"):
-        pick(str(tmp_path / "elsewhere"))
-    saved(tmp_path / "own", 7)
-    assert pick(str(tmp_path / "seed")) == ("own", 7)  # restarted: its own progress
-    assert pick("auto") == ("own", 7) and pick("never") is None
-    assert pick("auto", resume_arg=str(tmp_path / "seed" / "step_00000003")) == ("seed", 3)
