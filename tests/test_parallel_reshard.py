@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 
 CFG = tiny_cfg("hope")
 BATCHES = make_batches(steps=5, n_micro=2)
+ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}  # no whole small params
 FIELDS = ("value", "exp_avg", "exp_avg_sq", "cms_grad_sum")
 CHAIN = [
     ("tp2_z0", ParallelLayout(tensor_parallel=2), None, BATCHES[0:2]),
@@ -41,8 +42,8 @@ CHAIN = [
 
 @pytest.fixture(scope="module")
 def chain() -> list[list[dict]]:
-    jobs = [{**job(CFG, layout, batches, gas=2 // layout.data_parallel), "import_from": src}
-            for _, layout, src, batches in CHAIN]
+    jobs = [{**job(CFG, layout, batches, gas=2 // layout.data_parallel, ds_extra=ZERO3_PARTITION_ALL),
+             "import_from": src} for _, layout, src, batches in CHAIN]
     return run_jobs(2, jobs)
 
 

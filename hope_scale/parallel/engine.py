@@ -198,11 +198,7 @@ class TrainEngine:
             self.ds, _, _, _ = deepspeed.initialize(model=self.part, optimizer=self.optimizer, config=ds_config,
                                                     mpu=MegatronMPU())
         else:
-            try:
-                from .pipeline import build_pipeline_module
-            except ImportError as e:
-                raise LayoutError("parallel.pipeline_parallel: pipeline stages are not available in this "
-                                  "version of the engine") from e
+            from .pipeline import build_pipeline_module
 
             pipe = build_pipeline_module(self.part, self.info)
             self.ds, _, _, _ = deepspeed.initialize(model=pipe, optimizer=self.optimizer, config=ds_config)
@@ -241,9 +237,9 @@ class TrainEngine:
         if self.layout.zero_stage >= 1:
             zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True,
                          "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
-        if self.layout.zero_stage == 3:
-            zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 5e7,
-                         "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9})
+        if self.layout.zero_stage == 3:  # parameters below the persistence threshold (1e5 elements) stay whole
+            zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
+                         "stage3_max_reuse_distance": 1e9})
         cfg = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": self.grad_accum_steps,
