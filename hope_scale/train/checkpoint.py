@@ -5,7 +5,7 @@ Layout of ``checkpoint.dir`` (a filesystem every rank can reach: node-local only
     latest                      text file naming the newest complete checkpoint ("step_00000200")
     step_00000200/
         manifest.json           step, tokens, layout, world size, config, sha256 + size of every file below
-        trainer.pt              run state written by rank 0: step and token counters, data-loader state, config
+        trainer.pt              run state written by rank 0: step and token counters, data-loader state
         rank_00000.pt           what each rank exported: its slice of the fp32 weights and AdamW moments keyed
         rank_00001.pt           by global parameter name (TrainEngine.export_state), CMS schedule, RNG states
     .tmp-step_00000250/         a save in progress (or one killed mid-way): never read, removed by the next save

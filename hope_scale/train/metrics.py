@@ -46,17 +46,24 @@ def format_duration(seconds: float) -> str:
 
 
 class StepTimer:
-    """Wall time per step over a sliding window (the first step, with its warm-up, drops out of the ETA)."""
+    """Wall time per step over a sliding window; the first step (warm-up, lazy initialization) only counts
+    until a second one is known."""
 
     def __init__(self, window: int = 20):
         self.times: deque[float] = deque(maxlen=window)
+        self._first: float | None = None
 
     def add(self, seconds: float) -> None:
-        self.times.append(seconds)
+        if self._first is None:
+            self._first = seconds
+        else:
+            self.times.append(seconds)
 
     @property
     def mean(self) -> float:
-        return sum(self.times) / len(self.times) if self.times else float("nan")
+        if self.times:
+            return sum(self.times) / len(self.times)
+        return self._first if self._first is not None else float("nan")
 
     def eta(self, steps_left: int) -> float:
         return self.mean * steps_left

@@ -199,7 +199,7 @@ class Trainer:
         loaded = self._find_checkpoint(resume_arg)
         if loaded is None:
             return None
-        saved_model = loaded.trainer["config"]["model"]
+        saved_model = loaded.manifest["config"]["model"]
         now_model = self.cfg.model.to_dict()
         differ = sorted(k for k in set(saved_model) | set(now_model) if saved_model.get(k) != now_model.get(k))
         if differ:
@@ -256,7 +256,7 @@ class Trainer:
                 return
         if self.last_saved_step != self.step:
             self.save()
-        if t.eval_every and self.step % t.eval_every != 0 and self.val_loader is not None:
+        if self.val_loader is not None and self.step % t.eval_every:
             self.evaluate()
 
     def evaluate(self) -> float:
@@ -267,8 +267,7 @@ class Trainer:
 
     def save(self) -> None:
         rank_state = {"engine": self.engine.export_state(), "rng": capture_rng()}
-        trainer_state = {"step": self.step, "tokens": self.tokens, "data": self.loader.state_dict(),
-                         "config": self.cfg.to_dict(), "world_size": self.world_size}
+        trainer_state = {"step": self.step, "tokens": self.tokens, "data": self.loader.state_dict()}
         meta = {"tokens": self.tokens, "layout": self.layout.to_dict(), "model_name": self.cfg.model_name,
                 "config": self.cfg.to_dict()}
         self.ckpt.save(self.step, rank_state, trainer_state, meta)
