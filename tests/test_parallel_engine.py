@@ -109,7 +109,18 @@ def run_jobs(world_size: int, jobs: list[dict]) -> list[list[dict]]:
 
 
 # --- plain PyTorch reference ---------------------------------------------------------------------------
+_REFERENCE_CACHE: dict = {}
+
+
 def reference_run(cfg: dict, batches, clip: float = CLIP, dtype: torch.dtype = torch.float32):
+    """Cached (the same reference serves several layouts); see _reference_run."""
+    key = (repr(sorted(cfg.items())), tuple(id(x) for mbs in batches for x, _ in mbs), clip, dtype)
+    if key not in _REFERENCE_CACHE:  # keeps the batches alive, so their ids stay unique
+        _REFERENCE_CACHE[key] = (batches, _reference_run(cfg, batches, clip, dtype))
+    return _REFERENCE_CACHE[key][1]
+
+
+def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
     """Single-process training without DeepSpeed: mean micro-batch loss, clip over all gradients, then the CMS
     schedule (accumulate / hide / hand the mean), then AdamW with the engine's param groups."""
     from hope_scale.parallel.engine import CMSPeriodSchedule, cms_level_of, decays
