@@ -8,13 +8,7 @@ from hope_scale.eval.checkpoint_io import CheckpointError, load_checkpoint, save
 from hope_scale.eval.model_specs import config_from_spec, parse_cms_levels
 from hope_scale.model import ModelConfig, build_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["hope", "titans", "transformer", "hope_attention"])

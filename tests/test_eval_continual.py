@@ -21,13 +21,7 @@ PROSE = ("The old sailor walked along the harbor at dawn, counting the boats and
 CODE = ("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    if i % 2 == 0:\n        print(add(i, 1))\n"
         "class Box:\n    def __init__(self, x):\n        self.x = x\n") * 40
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ from torch import nn
 
 from hope_scale.eval.mqar import MQARSpec, evaluate_grid, generate_mqar, mixed_batch, mqar_accuracy
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine is shared: several torch threads contending for 2 cores are ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

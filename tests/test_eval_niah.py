@@ -15,13 +15,7 @@ CORPUS = " ".join(
     f"Yes! Indeed it has several words in it, {w} included."
     for i, w in enumerate(["river", "castle", "orchard", "meadow", "harbor", "forest", "garden", "canyon"] * 6))
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine is shared: several torch threads contending for 2 cores are ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -15,13 +15,7 @@ from hope_scale.model import ModelConfig, build_model
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, chunk_size_memory=8, chunk_size_projection=16)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The test machine is shared: several torch threads contending for 2 cores are ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -132,7 +132,10 @@ def chunk_coefficients(keys: torch.Tensor, eta: torch.Tensor, alpha: torch.Tenso
         e_kk_prev = _shift_rows(e_mat) * kk
         system = torch.eye(c_len, dtype=kk.dtype, device=kk.device) + eta[..., None] * (_shift_rows(d_mat) * kk)
         eye = torch.eye(c_len, dtype=kk.dtype, device=kk.device).expand_as(system)
-        inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
+        # solved in at least fp32: there is no bf16/fp16 triangular solve, and the inverse amplifies rounding
+        solve_dtype = torch.promote_types(system.dtype, torch.float32)
+        inverse = torch.linalg.solve_triangular(system.to(solve_dtype), eye.to(solve_dtype), upper=False,
+                                                unitriangular=True).to(system.dtype)
     d_qk = e_qk = None
     if queries is not None:
         qk = queries @ keys.transpose(-1, -2)  # q_t . k_s
