@@ -172,3 +172,11 @@ def test_sampling_respects_top_k_and_top_p():
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, temperature=0)
     again = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, temperature=0)
     assert out.shape == (1, 8) and torch.equal(out, again)
+
+
+def test_hope_trains_in_bfloat16():
+    model = tiny("hope").to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 21))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
