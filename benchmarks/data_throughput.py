@@ -85,37 +85,17 @@ def bench_hope_tiny(seq_len: int, batch: int, steps: int) -> float | None:
     try:
         import torch
 
-        from hope_scale.model import build_model
+        from model_throughput import train_tokens_per_second  # benchmarks/ is on sys.path when run as a script
     except ImportError as err:
-        print(f"hope_scale.model not importable ({err}): cannot compare with hope-tiny training throughput")
+        print(f"model benchmark not importable ({err}): cannot compare with hope-tiny training throughput")
         return None
     threads = torch.get_num_threads()
     rates = []
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
-        rates.append(_train_rate(build_model, seq_len, batch, steps))
+        rates.append(train_tokens_per_second("hope-tiny", batch, seq_len, steps)[0])
     torch.set_num_threads(threads)
     return max(rates)
-
-
-def _train_rate(build_model, seq_len: int, batch: int, steps: int) -> float:
-    import torch
-
-    torch.manual_seed(0)
-    model = build_model("hope-tiny")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1))
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        opt.step()
-
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch * seq_len * steps / (time.perf_counter() - start)
 
 
 def main() -> int:

@@ -69,23 +69,11 @@ class MLPStreamLearner(ClippedStreamLearner):
 
     def __init__(self, model: nn.Module, lr: float, period: int, segment_len: int | None = None,
                  max_grad_norm: float | None = None):
-        self.max_grad_norm, self.clipped_segments = max_grad_norm, 0
         mlp_params = [p for m in model.modules() if isinstance(m, SwiGLU) for p in m.parameters()]
         if not mlp_params:
             raise ValueError("model has no SwiGLU MLPs to learn at test time")
-        self.model = model
-        self.groups = {0: mlp_params}
-        self.periods = {0: int(period)}
-        self.trainable = [0]
-        self.lr = {0: lr}
-        self.segment_len = segment_len or int(period)
-        if period % self.segment_len:
-            raise ValueError(f"period {period} is not a multiple of the segment length {self.segment_len}")
-        self.tokens_since = {0: 0}
-        self.grad_sum = {0: [torch.zeros_like(p) for p in mlp_params]}
-        self.segments_since = {0: 0}
-        self.state = None
-        self.updates = {0: 0}
+        super().__init__(model, lr=lr, segment_len=segment_len, levels={0: (mlp_params, period)},
+                         max_grad_norm=max_grad_norm)
 
 
 def stream_learner(model: nn.Module, lr: float, trainable_levels: Iterable[int] | None,

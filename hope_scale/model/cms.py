@@ -134,10 +134,16 @@ class CMSStreamLearner:
     """
 
     def __init__(self, model: nn.Module, lr: float | dict[int, float] = 1e-3,
-                 trainable_levels: Iterable[int] | None = None, segment_len: int | None = None):
+                 trainable_levels: Iterable[int] | None = None, segment_len: int | None = None,
+                 levels: dict[int, tuple[list[nn.Parameter], int]] | None = None):
+        """``levels`` (index -> (parameters, period)) defaults to the model's CMS levels; giving it applies
+        the same rule to other parameters (e.g. a baseline's MLPs as one level)."""
         self.model = model
-        self.groups = cms_level_parameters(model)
-        self.periods = cms_level_periods(model)
+        if levels is None:
+            self.groups, self.periods = cms_level_parameters(model), cms_level_periods(model)
+        else:
+            self.groups = {i: list(ps) for i, (ps, _) in levels.items()}
+            self.periods = {i: int(period) for i, (_, period) in levels.items()}
         self.trainable = sorted(self.groups if trainable_levels is None else trainable_levels)
         unknown = [i for i in self.trainable if i not in self.groups]
         if unknown:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hope_scale.dicts import deep_merge
 from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.config import ModelConfig
 from hope_scale.model.lm import build_model
@@ -256,7 +257,7 @@ class TrainEngine:
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
         if self.layout.pipeline_parallel > 1:
             cfg["pipeline"] = {"activation_checkpoint_interval": 0}
-        return _merge(cfg, extra or {})
+        return deep_merge(cfg, extra or {})
 
     def _exact_fp32_norm(self) -> bool:
         return self.layout.zero_stage == 0 and self.precision in ("fp32", "fp64")
@@ -574,13 +575,6 @@ def full_cms_model_stub(cfg: ModelConfig) -> nn.Module:
 
 def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # --- resharding ----------------------------------------------------------------------------------------

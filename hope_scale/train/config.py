@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from hope_scale.dicts import deep_merge
 from hope_scale.model import ConfigError, ModelConfig
 from hope_scale.parallel.layout import LayoutError, ParallelLayout
 
@@ -368,14 +369,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_path = (path.parent / base).resolve()
     if base_path in _seen or base_path == path.resolve():
         raise ConfigError(f"base: {path} inherits from itself through {base_path}")
-    return _deep_merge(read_yaml(base_path, (*_seen, path.resolve())), raw)
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return deep_merge(read_yaml(base_path, (*_seen, path.resolve())), raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
