@@ -1,4 +1,8 @@
-"""Test-wide settings: CPU DeepSpeed, one extension build folder, shared test data location."""
+"""Test-wide settings: CPU DeepSpeed, one extension build folder, the committed text fixture, the skip policy.
+
+The suite needs nothing outside the repository: text comes from ``tests/data`` (or the built-in corpus), and
+a skip that does not name a missing optional dependency fails the run (``tests/skip_policy.py``).
+"""
 
 import os
 from pathlib import Path
@@ -8,14 +12,15 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hope_scale_torch_extensions"))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytest_plugins = ["tests.skip_policy", "pytester"]
+
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-head.txt"
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
-    return SHARED_DATA
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    """The first 210 KB of tinyshakespeare (public domain), committed under tests/data."""
+    return SHAKESPEARE.read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")

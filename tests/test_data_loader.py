@@ -21,7 +21,6 @@ from tests.test_data_support import (  # noqa: F401
     paragraphs,
     run_ranks,
     sample_keys,
-    shakespeare,
     small_dataset,
     streaming_tmp,
     write_docs,

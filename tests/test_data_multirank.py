@@ -24,7 +24,6 @@ from tests.test_data_support import (  # noqa: F401
     flat,
     run_ranks,
     sample_keys,
-    shakespeare,
     small_dataset,
     streaming_tmp,
 )

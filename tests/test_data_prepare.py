@@ -20,7 +20,7 @@ from data_prep.prepare import PrepareConfig, PrepareError, prepare_builtin, prep
 from data_prep.tokenize import split_of
 from hope_scale.data.manifest import read_manifest, verify_split
 from hope_scale.data.tokenizer import load_tokenizer
-from tests.test_data_support import paragraphs, read_split_samples, shakespeare, write_docs  # noqa: F401
+from tests.test_data_support import paragraphs, read_split_samples, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 BYTE = load_tokenizer("byte")

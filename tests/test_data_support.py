@@ -11,18 +11,6 @@ import pytest
 
 from data_prep.prepare import PrepareConfig, prepare_dataset
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-@pytest.fixture(scope="session")
-def shakespeare() -> str:
-    """The text of ../shared/data/tinyshakespeare.txt (the test is skipped if it is absent)."""
-    path = SHARED_DATA / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip(f"shared test data not found: {path}")
-    return path.read_text(encoding="utf-8")
-
-
 @pytest.fixture
 def streaming_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private temp folder for this test: mosaicml-streaming keeps its file locks in ``tempfile.gettempdir()``."""

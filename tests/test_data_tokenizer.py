@@ -13,7 +13,7 @@ import pytest
 
 from data_prep.train_tokenizer import EOS_TOKEN, train_bpe
 from hope_scale.data.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer
-from tests.test_data_support import paragraphs, shakespeare, write_docs  # noqa: F401
+from tests.test_data_support import paragraphs, write_docs
 
 REPO = Path(__file__).resolve().parents[1]
 TRICKY = "Héllo, wörld! 日本語 🚀\n\ttabs  and  spaces\r\n"

@@ -143,8 +143,8 @@ def test_cms_gradient_schedule_steps_each_level_at_its_period():
     assert other.tokens_since == sched.tokens_since
 
 
-def test_cms_stream_learner_updates_only_chosen_levels_at_their_periods(shared_data):
-    text = (shared_data / "tinyshakespeare.txt").read_bytes()[:4000]
+def test_cms_stream_learner_updates_only_chosen_levels_at_their_periods(shakespeare):
+    text = shakespeare.encode("utf-8")[:4000]
     ids = torch.tensor(list(text), dtype=torch.long)[None] % 50
     model = tiny("hope", cms_levels=[CMSLevel(16, 1.0), CMSLevel(64, 1.0), CMSLevel(32, 1.0)])
     levels = cms_level_parameters(model)

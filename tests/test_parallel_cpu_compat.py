@@ -50,7 +50,7 @@ def test_cpu_stand_ins_only_without_cuda():
     assert r["needed"] == (not torch.cuda.is_available())
     assert r["applied"] == r["needed"] and r["idempotent"] and r["active"] == r["applied"]
     if not r["applied"]:
-        pytest.skip("CUDA available: nothing to stand in for")
+        return  # CUDA available: nothing is stood in for (checked above)
     assert r["device"] == "cpu"
     assert r["fork_first"] and r["fork_continues"] and r["outer_untouched"]
     assert "model-parallel-rng" in r["states"] and "data-parallel-rng" in r["states"]
