@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hope-scale",
+        allow_abbrev=False,
         description="Pretrain, evaluate and deploy Hope language models "
         "(self-modifying Titans + Continuum Memory System).",
     )
@@ -33,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         # Parsers are configured lazily (see main) unless we are printing help for this command.
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """A mistyped option (``--resum``) is an error, never taken for the option it abbreviates (``--resume``):
+    turn argparse's prefix matching off in ``parser`` and every sub-command parser under it."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"hope-scale {name}", description=help_text)
     module.configure_parser(sub_parser)
+    _no_abbreviations(sub_parser)
     args = sub_parser.parse_args(argv[1:])
     return int(module.run(args) or 0)
 

@@ -225,7 +225,7 @@ def test_layout_validation_names_the_field():
     for layout, precision, words in [(ParallelLayout(), "bf16", "zero_stage >= 1"),
                                      (ParallelLayout(zero_stage=1), "fp64", "zero_stage=0"),
                                      (ParallelLayout(), "fp16", "not one of")]:
-        with pytest.raises(LayoutError, match="train.precision") as e:
+        with pytest.raises(LayoutError, match="parallel.precision") as e:
             TrainEngine(cfg, layout, precision=precision)
         assert words in str(e.value)
     with pytest.raises(LayoutError, match="train.grad_accum_steps"):

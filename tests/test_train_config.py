@@ -91,6 +91,26 @@ def test_inline_model_without_name():
     (["train.seq_len=4096"], None, "train.seq_len: 4096 exceeds model max_seq_len=1024"),
     (["model.n_heads=3"], None, "model.n_heads"),
     (["optimizer.lr"], None, "expected key.sub=value"),
+    # non-finite numbers, as YAML floats or strings, anywhere in the config
+    (["optimizer.lr=.inf"], None, "optimizer.lr: expected a finite number, got inf"),
+    (["optimizer.lr=nan"], None, "optimizer.lr: expected a finite number, got 'nan'"),
+    (["model.init_std=.nan"], None, "model.init_std: expected a finite number"),
+    (["logging.peak_flops=-.inf"], None, "logging.peak_flops: expected a finite number"),
+    # combinations that used to pass --print-config and fail later
+    (["parallel.precision=bf16"], None, "parallel.precision: bf16 needs parallel.zero_stage >= 1"),
+    (["checkpoint.resume=sometimes"], None, "checkpoint.resume: 'sometimes' is neither auto, never nor an existing"),
+    (["logging.device=h100"], None, "logging.device: 'h100' is not one of"),
+    (["parallel.deepspeed={zero_optimisation: {stage: 0}}"], None,
+     "parallel.deepspeed.zero_optimisation: unknown DeepSpeed key"),
+    (["parallel.deepspeed={zero_optimization: {reduce_bucket_sise: 5}}"], None,
+     "parallel.deepspeed.zero_optimization.reduce_bucket_sise: Extra inputs are not permitted"),
+    (["parallel.deepspeed={zero_optimization: {stage: 2}}"], None,
+     "parallel.deepspeed.zero_optimization.stage: set by hope-scale from parallel.zero_stage"),
+    (["parallel.deepspeed={gradient_clipping: 2.0}"], None,
+     "parallel.deepspeed.gradient_clipping: set by hope-scale from optimizer.grad_clip"),
+    (["data.shuffle_algo=py9"], None, "data.shuffle_algo: 'py9' is not one of"),
+    (["data.num_workers=-1"], None, "data.num_workers: must be >= 0"),
+    (["data.validate_hash=md5"], None, "data.validate_hash: 'md5' is not one of"),
 ])
 def test_validation_errors_name_the_field(overrides, world, message):
     with pytest.raises(ConfigError) as err:
@@ -106,3 +126,28 @@ def test_model_override_turns_name_into_mapping():
 def test_missing_file_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_valid_deepspeed_overrides_pass():
+    cfg = load_config(None, ["parallel.zero_stage=1", "parallel.precision=bf16",
+                             "parallel.deepspeed={zero_optimization: {reduce_bucket_size: 1.0e+6}, steps_per_print: 10}"])
+    assert cfg.parallel.deepspeed["zero_optimization"]["reduce_bucket_size"] == 1e6
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["pretrain", "--print-config", "parallel.precision=bf16"], "parallel.precision: bf16 needs"),
+    (["pretrain", "--print-config", "checkpoint.resume=sometimes"], "checkpoint.resume: 'sometimes'"),
+    (["pretrain", "--print-config", "optimizer.lr=.inf"], "optimizer.lr: expected a finite number"),
+    (["pretrain", "--resum", "x"], "unrecognized arguments: --resum"),  # not taken for --resume
+    (["pretrain", "--print-conf"], "unrecognized arguments: --print-conf"),
+    (["eval", "perplexity", "--checkpoint", "x", "--text", "y", "--max-tok", "5"], "unrecognized arguments: --max-tok"),
+])
+def test_cli_mistakes_exit_2_naming_the_key(argv, message, capsys):
+    from hope_scale.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -99,6 +99,26 @@ class DataConfig:
             raise DataConfigError(f"unknown data config keys {unknown}; known: {sorted(known)}")
         return cls(**cfg)
 
+    def validate(self) -> None:
+        """Check every field before any work; messages start with ``data.<field>:``."""
+        from streaming.base.shuffle import algos
+
+        from .manifest import SHARD_HASHES
+
+        self.stream_specs()
+        if self.shuffle_algo not in algos:
+            raise DataConfigError(f"data.shuffle_algo: {self.shuffle_algo!r} is not one of {sorted(algos)}")
+        if self.validate_hash is not None and self.validate_hash not in SHARD_HASHES:
+            raise DataConfigError(f"data.validate_hash: {self.validate_hash!r} is not one of the hashes prepared "
+                                  f"datasets record {list(SHARD_HASHES)} (or null to skip the check)")
+        for name, low in (("num_workers", 0), ("prefetch_factor", 1), ("shuffle_block_size", 1),
+                          ("num_canonical_nodes", 1), ("epoch_size", 1), ("predownload", 0)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise DataConfigError(f"data.{name}: must be >= {low}, got {value}")
+        if not self.download_timeout > 0:
+            raise DataConfigError(f"data.download_timeout: must be > 0, got {self.download_timeout}")
+
     def stream_specs(self) -> list[dict[str, Any]]:
         if bool(self.path) == bool(self.streams):
             raise DataConfigError("data config needs exactly one of `path` or `streams`")

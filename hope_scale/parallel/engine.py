@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hope_scale.dicts import deep_merge
 from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.config import ModelConfig
 from hope_scale.model.lm import build_model
 from hope_scale.model.titans import SelfModifyingTitans
 
+from .ds_config import build_deepspeed_config
 from .layout import LayoutError, ParallelLayout, RankInfo, init_distributed
 from .optim import CMS_BUFFER, MOMENT_KEYS, CMSAdamW
 from .parallelize import ModelPart, ShardSpec, parallelize
@@ -162,13 +162,13 @@ class TrainEngine:
                  grad_clip: float = 1.0, grad_accum_steps: int = 1, seed: int = 0,
                  deepspeed_config: dict | None = None, backend: str | None = None):
         if precision not in PRECISIONS:
-            raise LayoutError(f"train.precision: {precision!r} is not one of {PRECISIONS}")
+            raise LayoutError(f"parallel.precision: {precision!r} is not one of {PRECISIONS}")
         if precision == "bf16" and layout.zero_stage == 0:
-            raise LayoutError("train.precision: bf16 needs parallel.zero_stage >= 1 (DeepSpeed keeps fp32 master "
+            raise LayoutError("parallel.precision: bf16 needs parallel.zero_stage >= 1 (DeepSpeed keeps fp32 master "
                               "weights and fp32 gradient accumulation only in its ZeRO / bf16 optimizers; ZeRO-1 "
                               "costs no extra communication)")
         if precision == "fp64" and (layout.zero_stage != 0 or layout.data_parallel != 1):
-            raise LayoutError("train.precision: fp64 (exactness tests) needs parallel.zero_stage=0 and "
+            raise LayoutError("parallel.precision: fp64 (exactness tests) needs parallel.zero_stage=0 and "
                               "data_parallel=1: ZeRO keeps fp32 master weights and DeepSpeed reduces only fp32/bf16 "
                               "gradients across data-parallel ranks")
         if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
@@ -194,7 +194,7 @@ class TrainEngine:
         self.schedule = CMSPeriodSchedule(cms_level_periods(full_cms_model_stub(model_cfg)))
         self.optimizer = CMSAdamW(self._param_groups(), lr=self.opt_settings.lr, betas=self.opt_settings.betas,
                                   eps=self.opt_settings.eps, weight_decay=self.opt_settings.weight_decay)
-        ds_config = self._deepspeed_config(deepspeed_config)
+        ds_config = build_deepspeed_config(layout, precision, grad_clip, grad_accum_steps, deepspeed_config)
         if layout.pipeline_parallel == 1:
             self.ds, _, _, _ = deepspeed.initialize(model=self.part, optimizer=self.optimizer, config=ds_config,
                                                     mpu=MegatronMPU())
@@ -232,32 +232,6 @@ class TrainEngine:
                                         "weight_decay": self.opt_settings.weight_decay if wd else 0.0})
             g["params"].append(p)
         return [groups[t] for t in sorted(groups)]
-
-    def _deepspeed_config(self, extra: dict | None) -> dict:
-        zero: dict = {"stage": self.layout.zero_stage}
-        if self.layout.zero_stage >= 1:
-            zero.update({"contiguous_gradients": True, "overlap_comm": False, "reduce_scatter": True,
-                         "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7})
-        if self.layout.zero_stage == 3:  # parameters below the persistence threshold (1e5 elements) stay whole
-            zero.update({"stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
-                         "stage3_max_reuse_distance": 1e9})
-        cfg = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": self.grad_accum_steps,
-            # a huge threshold keeps DeepSpeed computing the global norm when clipping is off
-            "gradient_clipping": self.grad_clip if self.grad_clip > 0 else 1e30,
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.precision == "bf16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2 ** 62,
-            "wall_clock_breakdown": False,
-            "dump_state": False,
-        }
-        if self.precision == "bf16":
-            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-        if self.layout.pipeline_parallel > 1:
-            cfg["pipeline"] = {"activation_checkpoint_interval": 0}
-        return deep_merge(cfg, extra or {})
 
     def _exact_fp32_norm(self) -> bool:
         return self.layout.zero_stage == 0 and self.precision in ("fp32", "fp64")

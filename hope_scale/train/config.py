@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -34,6 +35,8 @@ import yaml
 from hope_scale.dicts import deep_merge
 from hope_scale.model import ConfigError, ModelConfig
 from hope_scale.parallel.layout import LayoutError, ParallelLayout
+
+from .flops import PEAK_FLOPS
 
 if typing.TYPE_CHECKING:
     from hope_scale.data.loader import DataConfig as LoaderDataConfig
@@ -141,6 +144,7 @@ class TrainConfig:
     def from_dict(cls, raw: dict[str, Any], world_size: int | None = None) -> "TrainConfig":
         if not isinstance(raw, dict):
             raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+        _reject_non_finite(raw, "")
         known = {"model", "data", *SECTIONS}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -213,9 +217,26 @@ class TrainConfig:
         need(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
         need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
         need(0 < s.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")
+        need(p.precision != "bf16" or p.zero_stage >= 1, "parallel.precision",
+             "bf16 needs parallel.zero_stage >= 1 (DeepSpeed keeps fp32 master weights and fp32 gradient "
+             "accumulation only in its ZeRO / bf16 optimizers; ZeRO-1 costs no extra communication)")
+        if p.deepspeed:
+            from hope_scale.parallel.ds_config import check_overrides
+
+            try:
+                check_overrides(p.deepspeed, layout)
+            except LayoutError as e:
+                raise ConfigError(str(e)) from None
+        resume = self.checkpoint.resume
+        need(resume in ("auto", "never") or Path(resume).expanduser().exists(), "checkpoint.resume",
+             f"{resume!r} is neither auto, never nor an existing checkpoint folder (or checkpoint root)")
         need(self.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
         need(self.checkpoint.keep_last_n >= 1, "checkpoint.keep_last_n", "must be >= 1")
         need(self.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+        need(self.logging.peak_flops is None or self.logging.peak_flops > 0, "logging.peak_flops", "must be > 0")
+        devices = ("auto", "cpu", *PEAK_FLOPS)
+        need(self.logging.device in devices, "logging.device",
+             f"{self.logging.device!r} is not one of {list(devices)} (or set logging.peak_flops)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,9 +271,9 @@ def _build_data(raw: Any):
     prepare = _build_section(PrepareConfig, {k: v for k, v in raw.items() if k in mine}, "data")
     loader = _build_section(LoaderDataConfig, {k: v for k, v in raw.items() if k in loader_fields}, "data")
     try:
-        loader.stream_specs()
+        loader.validate()
     except DataConfigError as e:
-        raise ConfigError(f"data: {e}") from None
+        raise ConfigError(str(e) if str(e).startswith("data.") else f"data: {e}") from None
     return loader, prepare
 
 
@@ -290,14 +311,19 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -308,6 +334,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected a {'list' if container is list else 'mapping'}, got {value!r}")
     raise AssertionError(f"unsupported config field type {hint} at {where}")
+
+
+def _reject_non_finite(raw: Any, where: str) -> None:
+    """No NaN or infinity anywhere in a config (YAML's ``.inf``/``.nan``): name the first one found."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ConfigError(f"{where}: expected a finite number, got {raw!r}")
+    items = raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    for key, value in items:
+        _reject_non_finite(value, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip("."))
 
 
 # ----------------------------------------------------------------------------------------------
