@@ -105,13 +105,13 @@ def test_trainer_checkpoint_format(tmp_path, monkeypatch):
     monkeypatch.setattr(train_ckpt.LoadedCheckpoint, "rank_parts", two_parts)
     for path in (tmp_path / "ckpt", tmp_path / "ckpt" / "step_00000007"):
         loaded = load_checkpoint(path)
-        assert loaded.format == "hope-scale/checkpoint/v1" and loaded.meta["step"] == 7
+        assert loaded.format == "hope-scale/checkpoint/v2" and loaded.meta["step"] == 7
         assert loaded.meta["tokenizer_source"].startswith("dataset manifest")
         x = torch.randint(0, 256, (2, 24))
         with torch.no_grad():
             assert torch.equal(model(x), loaded.model(x))
     # a corrupted rank file is refused by the trainer's own verification
-    rank0 = tmp_path / "ckpt" / "step_00000007" / "rank_00000.pt"
+    rank0 = tmp_path / "ckpt" / "step_00000007" / train_ckpt.rank_file(0)
     rank0.write_bytes(rank0.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="truncated|checksum"):
         load_checkpoint(tmp_path / "ckpt")

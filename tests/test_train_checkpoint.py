@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from hope_scale.train.checkpoint import (LATEST, MANIFEST, TRAINER_FILE, CheckpointError, CheckpointManager,
+from hope_scale.train.checkpoint import (FORMAT, LATEST, MANIFEST, TRAINER_FILE, CheckpointError, CheckpointManager,
                                         capture_rng, rank_file, restore_rng, step_dir_name)
 
 
@@ -136,3 +136,64 @@ def test_rng_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     restore_rng(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+class _CreatesFile:
+    """Unpickling this object creates ``path``: what a malicious checkpoint could do instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _crafted_checkpoint(root, marker, fmt):
+    """A checkpoint folder whose files are pickles that would create ``marker``, with a manifest that matches them
+    (the sha256s live in the same folder, so whoever hands over the folder controls them too)."""
+    import hashlib
+
+    folder = root / step_dir_name(1)
+    folder.mkdir(parents=True)
+    evil = {"engine": _CreatesFile(marker), "step": 1, "tokens": 0, "data": {}}
+    if fmt == "v1":  # the pickle-based format: rank_00000.pt and trainer.pt
+        names = {"rank_00000.pt": evil, "trainer.pt": evil}
+    else:  # today's file names, a pickle where the safetensors rank file belongs
+        names = {rank_file(0): evil, TRAINER_FILE: None}
+    files = {}
+    for name, obj in names.items():
+        if obj is None:
+            (folder / name).write_text(json.dumps({"step": 1, "tokens": 0, "data": {}}))
+        else:
+            torch.save(obj, folder / name)
+        data = (folder / name).read_bytes()
+        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    fmt_name = "hope-scale/checkpoint/v1" if fmt == "v1" else FORMAT
+    (folder / MANIFEST).write_text(json.dumps({"format": fmt_name, "step": 1, "world_size": 1, "files": files,
+                                               "config": {"data": {}}}))
+    (root / LATEST).write_text(step_dir_name(1) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+def test_crafted_checkpoint_cannot_run_code(tmp_path, fmt, capsys):
+    """A checkpoint whose pickle would create a file is refused with a clear message by every loader (pretrain
+    --resume, eval, generate), and nothing is created."""
+    from hope_scale.cli import main
+    from hope_scale.eval.checkpoint_io import CheckpointError as EvalCheckpointError
+    from hope_scale.eval.checkpoint_io import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    root = tmp_path / "ckpt"
+    folder = _crafted_checkpoint(root, marker, fmt)
+    msgs, log = _messages()
+    expect = "pickled files, which can run code" if fmt == "v1" else "not a safetensors file"
+    with pytest.raises(CheckpointError) as err:
+        loaded = CheckpointManager(root, log=log).load(folder)  # what pretrain --resume does ...
+        next(loaded.rank_parts())  # ... and then it reads the rank files
+    assert expect in str(err.value) + " ".join(msgs)
+    with pytest.raises(EvalCheckpointError, match=expect):
+        load_checkpoint(root)
+    assert main(["generate", "--checkpoint", str(root), "--prompt", "x", "--max-new-tokens", "1"]) == 2
+    assert expect in capsys.readouterr().err
+    assert not marker.exists()

@@ -178,7 +178,7 @@ def test_embedded_default_runs_end_to_end(reference):
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000004", "step_00000008"]
     manifest = json.loads((ckpt / "step_00000008" / "manifest.json").read_text())
     assert manifest["step"] == STEPS and manifest["tokens"] == STEPS * 4 * 32
-    assert set(manifest["files"]) == {"rank_00000.pt", "trainer.pt"}
+    assert set(manifest["files"]) == {"rank_00000.safetensors", "trainer.json"}
 
 
 def test_kill_and_preemption_then_resume_is_bit_exact(reference, tmp_path):
@@ -208,7 +208,7 @@ def test_kill_and_preemption_then_resume_is_bit_exact(reference, tmp_path):
 def test_corrupted_checkpoint_is_refused_and_previous_used(reference, tmp_path):
     run = tmp_path / "corrupt"
     shutil.copytree(reference["run"] / "ckpt", run / "ckpt")
-    victim = run / "ckpt" / "step_00000008" / "rank_00000.pt"
+    victim = run / "ckpt" / "step_00000008" / "rank_00000.safetensors"
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
     code, out = pretrain(run, reference["data"])
     assert code == 0, out[-4000:]

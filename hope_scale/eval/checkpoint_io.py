@@ -14,7 +14,7 @@ Formats understood:
     file in the same folder, fsync, rename), so a reader never sees half a checkpoint.
 
 (b) **Trainer checkpoints** (``hope_scale/train/checkpoint.py``: ``latest`` + ``step_N/`` folders with a
-    manifest, ``trainer.pt`` and one ``rank_*.pt`` per rank). ``path`` is the checkpoint root (the newest
+    manifest, ``trainer.json`` and one ``rank_*.safetensors`` per rank). ``path`` is the checkpoint root (the newest
     valid checkpoint is used) or one ``step_N`` folder; the files are verified with the trainer's own
     checks, and the sharded weights of any parallel layout are consolidated into one model.
 """
@@ -151,6 +151,7 @@ def _load_trainer_checkpoint(folder: Path, device) -> LoadedModel:
     TP/PP/DP/ZeRO), and the tokenizer is the one the training data was prepared with."""
     try:
         from hope_scale.parallel.engine import consolidate_full_state
+        from hope_scale.train.checkpoint import FORMAT as TRAIN_FORMAT
         from hope_scale.train.checkpoint import CheckpointError as TrainCheckpointError
         from hope_scale.train.checkpoint import CheckpointManager
     except ImportError as err:
@@ -169,6 +170,8 @@ def _load_trainer_checkpoint(folder: Path, device) -> LoadedModel:
         engines = [part["engine"] for part in found.rank_parts()]
         cfg = ModelConfig.from_dict(engines[0]["model_config"])
         full = consolidate_full_state(engines, "value")
+    except TrainCheckpointError as err:
+        raise CheckpointError(str(err)) from None
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{found.path}: cannot assemble the model weights from the rank files: {err}") from err
     model = build_model(cfg)
@@ -182,7 +185,7 @@ def _load_trainer_checkpoint(folder: Path, device) -> LoadedModel:
     tokenizer, tok_source = _trainer_tokenizer(train_cfg.get("data") or {})
     meta = {"step": found.step, "tokens": found.manifest.get("tokens"), "model_name": found.manifest.get("model_name"),
             "layout": found.manifest.get("layout"), "tokenizer_source": tok_source, "messages": messages}
-    return LoadedModel(model, tokenizer, cfg, str(found.path), "hope-scale/checkpoint/v1", meta)
+    return LoadedModel(model, tokenizer, cfg, str(found.path), TRAIN_FORMAT, meta)
 
 
 def _trainer_tokenizer(data_cfg: dict) -> tuple[Tokenizer, str]:

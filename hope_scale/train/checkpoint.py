@@ -5,13 +5,17 @@ Layout of ``checkpoint.dir`` (a filesystem every rank can reach: node-local only
     latest                      text file naming the newest complete checkpoint ("step_00000200")
     step_00000200/
         manifest.json           step, tokens, layout, world size, config, sha256 + size of every file below
-        trainer.pt              run state written by rank 0: step and token counters, data-loader state
-        rank_00000.pt           what each rank exported: its slice of the fp32 weights and AdamW moments keyed
-        rank_00001.pt           by global parameter name (TrainEngine.export_state), CMS schedule, RNG states
+        trainer.json            run state written by rank 0: step and token counters, data-loader state
+        rank_00000.safetensors  what each rank exported: its slice of the fp32 weights and AdamW moments keyed
+        rank_00001.safetensors  by global parameter name (TrainEngine.export_state), CMS schedule, RNG states
     .tmp-step_00000250/         a save in progress (or one killed mid-way): never read, removed by the next save
 
+Nothing in a checkpoint is pickled: rank files are safetensors (tensors + a JSON structure, ``safe_tree``), the
+rest is JSON, so loading a checkpoint someone else wrote cannot run code. Folders of the older pickle-based
+format (v1) are refused with a message rather than loaded.
+
 Saving (collective, every rank calls ``save``): rank 0 makes the temporary folder; each rank writes its file,
-fsyncs it and hashes what is on disk; rank 0 gathers the hashes, writes ``trainer.pt`` and ``manifest.json``
+fsyncs it and hashes what is on disk; rank 0 gathers the hashes, writes ``trainer.json`` and ``manifest.json``
 (fsynced), renames the folder to ``step_N`` (atomic), fsyncs the parent, then replaces ``latest`` through a
 fsynced temporary file (atomic). A process killed at any point leaves either the previous checkpoint as
 ``latest`` or the new one complete. Older checkpoints beyond ``keep_last_n`` are deleted afterwards.
@@ -42,9 +46,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-FORMAT = "hope-scale/checkpoint/v1"
+from .safe_tree import UnsafeFileError, load_tree, save_tree
+
+FORMAT = "hope-scale/checkpoint/v2"
+PICKLE_FORMATS = ("hope-scale/checkpoint/v1",)  # torch.save files: never loaded (a pickle can run code)
 MANIFEST = "manifest.json"
-TRAINER_FILE = "trainer.pt"
+TRAINER_FILE = "trainer.json"
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TMP_PREFIX = ".tmp-"
@@ -56,7 +63,7 @@ class CheckpointError(RuntimeError):
 
 
 def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
+    return f"rank_{rank:05d}.safetensors"
 
 
 def step_dir_name(step: int) -> str:
@@ -120,21 +127,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save_fsynced(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save to ``path``, flush it to disk, and describe it as the manifest does (size + sha256)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+def _describe(path: Path) -> dict[str, Any]:
+    """A written file as the manifest records it: size and sha256 of what is on disk."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _write_text_fsynced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_text_fsynced(tmp, text)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -144,15 +151,22 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as JSON values and tensors (what ``save_tree`` stores)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -179,7 +193,10 @@ class LoadedCheckpoint:
 
     def rank_part(self, rank: int) -> dict[str, Any]:
         """The file saved by ``rank`` (memory-mapped: tensors are read when touched)."""
-        return torch.load(self.path / rank_file(rank), map_location="cpu", mmap=True, weights_only=False)
+        try:
+            return load_tree(self.path / rank_file(rank))
+        except UnsafeFileError as err:
+            raise CheckpointError(f"checkpoint {self.path}: {err}") from None
 
     def rank_parts(self) -> Iterator[dict[str, Any]]:
         for r in range(self.world_size):
@@ -209,13 +226,15 @@ class CheckpointManager:
             tmp.mkdir()
         _barrier()
         started = time.perf_counter()
-        entry = _save_fsynced(rank_state, tmp / rank_file(rank))
+        save_tree(rank_state, tmp / rank_file(rank))
+        entry = _describe(tmp / rank_file(rank))
         if _hook is not None:
             _hook("rank_file_written")
         entries = _gather_to_all((rank_file(rank), entry))
         if rank == 0:
             files = dict(entries)
-            files[TRAINER_FILE] = _save_fsynced(trainer_state, tmp / TRAINER_FILE)
+            _write_text_fsynced(tmp / TRAINER_FILE, json.dumps(trainer_state))
+            files[TRAINER_FILE] = _describe(tmp / TRAINER_FILE)
             manifest = {"format": FORMAT, "step": step, "world_size": world, "created": time.time(),
                         **(meta or {}), "files": files}
             with open(tmp / MANIFEST, "w") as f:
@@ -278,6 +297,9 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return [f"{manifest_path} is not valid JSON ({e})"]
+        if manifest.get("format") in PICKLE_FORMATS:
+            return [f"{manifest_path}: format {manifest['format']!r} stores pickled files, which can run code when "
+                    "loaded, so it is not loaded (resume it with the hope-scale version that wrote it, or start over)"]
         if manifest.get("format") != FORMAT:
             return [f"{manifest_path}: unknown format {manifest.get('format')!r}"]
         problems = []
@@ -340,5 +362,8 @@ class CheckpointManager:
         if found is None:
             return None
         manifest = json.loads((found / MANIFEST).read_text())
-        trainer = torch.load(found / TRAINER_FILE, map_location="cpu", weights_only=False)
+        try:
+            trainer = json.loads((found / TRAINER_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{found / TRAINER_FILE} is not valid JSON ({err})") from None
         return LoadedCheckpoint(found, manifest, trainer)
