@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hope_scale.train.checkpoint import (FORMAT, LATEST, MANIFEST, TRAINER_FILE, CheckpointError, CheckpointManager,
-                                        capture_rng, rank_file, restore_rng, step_dir_name)
+                                        NonFiniteStateError, SaveFailedError, capture_rng, rank_file, restore_rng,
+                                        step_dir_name)
 
 
 def _payload(step):
@@ -197,3 +198,88 @@ def test_crafted_checkpoint_cannot_run_code(tmp_path, fmt, capsys):
     assert main(["generate", "--checkpoint", str(root), "--prompt", "x", "--max-new-tokens", "1"]) == 2
     assert expect in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    mgr = CheckpointManager(tmp_path, log=lambda m: None)
+    _save(mgr, 1)
+    payload = _payload(2)
+    payload["engine"]["w"][3, 5] = float("inf")
+    with pytest.raises(NonFiniteStateError, match=r"step 2 not saved: engine\.w holds NaN or infinity .*latest is "
+                                                  r"still " + step_dir_name(1)):
+        mgr.save(2, payload, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, step_dir_name(1)]
+    assert mgr.load().step == 1
+
+
+def test_failed_write_leaves_nothing_and_keeps_latest(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) removes the partial folder, says so, keeps `latest` and the
+    previous checkpoint; the caller's state is untouched and a later save works."""
+    import errno
+
+    from hope_scale.train import checkpoint as ckpt
+
+    msgs, log = _messages()
+    mgr = CheckpointManager(tmp_path, keep_last_n=2, log=log)
+    _save(mgr, 1)
+    real_save_tree = ckpt.save_tree
+
+    def disk_full(tree, path):
+        path.write_bytes(b"\0" * 1000)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_tree", disk_full)
+    payload = _payload(2)
+    with pytest.raises(SaveFailedError, match=r"step 2 NOT saved: .*No space left on device.*removed the partial "
+                                              r"folder, latest is still " + step_dir_name(1)):
+        mgr.save(2, payload, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, step_dir_name(1)]
+    assert torch.equal(payload["engine"]["w"], torch.full((64, 64), 2.0))
+    assert mgr.load().step == 1
+    monkeypatch.setattr(ckpt, "save_tree", real_save_tree)
+    _save(mgr, 2)
+    assert mgr.load().step == 2
+
+
+def test_short_space_prunes_only_what_keep_last_n_allows(tmp_path, monkeypatch):
+    """With less free space than a checkpoint needs, the checkpoints keep_last_n would delete after the save are
+    deleted before it (never the newest); if that is not enough, nothing is written."""
+    from collections import namedtuple
+
+    from hope_scale.train import checkpoint as ckpt
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage",  # 400 bytes taken per checkpoint on a 1000-byte disk
+                        lambda p: usage(1000, 0, 1000 - 400 * len(list(tmp_path.glob("step_*")))))
+    msgs, log = _messages()
+    mgr = CheckpointManager(tmp_path, keep_last_n=2, log=log)
+    for step in (1, 2):
+        _save(mgr, step)
+    mgr.save(3, _payload(3), {"step": 3}, need_bytes=300)  # 200 free: step 1 goes first, as keep_last_n=2 allows
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [step_dir_name(2), step_dir_name(3)]
+    assert any("removing step_00000001 before writing" in m for m in msgs)
+    lone = CheckpointManager(tmp_path / "lone", keep_last_n=1, log=log)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(1000, 0, 600))
+    _save(lone, 1)
+    with pytest.raises(SaveFailedError, match="allows no further deletion"):
+        lone.save(2, _payload(2), {"step": 2}, need_bytes=700)
+    assert lone.load().step == 1 and sorted(p.name for p in (tmp_path / "lone").iterdir()) == [LATEST, step_dir_name(1)]
+
+
+def test_preflight_finds_unwritable_folders_and_short_space(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from hope_scale.model import ConfigError
+    from hope_scale.train import checkpoint as ckpt
+    from hope_scale.train.preflight import check_checkpoint_space, check_writable
+
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: cannot write to .*file/ckpt"):
+        check_writable(tmp_path / "file" / "ckpt", "checkpoint.dir")
+    check_writable(tmp_path / "new" / "ckpt", "checkpoint.dir")  # created, and nothing left in it
+    assert list((tmp_path / "new" / "ckpt").iterdir()) == []
+    mgr = CheckpointManager(tmp_path / "new" / "ckpt", keep_last_n=1)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(10, 5, 5 * 2**30))
+    check_checkpoint_space(mgr, 4 * 2**30)
+    with pytest.raises(ConfigError, match=r"checkpoint.dir: .* room for 5.00 GiB .* needs about 16.00 GiB"):
+        check_checkpoint_space(mgr, 16 * 2**30)

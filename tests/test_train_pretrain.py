@@ -252,3 +252,33 @@ def test_resharded_resume_across_layouts_and_zero_stages(reference, tmp_path):
     assert code == 0, out[-4000:]
     assert "saved at TP=1 PP=1 DP=2 ZeRO-2 on 2 process(es), now TP=1 PP=1 DP=1 ZeRO-0 on 1" in out
     assert losses(c, (9, 10)) == pytest.approx(losses(a, (9, 10)), rel=2e-5)
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dir", "logging.dir"])
+def test_unwritable_folder_stops_before_any_work(tmp_path, key):
+    """A checkpoint or log folder that cannot be written (here a file is in the way; a read-only or full
+    filesystem fails the same probe) is found at start-up, before data preparation or any step."""
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    code, out = pretrain(tmp_path / "run", tmp_path / "data", extra=[f"{key}={tmp_path / 'blocker' / 'sub'}"])
+    assert code == 2, out[-3000:]
+    assert f"{key}: cannot write to {tmp_path / 'blocker' / 'sub'}" in out
+    assert not (tmp_path / "data").exists() and "step " not in out
+
+
+def test_non_finite_update_is_never_saved(reference, tmp_path):
+    """lr 1e38: the update of step 9 blows the weights up (its own loss, computed before, is finite). The state
+    is not saved -- its weights give a non-finite loss, or hold infinities --, `latest` stays at the last good
+    checkpoint, the run stops naming it, and a resume with a sane learning rate continues from it."""
+    run = tmp_path / "diverged"
+    shutil.copytree(reference["run"] / "ckpt", run / "ckpt")
+    longer = ["train.max_steps=10", "checkpoint.every_steps=1"]
+    code, out = pretrain(run, reference["data"], extra=[*longer, "optimizer.lr=1e38", "schedule.kind=constant"])
+    assert code == 1, out[-3000:]
+    assert metrics(run)[9]["train/loss"] < 10  # step 9's loss was finite
+    assert "checkpoint step 9 not saved" in out
+    assert f"The last good checkpoint is {run / 'ckpt' / 'step_00000008'}" in out
+    assert (run / "ckpt" / "latest").read_text().strip() == "step_00000008"
+    assert sorted(p.name for p in (run / "ckpt").iterdir()) == ["latest", "step_00000004", "step_00000008"]
+    code, out = pretrain(run, reference["data"], extra=longer)
+    assert code == 0, out[-3000:]
+    assert "step_00000008 at step 8" in out

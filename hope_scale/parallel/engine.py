@@ -63,6 +63,19 @@ def cms_level_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def state_keys(name: str) -> tuple[str, ...]:
+    """Optimizer-state tensors exported for parameter ``name`` besides its value."""
+    return MOMENT_KEYS + ((CMS_BUFFER,) if cms_level_of(name) is not None else ())
+
+
+def checkpoint_bytes(cfg: ModelConfig) -> int:
+    """Bytes of fp32 tensors one checkpoint of ``cfg`` holds over all its rank files (``export_state``: every
+    parameter's value and optimizer state, each element stored once), counted on a meta-device model."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return sum(4 * p.numel() * (1 + len(state_keys(name))) for name, p in model.named_parameters())
+
+
 def decays(name: str, p: torch.Tensor) -> bool:
     """Weight decay on matrices and memory initial states; none on gains, biases and other vectors."""
     return p.ndim >= 2 and not name.endswith(("norm_weight", "norm.weight"))
@@ -445,9 +458,6 @@ class TrainEngine:
         else:
             self.optimizer.state[p][key].copy_(value.to(self.optimizer.state[p][key].dtype))
 
-    def state_keys(self, name: str) -> tuple[str, ...]:
-        return MOMENT_KEYS + ((CMS_BUFFER,) if cms_level_of(name) is not None else ())
-
     def export_state(self) -> dict:
         """This rank's part of the training state, keyed by global parameter name (collective: call on all ranks).
 
@@ -464,7 +474,7 @@ class TrainEngine:
             owner = k % self.info.dp_size == self.info.dp_rank
             keep = owner and not spec.pp_duplicate and not (spec.tp_replicated and self.info.tp_rank != 0)
             entry = {"global_shape": list(spec.global_shape), "box": [list(b) for b in spec.box]}
-            for key in (None,) + self.state_keys(name):  # gathering is collective over DP: every rank runs it
+            for key in (None,) + state_keys(name):  # gathering is collective over DP: every rank runs it
                 t = self._full_local(p, key)
                 if keep:
                     entry["value" if key is None else key] = t
@@ -498,7 +508,7 @@ class TrainEngine:
         for name, p in self._local_params_in_order():
             entry = params[name]
             self._check_box(name, entry)
-            for key in (None,) + self.state_keys(name):
+            for key in (None,) + state_keys(name):
                 field = "value" if key is None else key
                 if field not in entry:
                     if key == CMS_BUFFER:

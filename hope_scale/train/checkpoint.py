@@ -62,6 +62,14 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was required, or a checkpoint that fails verification."""
 
 
+class SaveFailedError(CheckpointError):
+    """A save did not complete (nothing of it is left behind); the run's state and earlier checkpoints are intact."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A state holding NaN or infinity was not saved."""
+
+
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.safetensors"
 
@@ -130,6 +138,22 @@ def fsync_dir(path: Path) -> None:
 def _describe(path: Path) -> dict[str, Any]:
     """A written file as the manifest records it: size and sha256 of what is on disk."""
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def _first_non_finite(tree: Any, where: str = "") -> str | None:
+    """The path of the first floating-point tensor in ``tree`` holding NaN or infinity, else None."""
+    if torch.is_tensor(tree):
+        return where if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def _write_text_fsynced(path: Path, text: str) -> None:
@@ -213,57 +237,120 @@ class CheckpointManager:
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, rank_state: dict[str, Any], trainer_state: dict[str, Any],
-             meta: dict[str, Any] | None = None, _hook: Callable[[str], None] | None = None) -> Path:
+             meta: dict[str, Any] | None = None, need_bytes: int = 0,
+             _hook: Callable[[str], None] | None = None) -> Path:
         """Write checkpoint ``step`` (collective). ``rank_state`` is this rank's payload; ``trainer_state`` and
-        ``meta`` (JSON-able, copied into the manifest) are taken from rank 0. Returns the final folder."""
+        ``meta`` (JSON-able, copied into the manifest) are taken from rank 0. Returns the final folder.
+
+        Never leaves a bad state behind, and raises the same error on every rank:
+
+        * NonFiniteStateError, before anything is written, if any rank's state holds NaN or infinity;
+        * SaveFailedError if a write fails on any rank (full disk, lost permission, ...): the partial folder is
+          removed, earlier checkpoints and ``latest`` are untouched, the caller's state is unchanged. When the
+          filesystem has less than ``need_bytes`` free, the checkpoints ``keep_last_n`` would delete after this
+          save are deleted first (never the newest); if that is not enough, nothing is written.
+        """
         rank, world = _rank(), _world()
+        bad = [b for b in _gather_to_all(_first_non_finite(rank_state)) if b]
+        if bad:
+            raise NonFiniteStateError(f"checkpoint step {step} not saved: {bad[0]} holds NaN or infinity "
+                                      f"(latest is still {self.latest_name() or 'none'})")
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        error = None
         if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"{TMP_PREFIX}step_*"):  # saves killed mid-way
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        started = time.perf_counter()
-        save_tree(rank_state, tmp / rank_file(rank))
-        entry = _describe(tmp / rank_file(rank))
-        if _hook is not None:
-            _hook("rank_file_written")
-        entries = _gather_to_all((rank_file(rank), entry))
-        if rank == 0:
-            files = dict(entries)
-            _write_text_fsynced(tmp / TRAINER_FILE, json.dumps(trainer_state))
-            files[TRAINER_FILE] = _describe(tmp / TRAINER_FILE)
-            manifest = {"format": FORMAT, "step": step, "world_size": world, "created": time.time(),
-                        **(meta or {}), "files": files}
-            with open(tmp / MANIFEST, "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob(f"{TMP_PREFIX}step_*"):  # saves killed mid-way
+                    shutil.rmtree(stale, ignore_errors=True)
+                error = self._make_room(need_bytes)
+                if error is None:
+                    tmp.mkdir()
+            except OSError as err:
+                error = f"cannot create {tmp}: {err}"
+        error = _broadcast(error)
+        if error is None:
+            started = time.perf_counter()
+            entry = None
+            try:
+                save_tree(rank_state, tmp / rank_file(rank))
+                entry = _describe(tmp / rank_file(rank))
+            except OSError as err:
+                error = f"rank {rank} could not write {tmp / rank_file(rank)}: {err}"
             if _hook is not None:
-                _hook("before_rename")
-            if final.exists():  # e.g. a corrupt checkpoint of this step that the run resumed before
-                trash = self.root / f"{TMP_PREFIX}old-{final.name}"
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            if _hook is not None:
-                _hook("before_latest")
-            _write_text_atomic(self.root / LATEST, final.name + "\n")
-            self._prune(keep=final.name)
-            size = sum(e["bytes"] for e in files.values())
-            self.log(f"checkpoint: saved {final} ({size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
-        _barrier()
+                _hook("rank_file_written")
+            entries = _gather_to_all((rank_file(rank), entry, error))
+            if rank == 0:
+                error = next((e for _, _, e in entries if e), None)
+                if error is None:
+                    try:
+                        self._complete(step, world, tmp, final, {n: e for n, e, _ in entries}, trainer_state, meta,
+                                       started, _hook)
+                    except OSError as err:
+                        error = f"could not complete {tmp}: {err}"
+                if error is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            error = _broadcast(error)
+        if error is not None:
+            raise SaveFailedError(f"checkpoint step {step} NOT saved: {error}; removed the partial folder, "
+                                  f"latest is still {self.latest_name() or 'none'}")
         return final
 
-    def _prune(self, keep: str) -> None:
-        steps = sorted(self._step_dirs(), key=lambda p: self._step_of(p))
-        old = [p for p in steps if p.name != keep][: max(0, len(steps) - self.keep_last_n)]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+    def _complete(self, step, world, tmp, final, files, trainer_state, meta, started, _hook) -> None:
+        """Rank 0, every rank file written: trainer state and manifest, rename, ``latest``, pruning."""
+        _write_text_fsynced(tmp / TRAINER_FILE, json.dumps(trainer_state))
+        files[TRAINER_FILE] = _describe(tmp / TRAINER_FILE)
+        manifest = {"format": FORMAT, "step": step, "world_size": world, "created": time.time(),
+                    **(meta or {}), "files": files}
+        _write_text_fsynced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        fsync_dir(tmp)
+        if _hook is not None:
+            _hook("before_rename")
+        if final.exists():  # e.g. a corrupt checkpoint of this step that the run resumed before
+            trash = self.root / f"{TMP_PREFIX}old-{final.name}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        if _hook is not None:
+            _hook("before_latest")
+        _write_text_atomic(self.root / LATEST, final.name + "\n")
+        for old in self.prunable(saving=False):
+            shutil.rmtree(old, ignore_errors=True)
+        size = sum(e["bytes"] for e in files.values())
+        self.log(f"checkpoint: saved {final} ({size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
+
+    def prunable(self, saving: bool = True) -> list[Path]:
+        """Checkpoints ``keep_last_n`` lets go, oldest first, never the one ``latest`` names: those beyond the
+        newest ``keep_last_n`` counting the one being saved (``saving``) or once it is saved and ``latest``."""
+        steps = sorted(self._step_dirs(), key=self._step_of)
+        others = [p for p in steps if p.name != self.latest_name()]
+        return others[: max(0, len(steps) + int(saving) - self.keep_last_n)]
+
+    def free_bytes(self, reclaim: bool = False) -> int:
+        """Free bytes on the checkpoint filesystem, plus what deleting ``prunable()`` would give if ``reclaim``."""
+        probe = self.root if self.root.exists() else next(p for p in self.root.parents if p.exists())
+        free = shutil.disk_usage(probe).free
+        return free + (sum(_folder_bytes(p) for p in self.prunable()) if reclaim else 0)
+
+    def _make_room(self, need_bytes: int) -> str | None:
+        """Rank 0 before a save: delete what ``prunable()`` allows while less than ``need_bytes`` is free; an
+        error message if even that is not enough."""
+        for old in self.prunable():
+            if self.free_bytes() >= need_bytes:
+                break
+            self.log(f"checkpoint: {self.free_bytes() / 2**30:.2f} GiB free, {need_bytes / 2**30:.2f} GiB needed: "
+                     f"removing {old.name} before writing (keep_last_n={self.keep_last_n} lets it go)")
+            shutil.rmtree(old, ignore_errors=True)
+        free = self.free_bytes()
+        if free < need_bytes:
+            return (f"{self.root} has {free / 2**30:.2f} GiB free, a checkpoint needs about {need_bytes / 2**30:.2f} "
+                    f"GiB (keep_last_n={self.keep_last_n} allows no further deletion)")
+        return None
+
+    def latest_name(self) -> str | None:
+        pointer = self.root / LATEST
+        return pointer.read_text().strip() if pointer.is_file() else None
 
     # -- finding and verifying ---------------------------------------------------------------------
     @staticmethod
@@ -279,9 +366,8 @@ class CheckpointManager:
     def candidates(self) -> list[Path]:
         """Checkpoint folders to try, best first: the one ``latest`` names, then all by decreasing step."""
         ordered = sorted(self._step_dirs(), key=self._step_of, reverse=True)
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            named = self.root / pointer.read_text().strip()
+        if self.latest_name():
+            named = self.root / self.latest_name()
             if named in ordered:
                 ordered.remove(named)
                 ordered.insert(0, named)

@@ -5,12 +5,18 @@
     launch/single_node.sh 8 configs/train/hope-760m.yaml       # one process per GPU (DeepSpeed launcher)
 
 One process per device; the launcher's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT say where
-each sits. Steps: validate the config (nothing else happens if it is wrong) -> prepare the built-in corpus if
-asked and absent -> TrainEngine at the configured layout -> data loaders for this data-parallel rank -> resume
+each sits. Steps: validate the config (nothing else happens if it is wrong) -> check that the checkpoint and
+log folders are writable and have room for a checkpoint -> prepare the built-in corpus if asked and absent ->
+TrainEngine at the configured layout -> data loaders for this data-parallel rank -> resume
 from the newest valid checkpoint (or ``--resume PATH``), at any layout -> loop: ``grad_accum_steps``
 micro-batches per optimizer step, lr from the schedule, metrics every ``log_every`` steps, validation every
 ``eval_every`` steps, a checkpoint every ``every_steps`` steps and at the end. SIGTERM / SIGINT (e.g. SLURM
 preemption) make every rank save a checkpoint at the next step boundary and stop.
+
+Exit codes: 0 done (or stopped by a signal after saving); 2 bad input found before or at start-up (config,
+folders, data, checkpoint); 1 the run failed: a non-finite loss, gradient norm or state (nothing non-finite is
+ever saved: the message names the last good checkpoint), or the final save failed. A failed periodic save is
+reported and training continues (the state in memory is intact; the next save tries again).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ import torch
 
 from hope_scale.model import ConfigError
 
-from .checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
+from .checkpoint import (CheckpointError, CheckpointManager, NonFiniteStateError, SaveFailedError, capture_rng,
+                         restore_rng)
 from .config import DEFAULT_CONFIG, TrainConfig, load_config
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger
+from .preflight import check_checkpoint_space, check_writable
 from .schedules import LRSchedule
 
 DATA_WAIT_SECONDS = 3600  # how long ranks other than 0 wait for rank 0 to prepare the built-in corpus
@@ -62,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.train()
+    except (TrainingFailed, SaveFailedError) as e:
+        print(f"hope-scale pretrain: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, CheckpointError) as e:
         print(f"hope-scale pretrain: {e}", file=sys.stderr)
         return 2
@@ -121,16 +132,27 @@ def ensure_data(cfg: TrainConfig, rank: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+class TrainingFailed(RuntimeError):
+    """The run cannot continue (a non-finite loss, gradient norm or state); nothing after the last good
+    checkpoint was saved."""
+
+
 class Trainer:
     """One process's part of a pretraining run (see the module docstring)."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None):
         from hope_scale.data.loader import build_train_loader, build_val_loader
-        from hope_scale.parallel.engine import OptimizerSettings, TrainEngine
+        from hope_scale.parallel.engine import OptimizerSettings, TrainEngine, checkpoint_bytes
 
         self.cfg = cfg
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last_n, log=self.log)
+        self.need_bytes = checkpoint_bytes(cfg.model)
+        check_writable(cfg.checkpoint.dir, "checkpoint.dir")
+        check_writable(cfg.logging.dir, "logging.dir")
+        if self.rank == 0:
+            check_checkpoint_space(self.ckpt, self.need_bytes)
         ensure_data(cfg, self.rank)
         self.layout = cfg.layout(self.world_size)
         t, o = cfg.train, cfg.optimizer
@@ -150,7 +172,6 @@ class Trainer:
                                                dp_rank=info.dp_rank, dp_world_size=info.dp_size,
                                                max_batches=t.eval_batches)
         self.schedule = LRSchedule.from_config(cfg.schedule, o.lr, t.max_steps)
-        self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last_n, log=self.log)
         fpt = flops_per_token(cfg.model, t.seq_len).total if info.is_logging_rank else 0.0
         peak = peak_flops(cfg.logging.device, cfg.parallel.precision, cfg.logging.peak_flops) \
             if info.is_logging_rank else 0.0  # on CPU a measurement: only where it is used
@@ -160,6 +181,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.last_saved_step: int | None = None
+        self.last_checkpoint: Path | None = None  # the newest good checkpoint of this run (saved or resumed)
         self._stop_requested = False
         rng = self._resume(resume)
         if rng is not None:
@@ -213,6 +235,7 @@ class Trainer:
         self.step, self.tokens = int(trainer["step"]), int(trainer["tokens"])
         self.loader.load_state_dict(trainer["data"])
         self.last_saved_step = self.step
+        self.last_checkpoint = loaded.path
         saved_layout = loaded.manifest.get("layout", {})
         self.log(f"checkpoint: resumed from {loaded.path} at step {self.step} ({self.tokens:,} tokens); saved at "
                  f"{_layout_str(saved_layout)} on {loaded.world_size} process(es), now "
@@ -235,27 +258,30 @@ class Trainer:
             micro_batches = [next(self.loader) for _ in range(accum)]
             lr = self.schedule(self.step)
             out = self.engine.train_step(micro_batches, lr)
+            self._last_batch = micro_batches[-1]
             self.step += 1
             self.tokens += int(out["tokens"])
             seconds = time.perf_counter() - started
-            if not math.isfinite(out["loss"]):
-                raise FloatingPointError(f"loss is {out['loss']} at step {self.step}; stopping without saving "
-                                         f"(the last checkpoint is step {self.last_saved_step})")
-            write = self.step % cfg.logging.log_every == 0 or self.step == t.max_steps or self.step == first + 1
+            finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])  # the same on every rank
+            write = (self.step % cfg.logging.log_every == 0 or self.step == t.max_steps or self.step == first + 1
+                     or not finite)
             memory = self.engine.memory_stats() if write else None  # collective: same steps on every rank
             self.metrics.log_step(self.step, self.tokens, out["loss"], lr, out["grad_norm"], int(out["tokens"]),
                                   seconds, memory, write)
+            if not finite:
+                raise TrainingFailed(f"step {self.step}: loss {out['loss']}, gradient norm {out['grad_norm']}: the "
+                                     f"update is not finite, so nothing after it is saved. {self._last_good()}")
             if t.eval_every and self.step % t.eval_every == 0:
                 self.evaluate()
             stop = self._agree_to_stop()
             every = cfg.checkpoint.every_steps
             if stop or (every and self.step % every == 0):
-                self.save()
+                self.save(final=stop)
             if stop:
                 self.log(f"train: stopping at step {self.step} on a termination signal (checkpoint saved)")
                 return
         if self.last_saved_step != self.step:
-            self.save()
+            self.save(final=True)
         if self.val_loader is not None and self.step % t.eval_every:
             self.evaluate()
 
@@ -265,13 +291,36 @@ class Trainer:
         self.metrics.log_eval(self.step, mean, len(losses))
         return mean
 
-    def save(self) -> None:
+    def save(self, final: bool) -> None:
+        """Checkpoint the current step (collective). Only a usable state is saved: if the weights give a
+        non-finite loss on the step's last micro-batch, or any saved tensor holds NaN/Inf, nothing is written and
+        the run stops (TrainingFailed). A failed write leaves no partial checkpoint; after a periodic save the run
+        continues (its state in memory is intact), after the last one (``final``) SaveFailedError ends it."""
+        probe = self.engine.eval_loss(self._last_batch)  # the weights after the update (forward only, no RNG)
+        if not math.isfinite(probe):
+            raise TrainingFailed(f"checkpoint step {self.step} not saved: the weights after this update give loss "
+                                 f"{probe} on the step's last micro-batch. {self._last_good()}")
         rank_state = {"engine": self.engine.export_state(), "rng": capture_rng()}
         trainer_state = {"step": self.step, "tokens": self.tokens, "data": self.loader.state_dict()}
         meta = {"tokens": self.tokens, "layout": self.layout.to_dict(), "model_name": self.cfg.model_name,
                 "config": self.cfg.to_dict()}
-        self.ckpt.save(self.step, rank_state, trainer_state, meta)
+        try:
+            self.last_checkpoint = self.ckpt.save(self.step, rank_state, trainer_state, meta, self.need_bytes)
+        except NonFiniteStateError as err:
+            raise TrainingFailed(f"{err}: the last update made the weights or optimizer state non-finite. "
+                                 f"{self._last_good()}") from None
+        except SaveFailedError as err:
+            if final:
+                raise SaveFailedError(f"{err}. {self._last_good()}") from None
+            every = self.cfg.checkpoint.every_steps
+            self.log(f"{err}. Training continues; the next save is at step {self.step + every}. {self._last_good()}")
+            return
         self.last_saved_step = self.step
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "This run has no checkpoint yet."
+        return f"The last good checkpoint is {self.last_checkpoint}."
 
     # -- termination signals ---------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
