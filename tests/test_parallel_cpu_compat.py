@@ -54,3 +54,31 @@ def test_cpu_stand_ins_only_without_cuda():
     assert r["device"] == "cpu"
     assert r["fork_first"] and r["fork_continues"] and r["outer_untouched"]
     assert "model-parallel-rng" in r["states"] and "data-parallel-rng" in r["states"]
+
+
+def one_process_comm_worker(_payload) -> dict:
+    from deepspeed.comm import comm as ds_comm
+
+    from hope_scale.parallel.layout import ParallelLayout, init_distributed
+
+    init_distributed(ParallelLayout())
+    return {"shm_op": ds_comm.cdb.shm_comm_op is not None}
+
+
+def test_one_process_needs_no_deepspeed_comm_compile(tmp_path):
+    """A one-process CPU run does not build DeepSpeed's shared-memory op (in a fresh extension folder it would
+    compile it for minutes first); with several processes and no cached build, a notice comes before it."""
+    from hope_scale.parallel.cpu_compat import shm_comm_notice
+
+    ext = tmp_path / "torch_extensions"
+    (r,) = run_local("tests.test_parallel_cpu_compat:one_process_comm_worker", 1, None, timeout=300,
+                     env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert r == {"shm_op": False}
+    assert not list(ext.rglob("*.so")) and not list(ext.rglob("*.cpp"))  # nothing was compiled
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+        assert shm_comm_notice(1) is None
+        if torch.cuda.is_available():  # GPU machines use NCCL: no CPU op, no notice
+            assert shm_comm_notice(2) is None
+        else:
+            assert "compiling its CPU shared-memory communication op" in shm_comm_notice(2)

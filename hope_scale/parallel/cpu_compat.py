@@ -13,11 +13,17 @@ exactly those calls:
 
 On a machine with CUDA it does nothing. It is applied once, before any model is built (``init_distributed``
 calls it); every CPU workaround of the project lives in this module.
+
+``prepare_deepspeed_cpu_comm`` handles DeepSpeed's CPU communication op: DeepSpeed JIT-compiles a shared-memory
+all-reduce kernel at its first ``init_distributed`` on a machine (minutes on a small one, and a silent wait on a
+file lock while another process compiles it). One process has nothing to all-reduce, so the op is turned off;
+several processes use it, and a compile is announced before it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -130,3 +136,35 @@ def apply_cpu_stand_ins(force: bool = False) -> bool:
 
 def cpu_stand_ins_active() -> bool:
     return _APPLIED
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
+
+
+def shm_comm_notice(world_size: int) -> str | None:
+    """What to print before ``deepspeed.init_distributed`` on CPU: a notice when it will compile (or wait for
+    another process compiling) the shared-memory op, i.e. several processes and no cached build; else None."""
+    if world_size == 1 or not cpu_stand_ins_needed():
+        return None
+    from torch.utils.cpp_extension import _get_build_directory
+
+    build = Path(_get_build_directory(SHM_COMM_OP, verbose=False))
+    if (build / f"{SHM_COMM_OP}.so").is_file():
+        return None
+    return (f"DeepSpeed: compiling its CPU shared-memory communication op into {build} (once per machine and "
+            "extension folder, about a minute; a process may wait here while another one compiles it) ...")
+
+
+def prepare_deepspeed_cpu_comm(world_size: int, local_rank: int) -> None:
+    """Before ``deepspeed.init_distributed`` on a CPU-only machine: no shared-memory op for one process (it
+    would only be compiled), and a notice on local rank 0 before the op is compiled for several."""
+    if not cpu_stand_ins_needed():
+        return
+    if world_size == 1:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False  # DeepSpeed keeps this dict: the edit persists
+        return
+    notice = shm_comm_notice(world_size)
+    if notice and local_rank == 0:
+        print(notice, flush=True)

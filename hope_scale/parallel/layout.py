@@ -148,13 +148,14 @@ def init_distributed(layout: ParallelLayout, model_cfg: ModelConfig | None = Non
     world_size = int(os.environ["WORLD_SIZE"])
     layout.validate(model_cfg, world_size) if model_cfg is not None else _validate_world(layout, world_size)
 
-    from .cpu_compat import apply_cpu_stand_ins
+    from .cpu_compat import apply_cpu_stand_ins, prepare_deepspeed_cpu_comm
 
     apply_cpu_stand_ins()
     import deepspeed
     from megatron.core import parallel_state
 
     if not torch.distributed.is_initialized():
+        prepare_deepspeed_cpu_comm(world_size, int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
