@@ -85,7 +85,8 @@ def test_dense_params_and_attention_term():
 def test_peak_flops_and_mfu():
     assert peak_flops("h100-sxm", "bf16") == 989e12
     assert peak_flops("cpu", "fp32", override=1e9) == 1e9
-    assert peak_flops("cpu", "fp32") > 1e8  # measured
-    with pytest.raises(ValueError, match="logging.peak_flops"):
-        peak_flops("tpu-v9", "bf16")
+    # no declared peak for a CPU or an unknown device: no MFU (a measured CPU peak gave MFUs above 100%)
+    assert peak_flops("cpu", "fp32") is None and peak_flops("tpu-v9", "bf16") is None
+    if not torch.cuda.is_available():
+        assert peak_flops("auto", "fp32") is None
     assert mfu(6e9, 1000.0, 1e13, 2) == pytest.approx(0.3)

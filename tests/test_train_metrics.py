@@ -48,3 +48,24 @@ def test_disabled_logger_writes_nothing(tmp_path):
     log.log_eval(1, 1.0, 1)
     log.close()
     assert out.getvalue() == "" and not (tmp_path / "tb").exists()
+
+
+def test_mfu_only_against_a_declared_peak_and_never_above_100_percent(tmp_path):
+    out = io.StringIO()
+    undeclared = MetricsLogger(tmp_path / "a", enabled=True, max_steps=10, flops_per_token=6e6,
+                               peak_flops_total=None, devices=2, stream=out)
+    undeclared.log_step(1, 4096, 5.5, 1e-3, 2.0, step_tokens=4096, seconds=2.0, memory=None, write=True)
+    undeclared.close()
+    row = json.loads((tmp_path / "a" / "metrics.jsonl").read_text())
+    assert "perf/mfu" not in row and row["perf/flops_per_sec_per_device"] == 6e6 * 2048 / 2
+    assert "MFU" not in out.getvalue() and "6.14 GFLOP/s/device" in out.getvalue()
+    out = io.StringIO()
+    too_low = MetricsLogger(tmp_path / "b", enabled=True, max_steps=10, flops_per_token=6e6,
+                            peak_flops_total=1e9, devices=2, stream=out)  # declared 0.5e9 per device, achieved 6.1e9
+    for step in (1, 2):
+        too_low.log_step(step, 4096, 5.5, 1e-3, 2.0, step_tokens=4096, seconds=2.0, memory=None, write=True)
+    too_low.close()
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all("perf/mfu" not in r for r in rows)
+    text = out.getvalue()
+    assert text.count("exceeds the declared peak") == 1 and "MFU" not in text.replace("MFU is not reported", "")

@@ -159,7 +159,7 @@ def test_embedded_default_runs_end_to_end(reference):
     m = metrics(run)
     assert sorted(m) == list(range(1, STEPS + 1))
     assert m[STEPS]["train/loss"] < m[1]["train/loss"] - 0.1  # it learns
-    assert all(m[s]["perf/mfu"] > 0 and m[s]["perf/tokens_per_sec"] > 0 for s in m)
+    assert all(0 < m[s]["perf/mfu"] <= 1 and m[s]["perf/tokens_per_sec"] > 0 for s in m)  # logging.peak_flops set
     # TensorBoard event files with the scalars the issue asks for, incl. Hope memory-state statistics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -50,7 +50,6 @@ like torchtitan (``6N + 12 L H d_head T``). Forward FLOPs per token have three p
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -160,39 +159,14 @@ def detect_device() -> str:
     return "unknown"
 
 
-_MEASURED_CPU: dict[tuple[str, int], float] = {}
-
-
-def measure_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 512, bursts: int = 5,
-                           seconds: float = 0.06) -> float:
-    """Matmul FLOP/s of this CPU at the current thread count: the best of a few short bursts, so that a
-    moment of contention from other processes does not lower it much (cached per process)."""
-    key = (str(dtype), torch.get_num_threads())
-    if key not in _MEASURED_CPU:
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
-        best = 0.0
-        for _ in range(bursts):
-            n, start = 0, time.perf_counter()
-            while (elapsed := time.perf_counter() - start) < seconds or n < 2:
-                a @ b
-                n += 1
-            best = max(best, 2.0 * size ** 3 * n / elapsed)
-        _MEASURED_CPU[key] = best
-    return _MEASURED_CPU[key]
-
-
-def peak_flops(device: str = "auto", precision: str = "bf16", override: float | None = None) -> float:
-    """Peak FLOP/s of one device: ``override`` if given, the table entry, or a measurement on CPU."""
+def peak_flops(device: str = "auto", precision: str = "bf16", override: float | None = None) -> float | None:
+    """Declared peak FLOP/s of one device: ``override`` (``logging.peak_flops``) if given, else the datasheet
+    value of a known device (``PEAK_FLOPS``; ``auto`` detects it). None for a CPU or an unknown device: no peak
+    is declared, so no MFU is reported (a measured CPU "peak" on a busy machine gave MFUs above 100%)."""
     if override is not None:
         return float(override)
     device = detect_device() if device == "auto" else device
-    if device == "cpu":
-        return measure_cpu_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
-    if device not in PEAK_FLOPS:
-        raise ValueError(f"no peak FLOP/s known for device {device!r}; set logging.peak_flops "
-                         f"(known devices: {sorted(PEAK_FLOPS)} and cpu)")
-    return PEAK_FLOPS[device][precision]
+    return PEAK_FLOPS[device][precision] if device in PEAK_FLOPS else None
 
 
 def mfu(flops_per_tok: float, tokens_per_second: float, peak_per_device: float, devices: int) -> float:

@@ -3,7 +3,10 @@
 Scalars written every ``logging.log_every`` steps (TensorBoard tag = JSON key):
 
     train/loss, train/lr, train/grad_norm           the optimizer step's mean loss, learning rate, global grad norm
-    perf/tokens_per_sec, perf/tokens_per_sec_per_device, perf/mfu, perf/step_time
+    perf/tokens_per_sec, perf/tokens_per_sec_per_device, perf/step_time
+    perf/flops_per_sec_per_device                   achieved model FLOP/s (flops.py's count) per device
+    perf/mfu                                        achieved / declared peak FLOP/s: only with a declared peak
+                                                    (logging.peak_flops or a known device), never above 1
     perf/peak_memory_gib                            peak GPU memory allocated (CPU: peak resident set size)
     hope/layer{i}/{eta,alpha,mem_w1_norm,mem_w2_norm}  memory state of each Titans layer after the last forward:
                                                     mean inner learning rate eta and retention alpha, and the
@@ -73,11 +76,12 @@ class MetricsLogger:
     """Writes metrics on the one logging rank; other ranks get a logger whose calls do nothing."""
 
     def __init__(self, log_dir: str | Path, enabled: bool, max_steps: int, flops_per_token: float,
-                 peak_flops_total: float, devices: int, stream=None):
+                 peak_flops_total: float | None, devices: int, stream=None):
         self.enabled = enabled
         self.max_steps = max_steps
         self.flops_per_token = flops_per_token
-        self.peak_flops_total = peak_flops_total
+        self.peak_flops_total = peak_flops_total  # None: no declared peak, so no MFU
+        self._warned_mfu = False
         self.devices = devices
         self.stream = stream or sys.stdout
         self.timer = StepTimer()
@@ -101,20 +105,39 @@ class MetricsLogger:
         if not (self.enabled and write):
             return
         tps = step_tokens / seconds if seconds > 0 else float("nan")
-        mfu = self.flops_per_token * tps / self.peak_flops_total if self.peak_flops_total > 0 else float("nan")
+        achieved = self.flops_per_token * tps  # model FLOP/s of all devices together
         scalars: dict[str, float] = {
             "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
             "perf/tokens_per_sec": tps, "perf/tokens_per_sec_per_device": tps / self.devices,
-            "perf/mfu": mfu, "perf/step_time": seconds, "perf/peak_memory_gib": peak_memory_gib(),
-            "progress/tokens": float(tokens_total),
+            "perf/flops_per_sec_per_device": achieved / self.devices, "perf/step_time": seconds,
+            "perf/peak_memory_gib": peak_memory_gib(), "progress/tokens": float(tokens_total),
         }
+        mfu = self._mfu(achieved)
+        if mfu is not None:
+            scalars["perf/mfu"] = mfu
         for key, value in (memory or {}).items():
             scalars[f"hope/{key}"] = value
         self._emit(step, scalars)
         eta = self.timer.eta(self.max_steps - step)
+        speed = f"MFU {100 * mfu:.2f}%" if mfu is not None else f"{achieved / self.devices / 1e9:,.2f} GFLOP/s/device"
         self.print(f"step {step:>6d}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad {grad_norm:.3f} | "
-                   f"{tps:,.0f} tok/s | MFU {100 * mfu:.2f}% | mem {scalars['perf/peak_memory_gib']:.2f} GiB | "
+                   f"{tps:,.0f} tok/s | {speed} | mem {scalars['perf/peak_memory_gib']:.2f} GiB | "
                    f"tokens {tokens_total:,} | ETA {format_duration(eta)}")
+
+    def _mfu(self, achieved: float) -> float | None:
+        """achieved / declared peak FLOP/s; None without a declared peak, or above 100% (then the declared peak is
+        wrong, which is said once, and the achieved FLOP/s are shown instead)."""
+        if not self.peak_flops_total or not math.isfinite(achieved):
+            return None
+        mfu = achieved / self.peak_flops_total
+        if mfu > 1.0:
+            if not self._warned_mfu:
+                self.print(f"metrics: achieved {achieved / self.devices:.3e} FLOP/s per device exceeds the declared "
+                           f"peak {self.peak_flops_total / self.devices:.3e} (logging.peak_flops or the device "
+                           "table): MFU is not reported")
+                self._warned_mfu = True
+            return None
+        return mfu
 
     def log_eval(self, step: int, loss: float, batches: int) -> None:
         if not self.enabled:
