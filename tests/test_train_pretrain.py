@@ -151,7 +151,7 @@ def reference(tmp_path_factory):
 
 def test_embedded_default_runs_end_to_end(reference):
     run, out = reference["run"], reference["out"]
-    assert "data: preparing the built-in corpus" in out
+    assert "holds no dataset: preparing the built-in corpus" in out and str(reference["data"]) in out
     assert (reference["data"] / "hope_data.json").is_file()
     step_lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(step_lines) == STEPS and all("tok/s" in s and "MFU" in s and "ETA" in s for s in step_lines)
@@ -282,3 +282,13 @@ def test_non_finite_update_is_never_saved(reference, tmp_path):
     code, out = pretrain(run, reference["data"], extra=longer)
     assert code == 0, out[-3000:]
     assert "step_00000008 at step 8" in out
+
+
+def test_mistyped_data_path_is_not_filled_with_the_builtin_corpus(tmp_path):
+    """data.prepare_builtin (on in the default config) fills only a folder named builtin-<tokenizer>-<seq_len>:
+    a mistyped path to a real dataset stops the run, naming data.path, instead of training on the built-in corpus."""
+    code, out = pretrain(tmp_path / "run", tmp_path / "data" / "fineweb-edu-32k-4096")
+    assert code == 2, out[-3000:]
+    assert f"data.path: {tmp_path / 'data' / 'fineweb-edu-32k-4096'} holds no prepared dataset" in out
+    assert "fills only a folder named builtin-byte-32" in out
+    assert not (tmp_path / "data").exists() and "preparing" not in out

@@ -57,7 +57,8 @@ class PrepareConfig:
     shuffle, ...), passed to the loader unchanged.
     """
 
-    prepare_builtin: bool = False  # prepare the built-in offline corpus into ``data.path`` if it is absent
+    # prepare the built-in offline corpus into ``data.path`` if it is absent and named builtin-<tokenizer>-<seq_len>
+    prepare_builtin: bool = False
     builtin_max_mb: float | None = 4.0  # how much of the built-in corpus to tokenize (None: all of it)
     builtin_val_fraction: float = 0.02  # fraction of its documents held out as the validation split
     tokenizer: str = "byte"  # tokenizer used when preparing

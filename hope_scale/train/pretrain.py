@@ -92,9 +92,18 @@ def run(args: argparse.Namespace) -> int:
 # data
 
 
+def builtin_folder_name(cfg: TrainConfig) -> str:
+    """The only folder name ``data.prepare_builtin`` fills: ``builtin-<tokenizer>-<seq_len>`` (builtin-byte-128)."""
+    tok = cfg.prepare.tokenizer
+    return f"builtin-{'byte' if tok == 'byte' else Path(tok).stem}-{cfg.train.seq_len}"
+
+
 def ensure_data(cfg: TrainConfig, rank: int) -> None:
     """Prepare the built-in corpus into ``data.path`` if asked and absent (rank 0; others wait), then check
-    that a local dataset fits the model (sequence length, vocabulary) before anything expensive starts."""
+    that a local dataset fits the model (sequence length, vocabulary) before anything expensive starts.
+
+    The built-in corpus is prepared only into a folder named ``builtin_folder_name(cfg)``: a mistyped path to
+    a real dataset is an error, never silently filled with the built-in corpus and trained on."""
     from hope_scale.data.manifest import MANIFEST_NAME, read_manifest
 
     path = cfg.data.path
@@ -102,14 +111,19 @@ def ensure_data(cfg: TrainConfig, rank: int) -> None:
         return  # a mixture or remote data: the loader checks it
     root = Path(path)
     if read_manifest(root) is None:
-        if not cfg.prepare.prepare_builtin:
-            raise ConfigError(f"data.path: {root} holds no prepared dataset ({MANIFEST_NAME} missing); run "
-                              "`hope-scale prepare-data` or set data.prepare_builtin=true")
+        expected = builtin_folder_name(cfg)
+        if not cfg.prepare.prepare_builtin or root.name != expected:
+            why = (f"; data.prepare_builtin fills only a folder named {expected} (so that a mistyped path is not "
+                   f"silently filled with the built-in corpus)" if cfg.prepare.prepare_builtin else
+                   "; or set data.prepare_builtin=true with a folder named " + expected)
+            raise ConfigError(f"data.path: {root} holds no prepared dataset ({MANIFEST_NAME} missing): check the "
+                              f"path, or run `hope-scale prepare-data`{why}")
         if rank == 0:
             from data_prep.prepare import prepare_builtin
 
-            print(f"data: preparing the built-in corpus into {root} (seq_len {cfg.train.seq_len}, "
-                  f"tokenizer {cfg.prepare.tokenizer}) ...", flush=True)
+            print(f"data: {root} holds no dataset: preparing the built-in corpus (Python's documentation and "
+                  f"standard library, {cfg.prepare.builtin_max_mb or 'all'} MB, tokenizer {cfg.prepare.tokenizer}, "
+                  f"seq_len {cfg.train.seq_len}) into {root.resolve()} ...", flush=True)
             started = time.perf_counter()
             prepare_builtin(root, seq_len=cfg.train.seq_len, tokenizer=cfg.prepare.tokenizer,
                             max_mb=cfg.prepare.builtin_max_mb, val_fraction=cfg.prepare.builtin_val_fraction)
