@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from pathlib import Path
+
 import pytest
 
 from data_prep.prepare import PrepareConfig, prepare_dataset
@@ -124,18 +126,36 @@ def test_val_loader_is_finite_fixed_and_split_over_ranks(tmp_path, shakespeare):
     assert len(limited) == 2 and len(list(limited)) == 2
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_corrupt_shard_is_refused(small_dataset, tmp_path, num_workers):
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_shard_is_refused_when_the_loader_is_built(small_dataset, tmp_path):
+    """Every shard of the split is checked when the loader is built (before a run's first step)."""
     import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(small_dataset, bad)
     shard = sorted((bad / "train").glob("shard.*.mds.zstd"))[1]
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte
-    shard.write_bytes(bytes(data))
+    _flip_a_byte(shard)
+    with pytest.raises(ShardError, match=rf"bad/train: 1 shard\(s\) differ .* found before training: .*{shard.name}: "
+                                         "xxh64 checksum mismatch"):
+        build_train_loader({"path": str(bad), "num_workers": 0, "cache_dir": str(tmp_path / "cache")},
+                           seq_len=SEQ, micro_batch_size=4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_shard_corrupted_after_start_is_refused_when_fetched(small_dataset, tmp_path, num_workers):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(small_dataset, bad)
     loader = build_train_loader({"path": str(bad), "shuffle": False, "num_workers": num_workers,
                                  "cache_dir": str(tmp_path / "cache")}, seq_len=SEQ, micro_batch_size=4)
+    shard = sorted((bad / "train").glob("shard.*.mds.zstd"))[1]
+    _flip_a_byte(shard)  # after the start-up check: streaming's check on the way into the cache finds it
     with pytest.raises(ShardError, match=rf"{shard.name} of .*bad/train is unusable: Checksum failure"):
         for _ in range(N_SAMPLES // 4):
             next(loader)
@@ -154,3 +174,66 @@ def test_configuration_errors(small_dataset, tmp_path):
         build_train_loader({**cfg, "path": str(tmp_path)}, seq_len=SEQ, micro_batch_size=2)
     with pytest.raises(DataConfigError, match="split is empty"):
         build_val_loader(cfg, seq_len=SEQ, micro_batch_size=2)
+
+
+def test_corrupted_cache_copy_is_verified_and_fetched_again(small_dataset, tmp_path, capsys):
+    """A cached copy of a shard that was corrupted after it entered the cache is checked against the index when
+    the next loader is built, removed and fetched again: the batches are the right ones, not garbage."""
+    cfg = {"path": str(small_dataset), "shuffle": False, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}
+
+    def epoch():
+        loader = build_train_loader(cfg, seq_len=SEQ, micro_batch_size=4)
+        keys = [k for _ in range(N_SAMPLES // 4) for k in sample_keys(*next(loader))]
+        loader.close()
+        return keys
+
+    first = epoch()
+    cached = sorted((tmp_path / "cache").glob("*/train/shard.*.mds"))
+    assert len(cached) > 1
+    _flip_a_byte(cached[1])
+    capsys.readouterr()
+    assert epoch() == first
+    assert f"{cached[1]}: cached copy fails its xxh64 check (corrupted); removed" in capsys.readouterr().out
+
+
+_HOLD_A_LOADER = """
+import signal, sys, time
+from hope_scale.data.loader import build_train_loader
+loader = build_train_loader({"path": sys.argv[1], "num_workers": 0, "cache_dir": sys.argv[2]}, seq_len=32,
+                            micro_batch_size=4)
+print("ready", flush=True)  # built, never iterated: like a validation loader before the first evaluation
+time.sleep(600)
+"""
+
+
+def test_cache_is_one_jobs_and_a_killed_jobs_shared_memory_is_cleaned(small_dataset, tmp_path, capsys):
+    """While a job runs, a second job on its cache folder is refused naming data.cache_dir; once its process
+    group is killed with SIGKILL (its shared memory left behind), a new job on that folder starts; another job running on its
+    own cache folder the whole time is not disturbed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    ours = {"path": str(small_dataset), "num_workers": 0, "cache_dir": str(tmp_path / "ours")}
+    other = build_train_loader({**ours, "cache_dir": str(tmp_path / "other")}, seq_len=SEQ, micro_batch_size=4)
+    before = sample_keys(*next(other))
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    job = subprocess.Popen([sys.executable, "-c", _HOLD_A_LOADER, str(small_dataset), str(tmp_path / "ours")],
+                           stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert job.stdout.readline().strip() == "ready"
+        with pytest.raises(DataConfigError, match=rf"data.cache_dir: the shard cache .*ours.* is in use by another "
+                                                  rf"running process \(pid {job.pid}\)"):
+            build_train_loader(ours, seq_len=SEQ, micro_batch_size=4)
+    finally:  # the whole process group, as scancel or an OOM kill does (python's resource tracker included)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    capsys.readouterr()
+    restarted = build_train_loader(ours, seq_len=SEQ, micro_batch_size=4)  # used to fail: "Reused local directory"
+    assert "removed 1 stale shared-memory registration(s) of a killed job" in capsys.readouterr().out
+    assert len(sample_keys(*next(restarted))) == 4
+    assert len(sample_keys(*next(other))) == 4 and before  # the other job keeps going
+    restarted.close()
+    other.close()

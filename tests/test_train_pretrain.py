@@ -292,3 +292,34 @@ def test_mistyped_data_path_is_not_filled_with_the_builtin_corpus(tmp_path):
     assert f"data.path: {tmp_path / 'data' / 'fineweb-edu-32k-4096'} holds no prepared dataset" in out
     assert "fills only a folder named builtin-byte-32" in out
     assert not (tmp_path / "data").exists() and "preparing" not in out
+
+
+def test_restart_after_the_whole_job_is_killed(reference, tmp_path):
+    """kill -9 of the whole process group (scancel, preemption, a cgroup OOM kill) before the first evaluation
+    leaves streaming's shared memory of the validation loader behind; the restart removes it and resumes."""
+    run = tmp_path / "group-killed"
+    every2 = ["checkpoint.every_steps=2"]
+    code, out = pretrain(run, reference["data"], extra=every2, kill_after_line="step      3/")
+    assert code == -signal.SIGKILL, out[-3000:]
+    assert (run / "ckpt" / "latest").read_text().strip() == "step_00000002"
+    code, out = pretrain(run, reference["data"], extra=every2)
+    assert code == 0, out[-4000:]  # used to fail: "ValueError: Reused local directory ... /val"
+    assert "removed 1 stale shared-memory registration(s) of a killed job" in out
+    assert "step_00000002 at step 2" in out
+    assert losses(run, range(3, STEPS + 1)) == losses(reference["run"], range(3, STEPS + 1))
+
+
+def test_corrupt_validation_shard_is_found_before_step_1(reference, tmp_path):
+    """Every split the run reads is verified at start-up: a corrupt validation shard stops the run before any
+    step (it used to be found at the first evaluation, losing the steps since the last save)."""
+    data = tmp_path / "data" / "builtin-byte-32"
+    shutil.copytree(reference["data"], data)
+    shard = sorted((data / "val").glob("shard.*"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    code, out = pretrain(tmp_path / "run", data)
+    assert code == 2, out[-3000:]
+    assert f"{data / 'val'}: 1 shard(s) differ from what prepare-data wrote, found before training" in out
+    assert f"{shard.name}: xxh64 checksum mismatch" in out
+    assert "step      1/" not in out and not list((tmp_path / "run" / "ckpt").iterdir())

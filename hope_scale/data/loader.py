@@ -19,6 +19,12 @@ local or remote (s3://, gs://, ...). Shards are copied (downloaded) into ``cache
 against the xxh64 hashes of the index on the way, so a corrupt shard stops the run with a
 "Checksum failure" error instead of feeding garbage; local data needs no network.
 
+Verified when a loader is built, i.e. at start-up before the first step (``hope_scale.data.cache``): every
+shard of a local dataset's split against its index (a corrupt validation shard is found before training, not
+at the first evaluation), and every copy already in the cache (a bad one is removed and fetched again). The
+cache folder is locked for the job, and streaming's shared memory left by a killed job on the same folder is
+removed, so a restart after ``kill -9`` of the whole job works.
+
 Parallel layout: the loader only takes the data-parallel rank and size. Every process of one DP
 replica (all its tensor- and pipeline-parallel ranks) passes the same ``dp_rank`` and so receives
 the same batches; different DP ranks receive disjoint samples. Internally, mosaicml-streaming
@@ -39,6 +45,7 @@ import hashlib
 import math
 import os
 import tempfile
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,7 +55,8 @@ import torch
 from streaming import Stream, StreamingDataset
 from streaming.base.world import World
 
-from .manifest import TOKENS_COLUMN
+from .cache import CacheInUseError, claim, clean_stale_registrations, release, verify_cached_copies
+from .manifest import TOKENS_COLUMN, verify_split
 
 
 class DataConfigError(ValueError):
@@ -232,6 +240,7 @@ def _make_dataset(
         root = spec["path"] if _is_remote(spec["path"]) else _local_path(spec["path"])
         weights = {k: spec[k] for k in ("proportion", "repeat", "choose") if k in spec} if weighted else {}
         streams.append(Stream(remote=root, local=_cache_folder(cfg.cache_dir, root, split), split=split, **weights))
+    claimed = _prepare_node(cfg, streams, split)
     try:
         dataset = TokenDataset(
             dp_rank=dp_rank,
@@ -249,12 +258,73 @@ def _make_dataset(
             predownload=cfg.predownload,
             download_timeout=cfg.download_timeout,
         )
-    except RuntimeError as err:
-        if "contains no samples" in str(err):
+    except BaseException as err:
+        for local in claimed:
+            release(local)
+        if isinstance(err, RuntimeError) and "contains no samples" in str(err):
             raise DataConfigError(f"the {split} split is empty: {err}") from err
         raise
+    dataset.release_cache = weakref.finalize(dataset, lambda: [release(local) for local in claimed])
     _check_sample_length(dataset, seq_len)
     return dataset
+
+
+def _prepare_node(cfg: DataConfig, streams: list[Stream], split: str) -> list[str]:
+    """Before a dataset is built, on the node's local leader: claim each stream's cache folder, remove a dead
+    job's shared memory for them, verify a local source split and the cached copies (``hope_scale.data.cache``).
+    Collective when torch.distributed is initialized: the other ranks wait, and all raise the same error.
+    Returns the cache folders this process claimed (released with the dataset)."""
+    claimed: list[str] = []
+    error = None
+    if World.detect().is_local_leader:
+        try:
+            fresh = []
+            for stream in streams:
+                if claim(stream.local):
+                    fresh.append(stream.local)
+                claimed.append(stream.local)
+            registered = [os.path.abspath(os.path.join(local, split)) for local in fresh]  # as streaming records them
+            if registered and (removed := clean_stale_registrations(registered)):
+                print(f"data: removed {removed} stale shared-memory registration(s) of a killed job for "
+                      f"{registered}", flush=True)
+            for stream in streams:
+                error = error or _verify_stream(stream, split, cfg.validate_hash)
+        except CacheInUseError as err:
+            error = DataConfigError(f"data.cache_dir: {err}; two jobs on one machine need different data.cache_dir")
+    error = _agree(error)
+    if error is not None:
+        for local in claimed:
+            release(local)
+        raise error
+    return claimed
+
+
+def _verify_stream(stream: Stream, split: str, algo: str | None) -> Exception | None:
+    """A local source split must match its index; cached copies that do not are removed (and fetched again)."""
+    source_index = None
+    if not _is_remote(stream.remote):
+        source = Path(stream.remote) / split
+        problems = verify_split(source, hash_algo=algo)
+        if problems:
+            return ShardError(f"{source}: {len(problems)} shard(s) differ from what prepare-data wrote, found "
+                              f"before training: {'; '.join(problems[:5])}. Prepare the dataset again.")
+        source_index = (source / "index.json").read_bytes()
+    if algo is not None:
+        for message in verify_cached_copies(stream.local, split, source_index, algo):
+            print(f"data: {message}", flush=True)
+    return None
+
+
+def _agree(error: Exception | None) -> Exception | None:
+    """The first rank's error, on every rank (collective when torch.distributed is initialized)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return error
+    errors: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, None if error is None else (type(error).__name__, str(error)))
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return None
+    return error or (ShardError if first[0] == "ShardError" else DataConfigError)(first[1])
 
 
 def _check_sample_length(dataset: TokenDataset, seq_len: int) -> None:
@@ -336,9 +406,11 @@ class TrainLoader:
         self.dataset.load_state_dict(dict(state))
 
     def close(self) -> None:
-        """Stop workers and release the shared memory of the underlying StreamingDataset."""
+        """Stop workers and release the shared memory and cache folder of the underlying StreamingDataset."""
         self._batches = None
         self._loader = None  # type: ignore[assignment]
+        if self.dataset is not None:
+            self.dataset.release_cache()
         self.dataset = None
 
 
@@ -362,6 +434,8 @@ class ValLoader:
 
     def close(self) -> None:
         self._loader = None  # type: ignore[assignment]
+        if self.dataset is not None:
+            self.dataset.release_cache()
         self.dataset = None
 
 

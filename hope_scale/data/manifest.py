@@ -69,12 +69,13 @@ def verify_split(split_dir: str | os.PathLike, *, hash_algo: str | None = "xxh64
             problems.append(f"{path}: missing")
         elif path.stat().st_size != info["bytes"]:
             problems.append(f"{path}: {path.stat().st_size} bytes, index says {info['bytes']}")
-        elif hash_algo and _hash(hash_algo, path.read_bytes()) != info["hashes"][hash_algo]:
+        elif hash_algo and hash_bytes(hash_algo, path.read_bytes()) != info["hashes"][hash_algo]:
             problems.append(f"{path}: {hash_algo} checksum mismatch (corrupt shard)")
     return problems
 
 
-def _hash(algo: str, data: bytes) -> str:
+def hash_bytes(algo: str, data: bytes) -> str:
+    """Hex digest of ``data`` with one of streaming's hash algorithms (``SHARD_HASHES``)."""
     from streaming.base.hashing import get_hash  # imported here: `import streaming` takes seconds
 
     return get_hash(algo, data)

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from hope_scale.data.loader import DataConfigError, ShardError
+
     trainer = None
     try:
         trainer = Trainer(cfg, resume=args.resume)
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingFailed, SaveFailedError) as e:
         print(f"hope-scale pretrain: {e}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataConfigError, ShardError) as e:
         print(f"hope-scale pretrain: {e}", file=sys.stderr)
         return 2
     finally:
