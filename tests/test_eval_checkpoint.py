@@ -115,3 +115,32 @@ def test_trainer_checkpoint_format(tmp_path, monkeypatch):
     rank0.write_bytes(rank0.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="truncated|checksum"):
         load_checkpoint(tmp_path / "ckpt")
+
+
+def test_eval_and_generate_say_which_checkpoint_they_use(tmp_path, capsys):
+    """Pointed at a checkpoint root whose newest checkpoint is corrupt, eval and generate use the previous one
+    and say so: which one is used, and why the newer one was refused."""
+    from hope_scale.cli import main
+    from hope_scale.parallel.engine import STATE_FORMAT
+    from hope_scale.train.checkpoint import CheckpointManager, rank_file
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="transformer", d_model=16, n_layers=1, n_heads=2))
+    params = {name: {"global_shape": list(p.shape), "box": [[0, n] for n in p.shape], "value": p.detach().clone()}
+              for name, p in model.named_parameters()}
+    engine = {"format": STATE_FORMAT, "model_config": model.cfg.to_dict(), "steps": 0, "cms_schedule": {},
+              "group_steps": {}, "params": params}
+    root = tmp_path / "ckpt"
+    manager = CheckpointManager(root, log=lambda m: None)
+    for step in (1, 2):
+        manager.save(step, {"engine": engine, "rng": {}}, {"step": step}, {"config": {"data": {}}})
+    newest = root / "step_00000002" / rank_file(0)
+    newest.write_bytes(newest.read_bytes()[:-10])
+    (tmp_path / "text.txt").write_text("To be, or not to be, that is the question. " * 20)
+    for argv in (["generate", "--checkpoint", str(root), "--prompt", "To be", "--max-new-tokens", "2", "--seed", "0"],
+                 ["eval", "perplexity", "--checkpoint", str(root), "--text", str(tmp_path / "text.txt"),
+                  "--context-len", "16", "--mode", "fixed", "--out", str(tmp_path / "ppl.json"), "--no-plot"]):
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert f"REFUSING {root / 'step_00000002'}" in err and "truncated" in err
+        assert f"checkpoint: using {root / 'step_00000001'} (step 1)" in err

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,16 +109,22 @@ def save_checkpoint(path: str | os.PathLike, model: LanguageModel, tokenizer: To
     return target
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> LoadedModel:
-    """Load a checkpoint of any supported format into an eval-mode model on ``device``."""
+                    dtype: torch.dtype | None = None, log: Callable[[str], None] = _to_stderr) -> LoadedModel:
+    """Load a checkpoint of any supported format into an eval-mode model on ``device``. ``log`` (stderr by
+    default) is told which checkpoint is used and, for a trainer checkpoint root, why newer ones were refused."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if p.is_dir() and not (p / CHECKPOINT_FILE).is_file():
-        loaded = _load_trainer_checkpoint(p, device)
+        loaded = _load_trainer_checkpoint(p, device, log)
     else:
         loaded = _load_eval_checkpoint(_checkpoint_file(p))
+    log(f"checkpoint: using {loaded.path}" + (f" (step {loaded.meta['step']})" if "step" in loaded.meta else ""))
     if dtype is not None:
         loaded.model.to(dtype=dtype)
     loaded.model.to(device).eval()
@@ -144,7 +152,7 @@ def _load_eval_checkpoint(file: Path) -> LoadedModel:
     return LoadedModel(model, tokenizer, cfg, str(file), FORMAT_NAME, dict(payload.get("meta") or {}))
 
 
-def _load_trainer_checkpoint(folder: Path, device) -> LoadedModel:
+def _load_trainer_checkpoint(folder: Path, device, log: Callable[[str], None]) -> LoadedModel:
     """A trainer checkpoint (``hope_scale/train/checkpoint.py``): ``folder`` is a checkpoint root (its newest
     valid checkpoint is used) or one ``step_N`` folder. Files are verified (sizes, sha256) by the trainer's
     own manager; the sharded fp32 weights of all rank files are consolidated into one model (any layout:
@@ -158,7 +166,12 @@ def _load_trainer_checkpoint(folder: Path, device) -> LoadedModel:
         raise CheckpointError(f"{folder} holds no {CHECKPOINT_FILE}, and the trainer's checkpoint code "
                               f"(hope_scale.train) cannot be imported: {err}") from None
     messages: list[str] = []
-    manager = CheckpointManager(folder, log=messages.append)
+
+    def record(message: str) -> None:  # a refused newer checkpoint is said at once, and kept in the result
+        messages.append(message)
+        log(message)
+
+    manager = CheckpointManager(folder, log=record)
     try:
         found = manager.load(folder)
     except TrainCheckpointError as err:
