@@ -21,3 +21,17 @@ cleanup_deepspeed_shm() {
   rm -f /dev/shm/deepspeed_allreduce_buffer_*_"${MASTER_PORT}"_* 2>/dev/null || true
 }
 trap cleanup_deepspeed_shm EXIT
+
+# Run a command in the background and pass SIGTERM / SIGINT on to it, returning its exit code once it has
+# finished: the script does not end (and its launcher does not count the task as done) while the trainer still
+# saves the checkpoint the signal asked for.
+run_forwarding_signals() {
+  "$@" &
+  local child=$! rc=0
+  trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+  trap 'kill -INT "$child" 2>/dev/null || true' INT
+  while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done  # a trapped signal interrupts wait
+  wait "$child" || rc=$?
+  trap - TERM INT
+  return "$rc"
+}

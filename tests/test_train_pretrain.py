@@ -323,3 +323,64 @@ def test_corrupt_validation_shard_is_found_before_step_1(reference, tmp_path):
     assert f"{data / 'val'}: 1 shard(s) differ from what prepare-data wrote, found before training" in out
     assert f"{shard.name}: xxh64 checksum mismatch" in out
     assert "step      1/" not in out and not list((tmp_path / "run" / "ckpt").iterdir())
+
+
+_FAKE_SLURM = {  # stand-ins for the SLURM commands launch/slurm.sbatch calls, on one host
+    "srun": """#!/usr/bin/env bash
+while [[ $1 == --* ]]; do shift; done  # srun's own options
+export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 SLURM_NTASKS_PER_NODE=1
+setsid "$@" &  # one task, in its own process group (slurmd signals every process of a step)
+echo $! > "$FAKE_SLURM/task"
+wait $!
+""",
+    "scancel": """#!/usr/bin/env bash
+echo "scancel $*" >> "$FAKE_SLURM/calls"
+[[ $1 == --signal=TERM ]] && kill -TERM -- "-$(cat "$FAKE_SLURM/task")"
+""",
+    "scontrol": """#!/usr/bin/env bash
+if [[ $1 == show ]]; then echo localhost; else echo "scontrol $*" >> "$FAKE_SLURM/calls"; fi
+""",
+}
+
+
+def test_slurm_job_saves_and_requeues_itself_before_the_time_limit(reference, tmp_path):
+    """launch/slurm.sbatch under stand-ins for srun / scancel / scontrol: SLURM's USR1 before the time limit makes
+    the tasks save and stop, the job requeues itself, and the requeued job (the script run again) finishes the
+    run from that checkpoint with the uninterrupted run's losses."""
+    from hope_scale.parallel.launch import free_port
+
+    fake = tmp_path / "slurm"
+    (fake / "bin").mkdir(parents=True)
+    for name, text in _FAKE_SLURM.items():
+        (fake / "bin" / name).write_text(text)
+        (fake / "bin" / name).chmod(0o755)
+    run = tmp_path / "job"
+    run.mkdir()
+    env = dict(_env(run), PATH=f"{fake / 'bin'}{os.pathsep}{os.environ['PATH']}", FAKE_SLURM=str(fake),
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_SUBMIT_DIR=str(REPO),
+               MASTER_PORT=str(free_port()))
+    cmd = ["bash", str(REPO / "launch" / "slurm.sbatch"), CPU_CONFIG, *_run_args(run, reference["data"])]
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step      3/"):
+                proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@600 does
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    stopped = int(out.split("train: stopping at step ")[1].split()[0])
+    assert 3 <= stopped < STEPS and (run / "ckpt" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    assert (fake / "calls").read_text().splitlines() == ["scancel --signal=TERM 4242", "scontrol requeue 4242"]
+
+    requeued = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert requeued.returncode == 0, requeued.stdout[-4000:]
+    assert f"at step {stopped} " in requeued.stdout
+    assert (fake / "calls").read_text().splitlines() == ["scancel --signal=TERM 4242", "scontrol requeue 4242"]
+    assert losses(run, range(stopped + 1, STEPS + 1)) == losses(reference["run"], range(stopped + 1, STEPS + 1))
