@@ -35,13 +35,14 @@ import yaml
 from hope_scale.dicts import deep_merge
 from hope_scale.model import ConfigError, ModelConfig
 from hope_scale.parallel.layout import LayoutError, ParallelLayout
+from hope_scale.resources import config_dir, named_model_config
 
 from .flops import PEAK_FLOPS
 
 if typing.TYPE_CHECKING:
     from hope_scale.data.loader import DataConfig as LoaderDataConfig
 
-TRAIN_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
+TRAIN_CONFIG_DIR = config_dir("train")
 DEFAULT_CONFIG = TRAIN_CONFIG_DIR / "hope-tiny-cpu.yaml"
 
 
@@ -246,12 +247,12 @@ class TrainConfig:
 
 def _build_model(raw: Any) -> tuple[ModelConfig, str | None]:
     if isinstance(raw, str):
-        return ModelConfig.named(raw), raw
+        return named_model_config(raw), raw
     if not isinstance(raw, dict):
         raise ConfigError(f"model: expected a name or a mapping, got {type(raw).__name__}")
     fields = dict(raw)
     name = fields.pop("name", None)
-    base = ModelConfig.named(name).to_dict() if name is not None else {}
+    base = named_model_config(name).to_dict() if name is not None else {}
     base.update(fields)
     try:
         return ModelConfig.from_dict(base), name
