@@ -123,7 +123,7 @@ def reference_run(cfg: dict, batches, clip: float = CLIP, dtype: torch.dtype = t
 def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
     """Single-process training without DeepSpeed: mean micro-batch loss, clip over all gradients, then the CMS
     schedule (accumulate / hide / hand the mean), then AdamW with the engine's param groups."""
-    from hope_scale.parallel.engine import CMSPeriodSchedule, cms_level_of, decays
+    from hope_scale.train.step import CMSPeriodSchedule, cms_level_of, decays
 
     mc = ModelConfig.from_dict(cfg)
     torch.manual_seed(0)

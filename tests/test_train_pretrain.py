@@ -160,6 +160,10 @@ def test_embedded_default_runs_end_to_end(reference):
     assert sorted(m) == list(range(1, STEPS + 1))
     assert m[STEPS]["train/loss"] < m[1]["train/loss"] - 0.1  # it learns
     assert all(0 < m[s]["perf/mfu"] <= 1 and m[s]["perf/tokens_per_sec"] > 0 for s in m)  # logging.peak_flops set
+    clipped = [m[s]["train/grad_norm"] > 1.0 for s in sorted(m)]  # optimizer.grad_clip 1.0
+    assert [m[s]["train/clipped_fraction"] for s in sorted(m)] == [sum(clipped[:i + 1]) / (i + 1) for i in range(STEPS)]
+    assert (f"fraction of clipped steps {sum(clipped) / STEPS:.3f} ({sum(clipped)} of {STEPS}, clip 1)"
+            in out.splitlines()[-1])
     # TensorBoard event files with the scalars the issue asks for, incl. Hope memory-state statistics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -168,8 +172,8 @@ def test_embedded_default_runs_end_to_end(reference):
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_sec", "perf/mfu",
-                "perf/peak_memory_gib", "eval/loss", "hope/layer0/eta", "hope/layer1/alpha",
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/clipped_fraction", "perf/tokens_per_sec",
+                "perf/mfu", "perf/peak_memory_gib", "eval/loss", "hope/layer0/eta", "hope/layer1/alpha",
                 "hope/layer0/mem_w1_norm", "hope/layer1/mem_w2_norm"):
         assert tag in tags, tag
     assert len(acc.Scalars("train/loss")) == STEPS
@@ -202,6 +206,7 @@ def test_kill_and_preemption_then_resume_is_bit_exact(reference, tmp_path):
         assert got[step]["train/loss"] == ref[step]["train/loss"], step
         assert got[step]["train/grad_norm"] == ref[step]["train/grad_norm"], step
         assert got[step]["train/lr"] == ref[step]["train/lr"], step
+        assert got[step]["train/clipped_fraction"] == ref[step]["train/clipped_fraction"], step
     assert got[STEPS]["progress/tokens"] == ref[STEPS]["progress/tokens"]
 
 

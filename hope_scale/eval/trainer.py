@@ -1,29 +1,26 @@
-"""A small single-process trainer for CPU experiments: synthetic tasks, text, and continual learning.
+"""Training the small models of the evaluation benchmarks: a run of ``TrainStep`` (hope_scale/train/step.py)
+on one process, in pieces if wanted, within optional wall-time / CPU-time budgets.
 
-This is not the production trainer (``hope_scale/train``, distributed, sharded checkpoints); it trains the
-tiny models that the evaluation benchmarks need, in minutes, with the same update rules:
-
-* AdamW (betas 0.9/0.95, weight decay on matrices only), linear warm-up then cosine decay, gradient
-  clipping;
-* for Hope / Hope-Attention the CMS update schedule of pretraining (``CMSGradientSchedule``, paper
-  Eq. 71): a CMS level's parameters are stepped only when its period (in stream tokens) has elapsed,
-  with the mean of the gradients accumulated since its last step.
+Every update -- AdamW with pretraining's parameter groups, the learning-rate schedule (linear warm-up, cosine to
+``min_lr_ratio``), gradient clipping and, for Hope / Hope-Attention, the CMS update schedule (paper Eq. 71: a
+level steps only when its period of stream tokens has elapsed, with the mean of the gradients since its last
+step) -- is the shared training step of ``hope_scale.train``, the rules pretraining applies at any scale. This
+module only runs it: batches, budgets, the loss history and a result summary.
 
 Batches come from a ``batch_fn(step) -> (inputs [B, T], labels [B, T])`` (labels -100 are ignored).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from hope_scale.model.cms import CMSGradientSchedule, cms_level_parameters
+from hope_scale.train.schedules import LRSchedule
+from hope_scale.train.step import OptimizerSettings, TrainStep
 
 from .corpus import random_windows
 from .niah import NIAHGenerator
@@ -46,22 +43,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    def train_step(self, model: torch.nn.Module) -> TrainStep:
+        """The shared training step for ``model`` with these settings (AdamW betas 0.9/0.95, cosine schedule)."""
+        schedule = LRSchedule("cosine", self.lr, max(1, self.steps), self.warmup_steps, self.min_lr_ratio)
+        return TrainStep(model, OptimizerSettings(lr=self.lr, weight_decay=self.weight_decay), schedule,
+                         self.grad_clip, cms_schedule=self.cms_schedule)
 
 
 class Trainer:
@@ -71,9 +57,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
                  cfg: TrainConfig, name: str = ""):
         self.model, self.batch_fn, self.cfg, self.name = model, batch_fn, cfg, name
-        self.opt = make_optimizer(model, cfg)
-        self.schedule = CMSGradientSchedule(model) if cfg.cms_schedule and cms_level_parameters(model) else None
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.train_step = cfg.train_step(model)
         self.step, self.tokens, self.seconds, self.cpu_seconds = 0, 0, 0.0, 0.0
         self.history: list[float] = []
 
@@ -88,24 +72,12 @@ class Trainer:
                 break
             if cfg.cpu_budget_s is not None and self.cpu_seconds + time.process_time() - c0 >= cfg.cpu_budget_s:
                 break
-            for group in self.opt.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
-            x, y = self.batch_fn(self.step)
-            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), ignore_index=-100)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            n_tokens = int(x.numel())
-            if self.schedule is not None:
-                self.schedule.apply(n_tokens)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], cfg.grad_clip)
-            self.opt.step()
-            self.tokens += n_tokens
-            self.history.append(float(loss.detach()))
+            out = self.train_step.step([self.batch_fn(self.step)])
+            self.tokens += out["tokens"]
+            self.history.append(out["loss"])
             if log and cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps - 1):
                 log(f"[train {self.name}] step {self.step:5d}  loss {np.mean(self.history[-cfg.log_every:]):.4f}  "
-                    f"lr {lr_at(self.step, cfg):.2e}  tokens {self.tokens}  "
-                    f"{self.seconds + time.perf_counter() - t0:.1f}s")
+                    f"lr {out['lr']:.2e}  tokens {self.tokens}  {self.seconds + time.perf_counter() - t0:.1f}s")
             self.step += 1
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.process_time() - c0
@@ -116,7 +88,8 @@ class Trainer:
         h = self.history
         out = {"steps": len(h), "tokens": self.tokens, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
                "loss_first": float(np.mean(h[:10])) if h else float("nan"),
-               "final_loss": float(np.mean(h[-min(20, len(h)):])) if h else float("nan")}
+               "final_loss": float(np.mean(h[-min(20, len(h)):])) if h else float("nan"),
+               "clipped_fraction": self.train_step.clips.fraction}
         if keep_history:
             out["loss_history"] = list(h)
         return out

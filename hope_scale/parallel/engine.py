@@ -12,11 +12,9 @@ See docs/parallelism.md for the design.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,6 +24,7 @@ from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.config import ModelConfig
 from hope_scale.model.lm import build_model
 from hope_scale.model.titans import SelfModifyingTitans
+from hope_scale.train.step import CMSPeriodSchedule, OptimizerSettings, cms_level_of, param_groups
 
 from .ds_config import build_deepspeed_config
 from .layout import LayoutError, ParallelLayout, RankInfo, init_distributed
@@ -34,33 +33,6 @@ from .parallelize import ModelPart, ShardSpec, parallelize
 
 STATE_FORMAT = "hope-scale/rank-state/v1"
 PRECISIONS = ("fp32", "bf16", "fp64")  # fp64: ZeRO-0 and DP=1 only, for exact layout-equivalence tests
-_CMS_NAME = re.compile(r"^blocks\.\d+\.cms\.levels\.(\d+)\.")
-
-
-@dataclass
-class OptimizerSettings:
-    lr: float = 3e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-
-    @classmethod
-    def coerce(cls, value: "OptimizerSettings | dict | None") -> "OptimizerSettings":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        unknown = sorted(set(value) - {"lr", "betas", "eps", "weight_decay"})
-        if unknown:
-            raise ValueError(f"optimizer: unknown key(s) {unknown}")
-        out = cls(**value)
-        out.betas = tuple(out.betas)
-        return out
-
-
-def cms_level_of(name: str) -> int | None:
-    m = _CMS_NAME.match(name)
-    return int(m.group(1)) if m else None
 
 
 def state_keys(name: str) -> tuple[str, ...]:
@@ -74,42 +46,6 @@ def checkpoint_bytes(cfg: ModelConfig) -> int:
     with torch.device("meta"):
         model = build_model(cfg)
     return sum(4 * p.numel() * (1 + len(state_keys(name))) for name, p in model.named_parameters())
-
-
-def decays(name: str, p: torch.Tensor) -> bool:
-    """Weight decay on matrices and memory initial states; none on gains, biases and other vectors."""
-    return p.ndim >= 2 and not name.endswith(("norm_weight", "norm.weight"))
-
-
-class CMSPeriodSchedule:
-    """Which CMS levels step on this optimizer step (the bookkeeping of ``CMSGradientSchedule``).
-
-    ``advance(tokens)`` adds this step's global stream tokens; a level is due once ``period`` tokens have been
-    seen since its last update, and its update averages the gradients of the steps since then.
-    """
-
-    def __init__(self, periods: dict[int, int]):
-        self.periods = dict(periods)
-        self.tokens_since = {i: 0 for i in self.periods}
-        self.steps_accumulated = {i: 0 for i in self.periods}
-
-    def advance(self, tokens: int) -> dict[int, tuple[bool, int]]:
-        plan = {}
-        for i, period in self.periods.items():
-            self.tokens_since[i] += tokens
-            self.steps_accumulated[i] += 1
-            due = self.tokens_since[i] >= period
-            plan[i] = (due, self.steps_accumulated[i])
-            if due:
-                self.tokens_since[i], self.steps_accumulated[i] = 0, 0
-        return plan
-
-    def state_dict(self) -> dict:
-        return {"tokens_since": dict(self.tokens_since), "steps_accumulated": dict(self.steps_accumulated)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.tokens_since = {int(k): int(v) for k, v in sd["tokens_since"].items()}
-        self.steps_accumulated = {int(k): int(v) for k, v in sd["steps_accumulated"].items()}
 
 
 class MegatronMPU:
@@ -205,7 +141,8 @@ class TrainEngine:
         self.specs: dict[str, ShardSpec] = dict(self.part.specs)
         self.param_name: dict[nn.Parameter, str] = {p: n for n, p in self.part.named_parameters()}
         self.schedule = CMSPeriodSchedule(cms_level_periods(full_cms_model_stub(model_cfg)))
-        self.optimizer = CMSAdamW(self._param_groups(), lr=self.opt_settings.lr, betas=self.opt_settings.betas,
+        self.optimizer = CMSAdamW(param_groups(self.part.named_parameters(), self.opt_settings.weight_decay),
+                                  lr=self.opt_settings.lr, betas=self.opt_settings.betas,
                                   eps=self.opt_settings.eps, weight_decay=self.opt_settings.weight_decay)
         ds_config = build_deepspeed_config(layout, precision, grad_clip, grad_accum_steps, deepspeed_config)
         if layout.pipeline_parallel == 1:
@@ -234,17 +171,6 @@ class TrainEngine:
 
         model_parallel_cuda_manual_seed(seed)
         torch.manual_seed(seed + 1000 * self.info.pp_rank)  # model has no dropout; keep streams distinct anyway
-
-    def _param_groups(self) -> list[dict]:
-        groups: dict[str, dict] = {}
-        for name, p in self.part.named_parameters():
-            level = cms_level_of(name)
-            wd = decays(name, p)
-            tag = f"{'main' if level is None else f'cms{level}'}/{'decay' if wd else 'no_decay'}"
-            g = groups.setdefault(tag, {"params": [], "tag": tag, "cms_level": level,
-                                        "weight_decay": self.opt_settings.weight_decay if wd else 0.0})
-            g["params"].append(p)
-        return [groups[t] for t in sorted(groups)]
 
     def _exact_fp32_norm(self) -> bool:
         return self.layout.zero_stage == 0 and self.precision in ("fp32", "fp64")

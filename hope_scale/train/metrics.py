@@ -3,6 +3,7 @@
 Scalars written every ``logging.log_every`` steps (TensorBoard tag = JSON key):
 
     train/loss, train/lr, train/grad_norm           the optimizer step's mean loss, learning rate, global grad norm
+    train/clipped_fraction                          fraction of the steps since step 0 whose grad norm was clipped
     perf/tokens_per_sec, perf/tokens_per_sec_per_device, perf/step_time
     perf/flops_per_sec_per_device                   achieved model FLOP/s (flops.py's count) per device
     perf/mfu                                        achieved / declared peak FLOP/s: only with a declared peak
@@ -99,7 +100,8 @@ class MetricsLogger:
             print(msg, file=self.stream, flush=True)
 
     def log_step(self, step: int, tokens_total: int, loss: float, lr: float, grad_norm: float,
-                 step_tokens: int, seconds: float, memory: dict[str, float] | None, write: bool) -> None:
+                 step_tokens: int, seconds: float, memory: dict[str, float] | None, write: bool,
+                 clipped_fraction: float | None = None) -> None:
         """Record one optimizer step; ``write`` (every log_every steps) emits the line and the scalars."""
         self.timer.add(seconds)
         if not (self.enabled and write):
@@ -112,6 +114,8 @@ class MetricsLogger:
             "perf/flops_per_sec_per_device": achieved / self.devices, "perf/step_time": seconds,
             "perf/peak_memory_gib": peak_memory_gib(), "progress/tokens": float(tokens_total),
         }
+        if clipped_fraction is not None:
+            scalars["train/clipped_fraction"] = clipped_fraction
         mfu = self._mfu(achieved)
         if mfu is not None:
             scalars["perf/mfu"] = mfu

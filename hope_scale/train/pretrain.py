@@ -37,9 +37,10 @@ from .checkpoint import (CheckpointError, CheckpointManager, NonFiniteStateError
                          restore_rng)
 from .config import DEFAULT_CONFIG, TrainConfig, load_config
 from .flops import flops_per_token, peak_flops
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, format_duration
 from .preflight import check_checkpoint_space, check_writable
 from .schedules import LRSchedule
+from .step import ClipCounter
 
 DATA_WAIT_SECONDS = 3600  # how long ranks other than 0 wait for rank 0 to prepare the built-in corpus
 
@@ -195,6 +196,8 @@ class Trainer:
                                      devices=self.world_size)
         self.step = 0
         self.tokens = 0
+        self.clips = ClipCounter(o.grad_clip)  # steps since step 0 whose gradient norm exceeded the clip
+        self.last_loss = float("nan")
         self.last_saved_step: int | None = None
         self.last_checkpoint: Path | None = None  # the newest good checkpoint of this run (saved or resumed)
         self._stop_requested = False
@@ -248,6 +251,7 @@ class Trainer:
         del state
         trainer = loaded.trainer
         self.step, self.tokens = int(trainer["step"]), int(trainer["tokens"])
+        self.clips = ClipCounter(self.cfg.optimizer.grad_clip, self.step, int(trainer.get("clipped_steps", 0)))
         self.loader.load_state_dict(trainer["data"])
         self.last_saved_step = self.step
         self.last_checkpoint = loaded.path
@@ -267,7 +271,7 @@ class Trainer:
             f"{self.world_size} process(es), {t.global_batch_size} x {t.seq_len} tokens per step "
             f"({accum} micro-batch(es) of {t.micro_batch_size} per DP rank), steps {self.step} -> {t.max_steps}, "
             f"logs {cfg.logging.dir}, checkpoints {cfg.checkpoint.dir}")
-        first = self.step
+        first, run_started = self.step, time.perf_counter()
         while self.step < t.max_steps:
             started = time.perf_counter()
             micro_batches = [next(self.loader) for _ in range(accum)]
@@ -276,13 +280,15 @@ class Trainer:
             self._last_batch = micro_batches[-1]
             self.step += 1
             self.tokens += int(out["tokens"])
+            self.clips.add(out["grad_norm"])
+            self.last_loss = out["loss"]
             seconds = time.perf_counter() - started
             finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])  # the same on every rank
             write = (self.step % cfg.logging.log_every == 0 or self.step == t.max_steps or self.step == first + 1
                      or not finite)
             memory = self.engine.memory_stats() if write else None  # collective: same steps on every rank
             self.metrics.log_step(self.step, self.tokens, out["loss"], lr, out["grad_norm"], int(out["tokens"]),
-                                  seconds, memory, write)
+                                  seconds, memory, write, clipped_fraction=self.clips.fraction)
             if not finite:
                 raise TrainingFailed(f"step {self.step}: loss {out['loss']}, gradient norm {out['grad_norm']}: the "
                                      f"update is not finite, so nothing after it is saved. {self._last_good()}")
@@ -294,11 +300,23 @@ class Trainer:
                 self.save(final=stop)
             if stop:
                 self.log(f"train: stopping at step {self.step} on a termination signal (checkpoint saved)")
+                self._summary(first, time.perf_counter() - run_started)
                 return
         if self.last_saved_step != self.step:
             self.save(final=True)
         if self.val_loader is not None and self.step % t.eval_every:
             self.evaluate()
+        self._summary(first, time.perf_counter() - run_started)
+
+    def _summary(self, first: int, seconds: float) -> None:
+        """The end-of-run line (logging rank)."""
+        if self.step == first:
+            return
+        c = self.clips
+        self.metrics.print(f"train: done, steps {first} -> {self.step} of {self.cfg.train.max_steps} in "
+                           f"{format_duration(seconds)}, {self.tokens:,} tokens, last loss {self.last_loss:.4f}, "
+                           f"fraction of clipped steps {c.fraction:.3f} ({c.clipped} of {c.steps}, "
+                           f"clip {self.cfg.optimizer.grad_clip:g})")
 
     def evaluate(self) -> float:
         losses = [self.engine.eval_loss(batch) for batch in self.val_loader]
@@ -316,7 +334,8 @@ class Trainer:
             raise TrainingFailed(f"checkpoint step {self.step} not saved: the weights after this update give loss "
                                  f"{probe} on the step's last micro-batch. {self._last_good()}")
         rank_state = {"engine": self.engine.export_state(), "rng": capture_rng()}
-        trainer_state = {"step": self.step, "tokens": self.tokens, "data": self.loader.state_dict()}
+        trainer_state = {"step": self.step, "tokens": self.tokens, "clipped_steps": self.clips.clipped,
+                         "data": self.loader.state_dict()}
         meta = {"tokens": self.tokens, "layout": self.layout.to_dict(), "model_name": self.cfg.model_name,
                 "config": self.cfg.to_dict()}
         try:
