@@ -8,8 +8,8 @@ Modules (imported explicitly, so ``import hope_scale.eval`` stays light):
 * ``perplexity``: token/word/byte-level perplexity with fixed, sliding-window or streaming evaluation;
 * ``niah``: RULER-style needle-in-a-haystack generators (passkey, number, UUID, multi-key/query/value);
 * ``mqar``: Zoology-style multi-query associative recall generator and accuracy;
-* ``trainer``: a small single-process CPU trainer (AdamW + the CMS update schedule) for synthetic tasks
-  and text;
+* ``trainer``: runs the shared training step of ``hope_scale.train.step`` on one process for the small
+  models of the benchmarks (synthetic tasks and text), within wall / CPU-time budgets;
 * ``continual``: the continual-learning benchmark (train A -> B, and test-time CMS learning on a stream);
 * ``lm_eval_adapter``: ``@register_model("hope-scale")`` for lm-evaluation-harness;
 * ``generation``: batched greedy decoding with per-sample memory, and streaming text output;
