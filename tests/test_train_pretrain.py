@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -52,7 +53,7 @@ CPU_CONFIG = str(REPO / "configs" / "train" / "hope-tiny-cpu.yaml")
 
 def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, launcher: str = "python",
              kill_after_line: str | None = None, term_after_line: str | None = None,
-             timeout: float = 900) -> tuple[int, str]:
+             timeout: float = 900, max_file_bytes: int | None = None) -> tuple[int, str]:
     """Run `hope-scale pretrain`; returns (exit code, output). ``launcher``:
 
     python        ``python -m hope_scale.cli pretrain OVERRIDES`` (the embedded default config; nproc 1)
@@ -61,7 +62,8 @@ def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, launcher: str = "p
     slurm         NPROC processes of ``launch/slurm_task.sh CONFIG OVERRIDES`` with the variables srun sets
 
     With ``kill_after_line``, SIGKILL the whole process group as soon as a line starting with it appears;
-    with ``term_after_line``, send the process SIGTERM (preemption) and let it finish.
+    with ``term_after_line``, send the process SIGTERM (preemption) and let it finish. ``max_file_bytes``: no
+    file can grow beyond that size (RLIMIT_FSIZE: writes fail as on a full disk).
     """
     run.mkdir(parents=True, exist_ok=True)
     overrides = _run_args(run, data, extra)
@@ -77,8 +79,10 @@ def pretrain(run: Path, data: Path, extra=(), nproc: int = 1, launcher: str = "p
         (run / "hostfile").write_text(f"# test hostfile\nlocalhost slots={nproc}\n")
         env["DS_LAUNCHER_ARGS"] = "--no_ssh_check"  # one host, no ssh: the launcher starts the ranks locally
         cmd = ["bash", str(REPO / "launch" / "multi_node.sh"), str(run / "hostfile"), CPU_CONFIG, *overrides]
+    limit = None if max_file_bytes is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
     proc = subprocess.Popen(cmd, cwd=run, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=limit)
     lines = []
     try:
         for line in proc.stdout:
@@ -389,3 +393,18 @@ def test_slurm_job_saves_and_requeues_itself_before_the_time_limit(reference, tm
     assert f"at step {stopped} " in requeued.stdout
     assert (fake / "calls").read_text().splitlines() == ["scancel --signal=TERM 4242", "scontrol requeue 4242"]
     assert losses(run, range(stopped + 1, STEPS + 1)) == losses(reference["run"], range(stopped + 1, STEPS + 1))
+
+
+def test_failed_saves_keep_training_and_leave_nothing_behind(reference, tmp_path):
+    """Writes that fail as on a full disk (no file may exceed 300 KB; a checkpoint is ~550 KB): each save is
+    reported, its partial folder removed and `latest` left alone; training continues after the periodic save, and
+    the failed last save ends the run with exit code 1."""
+    run = tmp_path / "full"
+    shutil.copytree(reference["run"] / "cache", run / "cache")  # the shard cache is already filled
+    code, out = pretrain(run, reference["data"], max_file_bytes=300_000)
+    assert code == 1, out[-3000:]
+    assert "checkpoint step 4 NOT saved: rank 0 could not write" in out and "File too large" in out
+    assert "removed the partial folder, latest is still none. Training continues; the next save is at step 8" in out
+    assert "step      8/8" in out and "checkpoint step 8 NOT saved" in out
+    assert out.rstrip().endswith("This run has no checkpoint yet.")
+    assert list((run / "ckpt").iterdir()) == []

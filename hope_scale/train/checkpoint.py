@@ -290,6 +290,8 @@ class CheckpointManager:
                         error = f"could not complete {tmp}: {err}"
                 if error is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
+                    if not tmp.exists() and final.exists() and self.latest_name() != final.name:
+                        shutil.rmtree(final, ignore_errors=True)  # renamed, but `latest` could not be updated
             error = _broadcast(error)
         if error is not None:
             raise SaveFailedError(f"checkpoint step {step} NOT saved: {error}; removed the partial folder, "

@@ -190,10 +190,10 @@ class Trainer:
                                                max_batches=t.eval_batches)
         self.schedule = LRSchedule.from_config(cfg.schedule, o.lr, t.max_steps)
         fpt = flops_per_token(cfg.model, t.seq_len).total if info.is_logging_rank else 0.0
-        peak = peak_flops(cfg.logging.device, cfg.parallel.precision, cfg.logging.peak_flops)
+        peak = peak_flops(cfg.logging.device, cfg.parallel.precision, cfg.logging.peak_flops)  # None: not declared
         self.metrics = MetricsLogger(cfg.logging.dir, enabled=info.is_logging_rank, max_steps=t.max_steps,
-                                     flops_per_token=fpt, peak_flops_total=None if peak is None else peak * self.world_size,
-                                     devices=self.world_size)
+                                     flops_per_token=fpt, devices=self.world_size,
+                                     peak_flops_total=None if peak is None else peak * self.world_size)
         self.step = 0
         self.tokens = 0
         self.clips = ClipCounter(o.grad_clip)  # steps since step 0 whose gradient norm exceeded the clip

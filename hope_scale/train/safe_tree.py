@@ -29,7 +29,8 @@ class UnsafeFileError(ValueError):
 
 
 def save_tree(tree: Any, path: str | os.PathLike) -> None:
-    """Write ``tree`` (dicts, lists, tuples, str, int, float, bool, None and tensors) to ``path``, fsynced."""
+    """Write ``tree`` (dicts, lists, tuples, str, int, float, bool, None and tensors) to ``path``, fsynced; a
+    failed write (full disk, ...) raises OSError."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -50,8 +51,15 @@ def save_tree(tree: Any, path: str | os.PathLike) -> None:
             return node
         raise TypeError(f"save_tree: cannot store a {type(node).__name__} (only JSON values and tensors)")
 
+    from safetensors import SafetensorError
+
     skeleton = json.dumps(strip(tree))
-    save_file(tensors, str(path), metadata={_META_KEY: skeleton})
+    try:
+        save_file(tensors, str(path), metadata={_META_KEY: skeleton})
+    except SafetensorError as err:  # safetensors reports a failed write (full disk, ...) as its own error
+        if "I/O error" in str(err):
+            raise OSError(f"cannot write {path}: {err}") from None
+        raise
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
