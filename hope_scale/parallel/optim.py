@@ -1,8 +1,8 @@
 """AdamW with Continuum-Memory-System level scheduling that works wherever ZeRO keeps the gradient.
 
 CMS level l must change only every ``period_l`` stream tokens, by the mean of the gradients accumulated since
-its last update (paper Eq. 71; ``hope_scale.model.cms.CMSGradientSchedule`` is the single-process form that
-edits ``p.grad``). Under ZeRO 1-3 and DeepSpeed's bf16 optimizer, ``p.grad`` is not what the optimizer reads:
+its last update (paper Eq. 71). This optimizer is the one every training run uses: ``TrainEngine`` through
+DeepSpeed, ``hope_scale.train.step.TrainStep`` on one process. Under ZeRO 1-3 and DeepSpeed's bf16 optimizer, ``p.grad`` is not what the optimizer reads:
 gradients are reduced into flat fp32 partitions, one per parameter group, and the torch optimizer steps those.
 So the schedule is applied *inside* the optimizer's ``step`` -- the one point that sees every gradient exactly
 as it is about to be applied (reduced across data-parallel ranks, unscaled, clipped), whatever the ZeRO stage:
