@@ -11,8 +11,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from hope_scale.model import ConfigError, ModelConfig
-
 _SOURCE = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -21,13 +19,3 @@ def config_dir(kind: str) -> Path:
     if (_SOURCE / kind).is_dir():
         return _SOURCE / kind
     return Path(str(resources.files("hope_scale.configs") / kind))
-
-
-def named_model_config(name: str) -> ModelConfig:
-    """The model config ``<config_dir("model")>/<name>.yaml`` (e.g. ``hope-tiny``); ConfigError naming the known
-    ones if there is none."""
-    path = config_dir("model") / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in config_dir("model").glob("*.yaml"))
-        raise ConfigError(f"model: no named config {name!r}; known: {known}")
-    return ModelConfig.from_yaml(path)

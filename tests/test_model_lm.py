@@ -7,7 +7,7 @@ import torch
 
 from hope_scale.model import CMSLevel, ConfigError, LanguageModel, ModelConfig, build_model
 from hope_scale.model.cms import CMSGradientSchedule, CMSStreamLearner, cms_level_parameters
-from hope_scale.model.config import CONFIG_DIR
+from hope_scale.resources import config_dir
 from hope_scale.model.lm import sample_next
 
 ARCHS = ["hope", "hope_attention", "titans", "transformer"]
@@ -36,6 +36,18 @@ def test_recurrent_step_matches_parallel_forward(arch):
     a, state = model(ids[:, :7], state=state)
     b, state = model(ids[:, 7:], state=state)
     assert torch.allclose(torch.cat([a, b], 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_outputs_do_not_depend_on_later_tokens(arch):
+    """Causality, with the inner step bound active in most chunks (its scale at token t must use tokens <= t)."""
+    model = tiny(arch, inner_step_bound=0.05).double()
+    ids = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(5))
+    other = ids.clone()
+    other[:, 23:] = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(6))
+    a, b = model(ids), model(other)
+    assert torch.equal(a[:, :23], b[:, :23])
+    assert not torch.allclose(a[:, 23:], b[:, 23:])
 
 
 @pytest.mark.parametrize("arch", ["hope", "titans"])
@@ -78,7 +90,7 @@ def test_batch_of_k_equals_k_runs_of_batch_one(arch):
 def test_named_sizes_match_their_names():
     torch.set_default_device("meta")
     try:
-        for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        for path in sorted(config_dir("model").glob("*.yaml")):
             m = re.search(r"-(\d+(?:\.\d+)?)([mb])$", path.stem)
             if m is None:
                 continue

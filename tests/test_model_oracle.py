@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from hope_scale.model.config import ModelConfig
+from hope_scale.model.config import EARLIER_UPDATE, ModelConfig
 from hope_scale.model.memory import MemoryState
 from hope_scale.model.reference import reference_forward
 from hope_scale.model.titans import SelfModifyingTitans, TitansState
@@ -16,36 +16,55 @@ SHAPES = [
     (1, 17, 24, 3, 5, 3, False, 0.9, True),  # static q, C_proj < C_mem
     (3, 9, 16, 4, 16, 16, True, 0.0, True),  # chunks longer than the sequence, no momentum
     (2, 11, 16, 1, 1, 2, True, 0.5, False),  # token-level chunks, plain GD (no erase)
+    (1, 150, 16, 2, 16, 64, True, 0.9, True),  # the production chunk sizes, a partial last chunk of each
 ]
+# inner-update variants (ModelConfig overrides); the default is the stabilized rule
+VARIANTS = {
+    "default": {},
+    "bound-active": dict(inner_step_bound=0.02, eta_init=0.5),  # s < 1 in most chunks
+    "aligned-second-order": dict(inner_overshoot="aligned", first_order=False, normalized_eta=False,
+                                 per_memory_inputs=False, inner_step_bound=0.05),
+    "earlier": EARLIER_UPDATE,  # the earlier unbounded form with the normalized branch
+}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make_layer(shape, self_modifying=True, dtype=torch.float64):
+def make_layer(shape, self_modifying=True, dtype=torch.float64, variant="default"):
     _, _, d_model, heads, c_mem, c_proj, adaptive_q, momentum, erase = shape
-    cfg = ModelConfig(d_model=d_model, n_heads=heads, chunk_size_memory=c_mem, chunk_size_projection=c_proj,
-                      adaptive_q=adaptive_q, inner_momentum=momentum, dgd_erase=erase, mem_hidden_mult=1.5)
+    cfg = ModelConfig(**(dict(d_model=d_model, n_heads=heads, chunk_size_memory=c_mem, chunk_size_projection=c_proj,
+                              mem_hidden_mult=1.5, adaptive_q=adaptive_q, dgd_erase=erase)
+                         | VARIANTS[variant] | dict(inner_momentum=momentum)))
     torch.manual_seed(0)
     return SelfModifyingTitans(cfg, self_modifying=self_modifying).to(dtype)
 
 
 def perturbed_state(layer: SelfModifyingTitans, batch: int, pos: int) -> TitansState:
-    """A non-trivial initial state (mid-chunk position, non-zero momentum) whose tensors require grad."""
+    """A non-trivial initial state whose tensors require grad: mid-chunk position (pending tokens in the
+    buffers), non-zero momentum, weights away from the meta-learned initial ones."""
     g = torch.Generator().manual_seed(1)
     fresh = layer.init_state(batch)
 
-    def noisy(t):
-        return (t.detach() + 0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype)).requires_grad_()
+    def rand(t, lo=-1.0, hi=1.0):
+        return lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=t.dtype)
 
-    def mem(st: MemoryState | None):
+    def mem(st: MemoryState | None, chunk: int):
         if st is None:
             return None
-        w1, w2 = noisy(st.w1), noisy(st.w2)
-        return MemoryState(w1, w2, noisy(st.s1), noisy(st.s2), noisy(st.w1_snap), noisy(st.w2_snap))
+        n = pos % chunk
+        valid = lambda t: (torch.arange(t.shape[-1]) < n).to(t.dtype)  # noqa: E731  rows of pending tokens
+        keys = torch.nn.functional.normalize(torch.randn(st.keys.shape, generator=g, dtype=st.keys.dtype), dim=-1)
+        fields = [st.w1.detach() + 0.05 * rand(st.w1), st.w2.detach() + 0.05 * rand(st.w2),
+                  0.05 * rand(st.s1), 0.05 * rand(st.s2), keys * valid(keys[..., 0])[..., None],
+                  rand(st.targets) * valid(st.targets[..., 0])[..., None],
+                  rand(st.eta, 0.0, 0.5) * valid(st.eta), rand(st.alpha, 0.9, 1.0) * valid(st.alpha)]
+        return MemoryState(*(f.requires_grad_() for f in fields))
 
-    return TitansState(pos, noisy(fresh.conv), mem(fresh.proj), mem(fresh.mem))
+    cfg = layer.cfg
+    return TitansState(pos, (0.1 * rand(fresh.conv)).requires_grad_(), mem(fresh.proj, cfg.chunk_size_projection),
+                       mem(fresh.mem, cfg.chunk_size_memory))
 
 
 def state_tensors(st: TitansState) -> dict[str, torch.Tensor]:
@@ -57,15 +76,21 @@ def state_tensors(st: TitansState) -> dict[str, torch.Tensor]:
     return out
 
 
+CASES = ([(shape, "default") for shape in SHAPES]
+         + [(SHAPES[0], "bound-active"), (SHAPES[4], "bound-active"), (SHAPES[0], "aligned-second-order"),
+            (SHAPES[1], "aligned-second-order"), (SHAPES[0], "earlier"), (SHAPES[1], "earlier")])
+
+
 @pytest.mark.parametrize("self_modifying", [True, False], ids=["hope", "titans"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"shape{i}" for i in range(len(SHAPES))])
+@pytest.mark.parametrize("shape,variant", CASES, ids=[f"shape{SHAPES.index(s)}-{v}" for s, v in CASES])
 @pytest.mark.parametrize("start", ["fresh", "mid-chunk"])
-def test_chunk_parallel_matches_token_loop_float64(shape, self_modifying, start):
+def test_chunk_parallel_matches_token_loop_float64(shape, variant, self_modifying, start):
     batch, seq_len, d_model = shape[:3]
-    layer = make_layer(shape, self_modifying)
+    layer = make_layer(shape, self_modifying, variant=variant)
     x = torch.randn(batch, seq_len, d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     x.requires_grad_()
-    state = None if start == "fresh" else perturbed_state(layer, batch, pos=7)
+    pos = 7 if shape[5] < 64 else 83  # mid-chunk for both chunk sizes
+    state = None if start == "fresh" else perturbed_state(layer, batch, pos=pos)
     init_tensors = {} if state is None else state_tensors(state)
 
     y_fast, st_fast = layer(x, state)
@@ -76,7 +101,9 @@ def test_chunk_parallel_matches_token_loop_float64(shape, self_modifying, start)
     assert fast_t.keys() == ref_t.keys()
     for k in fast_t:
         assert rel_err(fast_t[k], ref_t[k]) < 1e-6, k
-    assert st_fast.pos == st_ref.pos == (0 if state is None else 7) + seq_len
+    assert st_fast.pos == st_ref.pos == (0 if state is None else pos) + seq_len
+    if variant == "bound-active":  # the case really exercises the bound
+        assert layer.last_stats["mem_step_scale"] < 0.9
 
     # gradients of a random loss on outputs and final states, w.r.t. every parameter, x and the initial state
     proj = torch.randn(y_fast.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -128,3 +155,21 @@ def test_oracle_detects_a_wrong_fast_path(monkeypatch):
     monkeypatch.setattr("hope_scale.model.titans.chunk_coefficients", no_erase)
     y_bad, _ = layer(x)
     assert rel_err(y_bad, y_ref) > 1e-4
+
+
+def test_oracle_detects_a_non_causal_step_bound(monkeypatch):
+    """A step bound computed from the whole chunk (the chunk's last row for every token) leaks later tokens
+    into earlier reads: the oracle, whose bound at token t sees tokens <= t only, disagrees."""
+    import hope_scale.model.memory as memory
+    layer = make_layer(SHAPES[0], variant="bound-active")
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    y_ref, _ = reference_forward(layer, x)
+    assert rel_err(layer(x)[0], y_ref) < 1e-10
+    real = memory.chunk_overshoot
+
+    def whole_chunk(w1, keys, u, h, delta, dsilu, rows, norm=None):
+        rho = real(w1, keys, u, h, delta, dsilu, rows, norm)
+        return rho[..., -1:].expand_as(rho)
+
+    monkeypatch.setattr(memory, "chunk_overshoot", whole_chunk)
+    assert rel_err(layer(x)[0], y_ref) > 1e-4

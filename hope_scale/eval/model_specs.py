@@ -13,7 +13,6 @@ from pathlib import Path
 
 from hope_scale.model import ModelConfig
 from hope_scale.model.config import ARCHITECTURES, ConfigError
-from hope_scale.resources import named_model_config
 
 ARCH_ALIASES = {"transformer++": "transformer", "hope-attention": "hope_attention"}
 
@@ -55,7 +54,7 @@ def config_from_spec(spec: str, **overrides) -> ModelConfig:
     elif base.endswith((".yaml", ".yml")) or Path(base).is_file():
         d = ModelConfig.from_yaml(base).to_dict()
     else:
-        d = named_model_config(base).to_dict()
+        d = ModelConfig.named(base).to_dict()
     for item in filter(None, over.split(",")):
         key, eq, value = item.partition("=")
         if not eq:

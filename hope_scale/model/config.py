@@ -7,6 +7,7 @@ unknown keys and impossible shapes are rejected with the offending field named.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,13 @@ import yaml
 
 ARCHITECTURES = ("hope", "hope_attention", "titans", "transformer")
 CMS_VARIANTS = ("sequential", "independent")
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+OVERSHOOTS = ("rayleigh", "aligned")
+
+
+# The inner update of hope-scale before the stabilization of issue 8 (docs/hope-design.md §6), for ablations:
+# ``ModelConfig(**(cfg | EARLIER_UPDATE))`` or ``hope:...`` model specs with these overrides.
+EARLIER_UPDATE = dict(mem_branch_norm=True, normalize_values=False, per_memory_inputs=False, normalized_eta=False,
+                      inner_step_bound=0.0, first_order=False, inner_momentum=0.9, eta_init=0.1)
 
 
 class ConfigError(ValueError):
@@ -48,10 +55,18 @@ class ModelConfig:
     chunk_size_memory: int = 16  # C_mem: chunk of the main memory M_mem
     chunk_size_projection: int = 64  # C_proj: chunk of the projection memories M_k, M_v, M_q, M_eta, M_alpha
     adaptive_q: bool = True  # False: q is a static per-head projection (paper text); True: q = M_q(x) (ablation table)
-    inner_momentum: float = 0.9  # beta of the momentum S_t = beta S_{t-1} - eta_t grad; 0 disables momentum
+    inner_momentum: float = 0.0  # beta of the momentum S_t = beta S_{t-1} - eta_t grad; 0 disables momentum
     dgd_erase: bool = True  # delta gradient descent erase term -eta k k^T on the layer whose input is k
+    # the inner update rule (memory.py UpdateRule; docs/hope-design.md §6 has the measurements behind each default)
+    per_memory_inputs: bool = True  # each projection memory reads its own per-head linear map of the input
+    normalize_values: bool = True  # v = normalize(M_v(x)) like k and q (keeps self-generated targets on k's scale)
+    normalized_eta: bool = True  # eta_t is the fraction of token t's Gauss-Newton step taken (rate eta_t / kappa_t)
+    inner_step_bound: float = 1.0  # tau of the chunk step bound s = min(1, tau / overshoot); 0 disables it
+    inner_overshoot: str = "rayleigh"  # "rayleigh" (the accumulated step's own) or "aligned" (all tokens aligned)
+    first_order: bool = True  # the outer gradient treats the inner step's dependence on the fast weights as constant
+    mem_branch_norm: bool = False  # True: m(x) = x + n(W1 silu(W2 x)) (earlier form); False: paper Eq. 89
     eta_max: float = 1.0  # eta_t = eta_max * sigmoid(mean(M_eta(x)) + b_eta)
-    eta_init: float = 0.1  # initial eta (sets b_eta)
+    eta_init: float = 0.3  # initial eta (sets b_eta)
     alpha_init: float = 0.98  # initial retention alpha (sets b_alpha); alpha_t = sigmoid(mean(M_alpha(x)) + b_alpha)
     conv_width: int = 4  # causal depthwise short convolution before the memories
 
@@ -88,8 +103,11 @@ class ModelConfig:
         need(self.head_dim is not None or self.d_model % self.n_heads == 0, "n_heads",
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
         need(0.0 <= self.inner_momentum < 1.0, "inner_momentum", "must be in [0, 1)")
+        need(math.isfinite(self.inner_step_bound) and self.inner_step_bound >= 0, "inner_step_bound",
+             "must be a finite number >= 0 (0 disables the bound)")
         need(0.0 < self.eta_init < self.eta_max, "eta_init", f"must be in (0, eta_max={self.eta_max})")
         need(0.0 < self.alpha_init < 1.0, "alpha_init", "must be in (0, 1)")
+        need(self.inner_overshoot in OVERSHOOTS, "inner_overshoot", f"{self.inner_overshoot!r} is not one of {OVERSHOOTS}")
         need(self.cms_variant in CMS_VARIANTS, "cms_variant", f"{self.cms_variant!r} is not one of {CMS_VARIANTS}")
         if self.arch in ("hope", "hope_attention"):
             need(len(self.cms_levels) > 0, "cms_levels", "Hope needs at least one CMS level")
@@ -111,10 +129,12 @@ class ModelConfig:
 
     @classmethod
     def named(cls, name: str) -> "ModelConfig":
-        """Load ``configs/model/<name>.yaml`` (e.g. ``hope-tiny``, ``transformer-125m``)."""
-        path = CONFIG_DIR / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        """Load ``configs/model/<name>.yaml`` (e.g. ``hope-tiny``, ``transformer-125m``; shipped in the wheel too)."""
+        from hope_scale.resources import config_dir
+
+        path = config_dir("model") / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in config_dir("model").glob("*.yaml"))
             raise ConfigError(f"model: no named config {name!r}; known: {known}")
         return cls.from_yaml(path)
 

@@ -1,15 +1,20 @@
 """Token-by-token oracle of the (self-modifying) Titans layer, written for clarity, not speed.
 
 It implements the same semantics as ``titans.SelfModifyingTitans.forward`` one token at a time, with
-explicit weight matrices and inner gradients taken by autograd (``torch.func.grad``, so the self-generated
-targets are constants of the inner problem while everything stays differentiable for the outer loop):
+explicit weight matrices, inner gradients from autograd (``torch.func.grad``: the self-generated targets are
+constants of the inner problem, everything stays differentiable for the outer loop) and the curvature of the
+step bound from a Jacobian-vector product (``torch.func.jvp``). During a chunk each memory is kept as two
+recurrences, P (no gradient terms) and Q (gradient terms only), so that W = P + s Q for any uniform scale s:
 
-    at a chunk boundary:  snapshot <- current weights
-    S      <- beta S - eta_t grad_W 1/2||m_snapshot(k_t) - v̂_t||^2      m(x) = x + n(W1 silu(W2 x))
-    W2     <- W2 (alpha_t I - eta_t k_t k_t^T) + S2        (W2 <- alpha_t W2 + S2 without the erase term)
-    W1     <- alpha_t W1 + S1
-    o_t    = m_current(q_t)                                  (main memory only, after its update)
+    at a chunk start:  W^g <- committed weights;  P <- (W^g, S);  Q <- 0;  lambda = mu = 0
+    g_t = grad_W 1/2||m_{W^g}(k_t) - v̂_t||^2,   kappa_t = ||J g_t||^2 / ||g_t||^2   m(x) = x + W1 silu(W2 x)
+    mu <- beta mu + eta_t kappa_t;   lambda <- alpha_t lambda + mu;   s_t = min(1, tau / lambda)
+    for X in (P, Q):  S_X <- beta S_X - eta_t g_t [Q only];  W2_X <- W2_X (alpha_t I - eta_t k kᵀ) + S2_X;
+                      W1_X <- alpha_t W1_X + S1_X
+    o_t = m_{P + s_t Q}(q_t)                               (main memory only)
+    at a chunk end:    committed <- P + s_t Q
 
+The tokens of an unfinished chunk are returned in the state's buffers and replayed first by the next call.
 Run it in float64 to test the chunk-parallel layer against it.
 """
 
@@ -18,86 +23,184 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .memory import RMS_EPS, MemoryState
+from .memory import KAPPA_MIN, NEGLIGIBLE, RMS_EPS, MemoryState
 from .titans import ALPHA, ETA, K, Q, V, SelfModifyingTitans, TitansState
 
+WEIGHTS = ("w1", "w2", "s1", "s2")
 
-def _mlp(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """m(x) = x + n(W1 silu(W2 x)) for one vector per batch element: w1 [..., d, h], w2 [..., h, d], x [..., d]."""
+
+def _mlp(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, branch_norm: bool) -> torch.Tensor:
+    """m(x) for one vector per batch element: w1 [..., d, h], w2 [..., h, d], x [..., d]."""
     hidden = F.silu(torch.einsum("...hd,...d->...h", w2, x))
     branch = torch.einsum("...dh,...h->...d", w1, hidden)
-    return x + branch / torch.sqrt(branch.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+    if branch_norm:
+        branch = branch / torch.sqrt(branch.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+    return x + branch
 
 
-def _inner_grads(w1: torch.Tensor, w2: torch.Tensor, key: torch.Tensor, target: torch.Tensor):
-    """grad_{W1, W2} of 1/2||m(k) - v̂||^2 per batch element (v̂ held constant)."""
+def _grad_and_curvature(w1, w2, key, target, branch_norm: bool):
+    """grad_{W1, W2} of 1/2||m(k) - v̂||^2 per batch element (v̂ constant) and kappa = ||J g||^2 / ||g||^2."""
     def loss(a, b):
-        return 0.5 * ((_mlp(a, b, key) - target) ** 2).sum()
-    return torch.func.grad(loss, argnums=(0, 1))(w1, w2)
+        return 0.5 * ((_mlp(a, b, key, branch_norm) - target) ** 2).sum()
+    g1, g2 = torch.func.grad(loss, argnums=(0, 1))(w1, w2)
+    _, jg = torch.func.jvp(lambda a, b: _mlp(a, b, key, branch_norm), (w1, w2), (g1, g2))
+    gg = g1.pow(2).sum((-2, -1)) + g2.pow(2).sum((-2, -1))
+    kappa = torch.where(gg > NEGLIGIBLE, jg.pow(2).sum(-1) / torch.where(gg > NEGLIGIBLE, gg, 1.0), 0.0)
+    return g1, g2, kappa
 
 
-def _step_memory(cur: dict, snap: dict, key, target, eta, alpha, beta: float, erase: bool) -> dict:
-    """One token's delta-GD update of one memory; eta/alpha have the batch shape of ``key[..., 0]``."""
-    g1, g2 = _inner_grads(snap["w1"], snap["w2"], key, target)
-    e, a = eta[..., None, None], alpha[..., None, None]
-    s1 = beta * cur["s1"] - e * g1
-    s2 = beta * cur["s2"] - e * g2
-    if erase:
-        eye = torch.eye(key.shape[-1], dtype=key.dtype, device=key.device)
-        retention = a * eye - e * torch.einsum("...i,...j->...ij", key, key)
-        w2 = cur["w2"] @ retention + s2
-    else:
-        w2 = a * cur["w2"] + s2
-    return {"w1": a * cur["w1"] + s1, "w2": w2, "s1": s1, "s2": s2}
+class _Chunk:
+    """One memory during one chunk: W = P + s Q, with lambda, mu of the step bound and the tokens seen."""
+
+    def __init__(self, start: dict, layer: SelfModifyingTitans):
+        self.start, self.layer = start, layer
+        self.p = dict(start)
+        self.q = {n: torch.zeros_like(t) for n, t in start.items()}
+        self.scale = torch.ones(())
+        self.tokens: list[tuple] = []
+        self.seen: list[dict] = []  # per token of the chunk: key, gradient, rate, curvature, E_ti, beta^(t-i)
+
+    def step(self, key, target, eta, alpha) -> None:
+        layer, beta, cfg = self.layer, self.layer.beta, self.layer.cfg
+        self.tokens.append((key, target, eta, alpha))
+        g1, g2, kappa = _grad_and_curvature(*self.step_weights(), key, target, cfg.mem_branch_norm)
+        geta = eta / kappa.clamp_min(KAPPA_MIN) if cfg.normalized_eta else eta  # gradient-step rate
+        self.seen.append({"key": key, "g": (g1, g2), "rate": geta, "kappa": kappa, "E": 0.0, "mom": 1.0})
+        for tok in self.seen:  # E_ti = alpha_t E_(t-1)i + beta^(t-i)
+            tok["E"] = alpha * tok["E"] + tok["mom"]
+            tok["mom"] = beta * tok["mom"]
+        tau = cfg.inner_step_bound
+        if tau > 0:
+            self.scale = tau / torch.maximum(self.overshoot(), torch.full_like(eta, tau))
+        e, a, ge = eta[..., None, None], alpha[..., None, None], geta[..., None, None]
+        for part, (h1, h2) in ((self.p, (0.0, 0.0)), (self.q, (g1, g2))):
+            part["s1"] = beta * part["s1"] - ge * h1
+            part["s2"] = beta * part["s2"] - ge * h2
+            if layer.erase:
+                eye = torch.eye(key.shape[-1], dtype=key.dtype, device=key.device)
+                part["w2"] = part["w2"] @ (a * eye - e * torch.einsum("...i,...j->...ij", key, key)) + part["s2"]
+            else:
+                part["w2"] = a * part["w2"] + part["s2"]
+            part["w1"] = a * part["w1"] + part["s1"]
+
+    def overshoot(self) -> torch.Tensor:
+        """With c_i = E_ti rate_i: sum_i c_i kappa_i (aligned bound), or the Rayleigh quotient
+        sum_j c_j ||J_j dW||^2 / ||dW||^2 of the accumulated step dW = sum_i c_i g_i."""
+        c = [tok["E"] * tok["rate"] for tok in self.seen]
+        if self.layer.cfg.inner_overshoot == "aligned":
+            return sum(ci * tok["kappa"] for ci, tok in zip(c, self.seen))
+        dw = [sum(ci[..., None, None] * tok["g"][n] for ci, tok in zip(c, self.seen)) for n in (0, 1)]
+        num = 0.0
+        for cj, tok in zip(c, self.seen):
+            fn = lambda a, b, k=tok["key"]: _mlp(a, b, k, self.layer.cfg.mem_branch_norm)  # noqa: E731
+            _, jd = torch.func.jvp(fn, self.step_weights(), tuple(dw))
+            num = num + cj * jd.pow(2).sum(-1)
+        den = dw[0].pow(2).sum((-2, -1)) + dw[1].pow(2).sum((-2, -1))
+        return torch.where(den > NEGLIGIBLE, num / torch.where(den > NEGLIGIBLE, den, 1.0), 0.0)
 
 
-def _as_dict(st: MemoryState) -> tuple[dict, dict]:
-    return ({"w1": st.w1, "w2": st.w2, "s1": st.s1, "s2": st.s2}, {"w1": st.w1_snap, "w2": st.w2_snap})
+    def current(self) -> dict:
+        s = self.scale[..., None, None]
+        return {n: self.p[n] + s * self.q[n] for n in WEIGHTS}
+
+    def step_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the chunk's inner gradients (and targets) are taken: the chunk-start weights, constants of the
+        outer gradient under ``first_order``."""
+        w = (self.start["w1"], self.start["w2"])
+        return tuple(t.detach() for t in w) if self.layer.cfg.first_order else w
+
+    def target(self, v) -> torch.Tensor:
+        """The self-generated target v̂ = m(v) at the chunk start."""
+        return _mlp(*self.step_weights(), v, self.layer.cfg.mem_branch_norm)
+
+    def apply(self, x) -> torch.Tensor:
+        """m(x) at the chunk-start weights (the projection memories' reads)."""
+        return _mlp(self.start["w1"], self.start["w2"], x, self.layer.cfg.mem_branch_norm)
+
+    def read(self, query) -> torch.Tensor:
+        w = self.current()
+        return _mlp(w["w1"], w["w2"], query, self.layer.cfg.mem_branch_norm)
+
+    def next_chunk(self) -> "_Chunk":
+        return _Chunk(self.current(), self.layer)
+
+
+def _unstack(st: MemoryState, i: int | None) -> tuple[dict, list]:
+    """Chunk-start weights and the pending tokens' buffers of one memory (index i of a stack, or None)."""
+    pick = (lambda t: t) if i is None else (lambda t: t[:, :, min(i, t.shape[2] - 1)])
+    return {n: pick(getattr(st, n)) for n in WEIGHTS}, [pick(t) for t in (st.keys, st.targets, st.eta, st.alpha)]
+
+
+def _state(chunks: list[_Chunk], chunk_len: int, stacked: bool) -> MemoryState:
+    """The chunk-start weights and fixed-size buffers of the current chunk's tokens (stacked memories: axis 2)."""
+    def buf(c: _Chunk, j: int):
+        like = c.start["w1"]
+        rows = [t[j] for t in c.tokens]
+        shape = like.shape[:-2] + ((like.shape[-2],) if j < 2 else ())
+        pad = [torch.zeros(shape, dtype=like.dtype, device=like.device)] * (chunk_len - len(rows))
+        return torch.stack(rows + pad, dim=-2 if j < 2 else -1)
+
+    def one(c: _Chunk):
+        return [c.start[n] for n in WEIGHTS] + [buf(c, j) for j in range(4)]
+
+    if not stacked:
+        return MemoryState(*one(chunks[0]))
+    parts = [one(c) for c in chunks]
+    fields = [torch.stack([p[j] for p in parts], dim=2) for j in range(8)]
+    fields[4], fields[6], fields[7] = fields[4][:, :, :1], fields[6][:, :, :1], fields[7][:, :, :1]  # shared
+    return MemoryState(*fields)
 
 
 def reference_forward(layer: SelfModifyingTitans, x: torch.Tensor, state: TitansState | None = None):
     """Oracle of ``layer(x, state)``: same outputs and final state, computed token by token."""
     cfg = layer.cfg
+    c_proj, c_mem = cfg.chunk_size_projection, cfg.chunk_size_memory
     if state is None:
         state = layer.init_state(x.shape[0])
     xh, conv_state = layer.head_inputs(x, state.conv)  # [B, H, T, d]
+
+    def resume(st: MemoryState, i: int | None, chunk_len: int) -> _Chunk:
+        """A chunk begun by an earlier call: start from its weights and replay its buffered tokens."""
+        start, buffers = _unstack(st, i)
+        chunk = _Chunk(start, layer)
+        for j in range(state.pos % chunk_len):
+            chunk.step(buffers[0][..., j, :], buffers[1][..., j, :], buffers[2][..., j], buffers[3][..., j])
+        return chunk
+
     n_proj = layer.proj_w1.shape[1] if layer.self_modifying else 0
-    proj_cur, proj_snap = ([], [])
-    if layer.self_modifying:  # unstack the P projection memories
-        cur, snap = _as_dict(state.proj)
-        proj_cur = [{n: w[:, :, i] for n, w in cur.items()} for i in range(n_proj)]
-        proj_snap = [{n: w[:, :, i] for n, w in snap.items()} for i in range(n_proj)]
-    mem_cur, mem_snap = _as_dict(state.mem)
+    proj = [resume(state.proj, i, c_proj) for i in range(n_proj)]
+    mem = resume(state.mem, None, c_mem)
 
     outputs = []
     for t in range(xh.shape[2]):
         pos, xt = state.pos + t, xh[:, :, t]
+        inputs = [xt if not cfg.per_memory_inputs else torch.einsum("bhd,hed->bhe", xt, layer.w_inputs[:, i])
+                  for i in range(len(proj))]  # each projection memory's input
         if layer.self_modifying:
-            if pos % cfg.chunk_size_projection == 0:
-                proj_snap = [{"w1": c["w1"], "w2": c["w2"]} for c in proj_cur]
-            outs = [_mlp(s["w1"], s["w2"], xt) for s in proj_snap]
-            k, v = F.normalize(outs[K], dim=-1), outs[V]
+            if pos % c_proj == 0:
+                proj = [c.next_chunk() for c in proj]
+            outs = [c.apply(x_i) for c, x_i in zip(proj, inputs)]
             q = outs[Q] if layer.adaptive_q else torch.einsum("bhd,hed->bhe", xt, layer.w_q)
-            q = F.normalize(q, dim=-1)
+            k, v, q = layer.keys_values_queries(outs[K], outs[V], q)
             eta, alpha = layer.eta_alpha(outs[ETA].mean(-1)[..., None], outs[ALPHA].mean(-1)[..., None])
             eta, alpha = eta[..., 0], alpha[..., 0]
-            proj_cur = [_step_memory(c, s, k, _mlp(s["w1"], s["w2"], v), eta, alpha, layer.beta, layer.erase)
-                        for c, s in zip(proj_cur, proj_snap)]
+            for c in proj:
+                c.step(k, c.target(v), eta, alpha)
         else:
-            k, v, q, eta, alpha = (p[:, :, 0] if p.dim() == 3 else p[:, :, 0]
-                                   for p in layer.static_projections(xt[:, :, None]))
-        if pos % cfg.chunk_size_memory == 0:
-            mem_snap = {"w1": mem_cur["w1"], "w2": mem_cur["w2"]}
-        target = _mlp(mem_snap["w1"], mem_snap["w2"], v) if layer.self_modifying else v
-        mem_cur = _step_memory(mem_cur, mem_snap, k, target, eta, alpha, layer.beta, layer.erase)
-        outputs.append(_mlp(mem_cur["w1"], mem_cur["w2"], q))
+            k, v, q, eta, alpha = (p[:, :, 0] for p in layer.static_projections(xt[:, :, None]))
+        if pos % c_mem == 0:
+            mem = mem.next_chunk()
+        target = mem.target(v) if layer.self_modifying else v
+        mem.step(k, target, eta, alpha)
+        outputs.append(mem.read(q))
     o = torch.stack(outputs, dim=2)
 
-    proj_state = None
-    if layer.self_modifying:
-        stack = lambda ds, n: torch.stack([d[n] for d in ds], dim=2)  # noqa: E731
-        proj_state = MemoryState(*(stack(proj_cur, n) for n in ("w1", "w2", "s1", "s2")),
-                                 stack(proj_snap, "w1"), stack(proj_snap, "w2"))
-    mem_state = MemoryState(mem_cur["w1"], mem_cur["w2"], mem_cur["s1"], mem_cur["s2"],
-                            mem_snap["w1"], mem_snap["w2"])
-    return layer.project_output(o, x), TitansState(state.pos + xh.shape[2], conv_state, proj_state, mem_state)
+    end = state.pos + xh.shape[2]
+
+    def finish(chunks: list[_Chunk], chunk_len: int, stacked: bool) -> MemoryState:
+        if end % chunk_len == 0:  # the last chunk is complete: commit it
+            chunks = [c.next_chunk() for c in chunks]
+        return _state(chunks, chunk_len, stacked)
+
+    proj_state = finish(proj, c_proj, True) if layer.self_modifying else None
+    return layer.project_output(o, x), TitansState(end, conv_state, proj_state, finish([mem], c_mem, False))

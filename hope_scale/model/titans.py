@@ -3,19 +3,21 @@
 Per head, on the head's input x_t (a slice of a linear projection of the block input, after a causal
 depthwise short convolution):
 
-    k_t = normalize(M_k(x_t))   v_t = M_v(x_t)   q_t = normalize(M_q(x_t))         (chunk-start states)
+    k_t = normalize(M_k(x_t))   v_t = normalize(M_v(x_t))   q_t = normalize(M_q(x_t))   (chunk-start states)
     eta_t = eta_max * sigmoid(mean_c M_eta(x_t) + b_eta)   alpha_t = sigmoid(mean_c M_alpha(x_t) + b_alpha)
     v̂_□,t = M_□(v_t)                        self-generated target of memory □ ∈ {k, v, q, eta, alpha, mem}
-    M_□ <- delta-GD step on 1/2||M_□(k_t) - v̂_□,t||^2 with retention alpha_t and momentum (memory.py)
+    M_□ <- delta-GD step on 1/2||M_□(k_t) - v̂_□,t||^2 with retention alpha_t, momentum and a bounded step
     o_t = M_mem,t(q_t)                       the main memory, read after the updates of tokens <= t
 
+(memory.py has the update and its step bound; ``normalize_values: false`` gives the unnormalized v.)
 Two chunk sizes: the projection memories (k, v, q, eta, alpha) use ``chunk_size_projection``, the main
 memory ``chunk_size_memory``. Chunks are aligned to absolute positions, so a sequence can be processed in
-pieces (or token by token, ``step``) with the same result. The output is normalized per head, gated by
-silu(W_gate x) and projected back by W_out, which is the only place where heads mix.
+pieces (or token by token, ``step``) with the same result: a chunk is applied once complete, and the tokens
+of an unfinished chunk wait in the state. The output is normalized per head, gated by silu(W_gate x) and
+projected back by W_out, which is the only place where heads mix.
 
 With ``self_modifying=False`` this is the Titans (LMM) baseline: static per-head k/v/q/eta/alpha
-projections, target v̂ = v, plain GD with momentum and retention (no erase term).
+projections, target v̂ = v, plain GD with momentum and retention (no erase term), the same step bound.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CausalShortConv
-from .memory import MemoryState, chunk_coefficients, chunk_update, mlp_apply
+from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_update, mlp_apply
 
 # index of each projection memory in the stacked projection weights
 K, V, ETA, ALPHA, Q = 0, 1, 2, 3, 4
@@ -46,11 +48,11 @@ class TitansState:
 
 
 def _chunk_spans(start: int, length: int, chunk: int):
-    """Split positions [start, start+length) at multiples of ``chunk``; yields (a, b, starts_new_chunk)."""
+    """Split positions [start, start+length) at multiples of ``chunk``; yields (a, b) offsets."""
     a = 0
     while a < length:
         b = min(length, a + chunk - (start + a) % chunk)
-        yield a, b, (start + a) % chunk == 0
+        yield a, b
         a = b
 
 
@@ -63,6 +65,9 @@ class SelfModifyingTitans(nn.Module):
         self.erase = cfg.dgd_erase and self_modifying
         self.beta = cfg.inner_momentum
         self.adaptive_q = cfg.adaptive_q and self_modifying
+        self.rule = UpdateRule(cfg.inner_step_bound, cfg.inner_overshoot, cfg.normalized_eta, cfg.first_order,
+                               cfg.mem_branch_norm)
+        n_proj = 5 if self.adaptive_q else 4
         self.w_in = nn.Linear(cfg.d_model, h_ * d, bias=False)  # column-parallel
         self.w_gate = nn.Linear(cfg.d_model, h_ * d, bias=False)  # column-parallel
         self.w_out = nn.Linear(h_ * d, cfg.d_model, bias=False)  # row-parallel
@@ -71,7 +76,6 @@ class SelfModifyingTitans(nn.Module):
         # meta-learned initial states of the memories (the outer loop learns them)
         self.mem_w1 = nn.Parameter(torch.randn(h_, d, dh) * (0.5 / math.sqrt(dh)))
         self.mem_w2 = nn.Parameter(torch.randn(h_, dh, d) / math.sqrt(d))
-        n_proj = 5 if self.adaptive_q else 4
         if self_modifying:
             self.proj_w1 = nn.Parameter(torch.randn(h_, n_proj, d, dh) * (0.5 / math.sqrt(dh)))
             self.proj_w2 = nn.Parameter(torch.randn(h_, n_proj, dh, d) / math.sqrt(d))
@@ -80,17 +84,23 @@ class SelfModifyingTitans(nn.Module):
             self.w_eta_alpha = nn.Parameter(torch.randn(h_, 2, d) * (0.1 / math.sqrt(d)))
         if self_modifying and not self.adaptive_q:
             self.w_q = nn.Parameter(torch.randn(h_, d, d) / math.sqrt(d))
+        if self_modifying and cfg.per_memory_inputs:  # the "q k v Linear" of the paper's figure, per head
+            self.w_inputs = nn.Parameter(torch.randn(h_, n_proj, d, d) / math.sqrt(d))
         self.eta_bias = nn.Parameter(torch.full((h_,), math.log(cfg.eta_init / (cfg.eta_max - cfg.eta_init))))
         self.alpha_bias = nn.Parameter(torch.full((h_,), math.log(cfg.alpha_init / (1 - cfg.alpha_init))))
 
     # ---------------------------------------------------------------------------------------------
     def init_state(self, batch_size: int) -> TitansState:
         """Fresh per-sample state: memories at their meta-learned initial weights, zero momentum."""
-        b = batch_size
+        b, h_ = batch_size, self.n_heads
         expand = lambda p: p.expand(b, *p.shape)  # noqa: E731  one fast copy per sample
-        proj = MemoryState.fresh(expand(self.proj_w1), expand(self.proj_w2)) if self.self_modifying else None
-        conv = self.w_in.weight.new_zeros(b, self.cfg.conv_width - 1, self.n_heads * self.d_head)
-        return TitansState(0, conv, proj, MemoryState.fresh(expand(self.mem_w1), expand(self.mem_w2)))
+        proj = None
+        if self.self_modifying:  # the stacked projection memories share their keys, eta and alpha
+            proj = MemoryState.fresh(expand(self.proj_w1), expand(self.proj_w2), self.cfg.chunk_size_projection,
+                                     (b, h_, 1))
+        mem = MemoryState.fresh(expand(self.mem_w1), expand(self.mem_w2), self.cfg.chunk_size_memory, (b, h_))
+        conv = self.mem_w1.new_zeros(b, self.cfg.conv_width - 1, self.conv.weight.shape[0])
+        return TitansState(0, conv, proj, mem)
 
     def head_inputs(self, x: torch.Tensor, conv_state: torch.Tensor):
         """x [B, T, d_model] -> per-head memory inputs [B, H, T, d] (projection + causal short conv)."""
@@ -98,28 +108,41 @@ class SelfModifyingTitans(nn.Module):
         b, t, _ = u.shape
         return u.view(b, t, self.n_heads, self.d_head).transpose(1, 2), conv_state
 
+    def memory_inputs(self, xh: torch.Tensor) -> torch.Tensor:
+        """Inputs of the projection memories from xh [B, H, n, d]: [B, H, 1, n, d] shared, or [B, H, P, n, d]
+        through each memory's own per-head linear map (``per_memory_inputs``)."""
+        if not self.cfg.per_memory_inputs:
+            return xh[:, :, None]
+        return torch.einsum("bhtd,hped->bhpte", xh, self.w_inputs)
+
+    memory_frozen = False  # set True to evaluate with the in-context memory switched off (eta = 0, alpha = 1)
+
     def eta_alpha(self, eta_logit: torch.Tensor, alpha_logit: torch.Tensor):
         """Squash per-head scalar logits [B, H, T] into eta in (0, eta_max) and alpha in (0, 1)."""
         eta = self.cfg.eta_max * torch.sigmoid(eta_logit + self.eta_bias[:, None])
         alpha = torch.sigmoid(alpha_logit + self.alpha_bias[:, None])
+        if self.memory_frozen:  # no memory updates: every memory keeps its initial (meta-learned) weights
+            return torch.zeros_like(eta), torch.ones_like(alpha)
         return eta, alpha
+
+    def keys_values_queries(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor):
+        """L2-normalize keys and queries, and values unless ``normalize_values`` is off."""
+        v = F.normalize(v, dim=-1) if self.cfg.normalize_values else v
+        return F.normalize(k, dim=-1), v, F.normalize(q, dim=-1)
 
     def static_projections(self, xh: torch.Tensor):
         """Titans baseline: k, v, q, eta, alpha as static per-head maps of xh [B, H, T, d]."""
         kvq = torch.einsum("bhtd,hjed->bhjte", xh, self.w_kvq)
         ea = torch.einsum("bhtd,hjd->bhjt", xh, self.w_eta_alpha)
         eta, alpha = self.eta_alpha(ea[:, :, 0], ea[:, :, 1])
-        return F.normalize(kvq[:, :, 0], dim=-1), kvq[:, :, 1], F.normalize(kvq[:, :, 2], dim=-1), eta, alpha
+        return *self.keys_values_queries(kvq[:, :, 0], kvq[:, :, 1], kvq[:, :, 2]), eta, alpha
 
     def read_projections(self, w1: torch.Tensor, w2: torch.Tensor, xh: torch.Tensor):
         """k, v, q, eta, alpha of tokens xh [B, H, n, d] from projection-memory weights [B, H, P, ...]."""
-        outs = mlp_apply(w1, w2, xh[:, :, None])  # [B, H, P, n, d]
+        outs = mlp_apply(w1, w2, self.memory_inputs(xh), self.cfg.mem_branch_norm)  # [B, H, P, n, d]
         eta, alpha = self.eta_alpha(outs[:, :, ETA].mean(-1), outs[:, :, ALPHA].mean(-1))
-        if self.adaptive_q:
-            q = outs[:, :, Q]
-        else:
-            q = torch.einsum("bhtd,hed->bhte", xh, self.w_q)
-        return F.normalize(outs[:, :, K], dim=-1), outs[:, :, V], F.normalize(q, dim=-1), eta, alpha
+        q = outs[:, :, Q] if self.adaptive_q else torch.einsum("bhtd,hed->bhte", xh, self.w_q)
+        return *self.keys_values_queries(outs[:, :, K], outs[:, :, V], q), eta, alpha
 
     def project_output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-head RMS norm of o [B, H, T, d], gate silu(W_gate x), output projection W_out."""
@@ -129,7 +152,19 @@ class SelfModifyingTitans(nn.Module):
 
     def memory_targets(self, mem: MemoryState, v: torch.Tensor) -> torch.Tensor:
         """Targets of the main memory: self-generated v̂ = M_mem(v) at the chunk start (Hope), or v (Titans)."""
-        return mlp_apply(mem.w1_snap, mem.w2_snap, v) if self.self_modifying else v
+        return self.self_target((mem.w1, mem.w2), v) if self.self_modifying else v
+
+    def self_target(self, weights: tuple[torch.Tensor, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+        """v̂ = M(v) at the chunk-start weights (a constant of the outer loop's gradient in the first-order form)."""
+        if self.cfg.first_order:
+            weights = tuple(w.detach() for w in weights)
+        return mlp_apply(*weights, v, self.cfg.mem_branch_norm)
+
+    def _update(self, mem: MemoryState, keys, targets, eta, alpha, queries=None, coef=None,
+                n_valid: int | None = None) -> ChunkResult:
+        if coef is None:
+            coef = chunk_coefficients(keys, eta, alpha, self.beta, self.erase, queries=queries)
+        return chunk_update(mem, keys, targets, coef, self.beta, self.rule, queries=queries, n_valid=n_valid)
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: TitansState | None = None):
@@ -138,35 +173,53 @@ class SelfModifyingTitans(nn.Module):
             state = self.init_state(x.shape[0])
         xh, conv_state = self.head_inputs(x, state.conv)
         t_len, pos = xh.shape[2], state.pos
+        stats: dict[str, list] = {}
 
-        # phase 1: keys, values, queries, eta, alpha from the projection memories (chunk C_proj)
+        def note(prefix: str, r: ChunkResult) -> None:
+            stats.setdefault(f"{prefix}_overshoot", []).append(r.overshoot.mean())
+            stats.setdefault(f"{prefix}_step_scale", []).append(r.scale.mean())
+            stats.setdefault(f"{prefix}_bounded", []).append((r.scale < 1).float().mean())
+
+        # phase 1: keys, values, queries, eta, alpha from the projection memories (chunk C_proj); a chunk's
+        # k, v, q, eta, alpha and targets v̂_□ = M_□(v) all come from the projection memories at its start
         proj = state.proj
         if self.self_modifying:
-            pieces = []
-            for a, b, new_chunk in _chunk_spans(pos, t_len, self.cfg.chunk_size_projection):
-                if new_chunk:
-                    proj = proj.snapshot()
-                k, v, q, eta, alpha = self.read_projections(proj.w1_snap, proj.w2_snap, xh[:, :, a:b])
-                targets = mlp_apply(proj.w1_snap, proj.w2_snap, v[:, :, None])  # v̂_□ = M_□(v)
-                coef = chunk_coefficients(k[:, :, None], eta[:, :, None], alpha[:, :, None], self.beta, self.erase)
-                proj, _ = chunk_update(proj, k[:, :, None], targets, coef, self.beta)
+            c_proj, pieces = self.cfg.chunk_size_projection, []
+            for a, b in _chunk_spans(pos, t_len, c_proj):
+                p = (pos + a) % c_proj
+                k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, xh[:, :, a:b])
+                new = (k[:, :, None], self.self_target((proj.w1, proj.w2), v[:, :, None]),
+                       eta[:, :, None], alpha[:, :, None])
+                if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
+                    proj = proj.buffered(p, *new)
+                else:
+                    r = self._update(proj, *proj.with_pending(p, *new))
+                    note("proj", r)
+                    proj = proj.committed(r.w1, r.w2, r.s1, r.s2)
                 pieces.append((k, v, q, eta, alpha))
             k, v, q, eta, alpha = (torch.cat(p, dim=2) for p in zip(*pieces))
         else:
             k, v, q, eta, alpha = self.static_projections(xh)
 
-        # phase 2: the main memory, read after every update of tokens <= t (chunk C_mem). Its keys, eta and
-        # alpha are known for the whole sequence, so the state-independent coefficients of all whole chunks
-        # are computed at once on a [B, H, N, C] layout (the last chunk padded with eta = 0, alpha = 1).
+        # phase 2: the main memory, read after every update of tokens <= t (chunk C_mem)
         mem, outs = state.mem, []
         c_mem = self.cfg.chunk_size_memory
-        head = min(t_len, (c_mem - pos % c_mem) % c_mem)  # tokens that finish a chunk begun earlier
+        p = pos % c_mem
+        head = min(t_len, (c_mem - p) % c_mem)  # tokens that continue a chunk begun earlier
         if head:
-            coef = chunk_coefficients(k[:, :, :head], eta[:, :, :head], alpha[:, :, :head], self.beta, self.erase,
-                                      queries=q[:, :, :head])
-            mem, o = chunk_update(mem, k[:, :, :head], self.memory_targets(mem, v[:, :, :head]), coef, self.beta,
-                                  queries=q[:, :, :head])
-            outs.append(o)
+            new = (k[:, :, :head], self.memory_targets(mem, v[:, :, :head]), eta[:, :, :head], alpha[:, :, :head])
+            keys, targets, etas, alphas = mem.with_pending(p, *new)
+            queries = torch.cat([torch.zeros_like(keys[:, :, :p]), q[:, :, :head]], dim=2)
+            r = self._update(mem, keys, targets, etas, alphas, queries=queries)
+            outs.append(r.reads[:, :, p:])
+            if p + head == c_mem:
+                note("mem", r)
+                mem = mem.committed(r.w1, r.w2, r.s1, r.s2)
+            else:
+                mem = mem.buffered(p, *new)
+
+        # the remaining chunks: their keys, eta and alpha are known, so the state-independent coefficients of
+        # all of them are computed at once on a [B, H, N, C] layout (the last chunk padded, eta = 0, alpha = 1)
         rest = t_len - head
         n_chunks = -(-rest // c_mem)
         pad = n_chunks * c_mem - rest
@@ -176,16 +229,23 @@ class SelfModifyingTitans(nn.Module):
             return t.view(*t.shape[:2], n_chunks, c_mem, *t.shape[3:])
 
         if n_chunks:
-            k_c, v_c, q_c = chunked(k), chunked(v), chunked(q)
-            coefs = chunk_coefficients(k_c, chunked(eta), chunked(alpha, 1.0), self.beta, self.erase, queries=q_c)
+            k_c, v_c, q_c, eta_c, alpha_c = chunked(k), chunked(v), chunked(q), chunked(eta), chunked(alpha, 1.0)
+            coefs = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c)
         for n in range(n_chunks):
-            mem = mem.snapshot()
             n_valid = c_mem if n < n_chunks - 1 else c_mem - pad
-            mem, o = chunk_update(mem, k_c[:, :, n], self.memory_targets(mem, v_c[:, :, n]), coefs.select(n),
-                                  self.beta, queries=q_c[:, :, n], n_valid=n_valid)
-            outs.append(o)
+            targets = self.memory_targets(mem, v_c[:, :, n])
+            r = self._update(mem, k_c[:, :, n], targets, None, None, queries=q_c[:, :, n], coef=coefs.select(n),
+                             n_valid=n_valid)
+            outs.append(r.reads)
+            if n_valid == c_mem:
+                note("mem", r)
+                mem = mem.committed(r.w1, r.w2, r.s1, r.s2)
+            else:
+                mem = mem.buffered(0, k_c[:, :, n, :n_valid], targets[:, :, :n_valid], eta_c[:, :, n, :n_valid],
+                                   alpha_c[:, :, n, :n_valid])
         o = torch.cat(outs, dim=2)[:, :, :t_len]
         self.last_stats = {"eta": eta.detach().mean(), "alpha": alpha.detach().mean(),
                            "mem_w1_norm": mem.w1.detach().norm(dim=(-2, -1)).mean(),
                            "mem_w2_norm": mem.w2.detach().norm(dim=(-2, -1)).mean()}
+        self.last_stats.update({k_: torch.stack(v_).mean() for k_, v_ in stats.items()})
         return self.project_output(o, x), TitansState(pos + t_len, conv_state, proj, mem)

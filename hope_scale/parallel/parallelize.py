@@ -49,7 +49,7 @@ from hope_scale.model.titans import SelfModifyingTitans
 from .layout import RankInfo
 
 # head-local parameters of SelfModifyingTitans: head axis first
-TITANS_HEAD_PARAMS = ("mem_w1", "mem_w2", "proj_w1", "proj_w2", "w_kvq", "w_eta_alpha", "w_q",
+TITANS_HEAD_PARAMS = ("mem_w1", "mem_w2", "proj_w1", "proj_w2", "w_kvq", "w_eta_alpha", "w_q", "w_inputs",
                       "eta_bias", "alpha_bias", "out_norm_weight")
 
 

@@ -35,7 +35,7 @@ import yaml
 from hope_scale.dicts import deep_merge
 from hope_scale.model import ConfigError, ModelConfig
 from hope_scale.parallel.layout import LayoutError, ParallelLayout
-from hope_scale.resources import config_dir, named_model_config
+from hope_scale.resources import config_dir
 
 from .flops import PEAK_FLOPS
 
@@ -247,12 +247,12 @@ class TrainConfig:
 
 def _build_model(raw: Any) -> tuple[ModelConfig, str | None]:
     if isinstance(raw, str):
-        return named_model_config(raw), raw
+        return ModelConfig.named(raw), raw
     if not isinstance(raw, dict):
         raise ConfigError(f"model: expected a name or a mapping, got {type(raw).__name__}")
     fields = dict(raw)
     name = fields.pop("name", None)
-    base = named_model_config(name).to_dict() if name is not None else {}
+    base = ModelConfig.named(name).to_dict() if name is not None else {}
     base.update(fields)
     try:
         return ModelConfig.from_dict(base), name

@@ -101,16 +101,30 @@ def dense_matmul_params(cfg: ModelConfig) -> int:
     return n + cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else n
 
 
-def _update(d: int, h: int, c: int, erase: bool) -> float:
-    return 6 * d * h + 8 * d * h + ((4 * d * h + 4 * c * h) if erase else 0)
+def _update(cfg: ModelConfig, d: int, h: int, c: int, erase: bool, read: bool) -> float:
+    """Per token: one memory's chunk update (memory.chunk_update), rank-1 factors to the end state."""
+    n = 14 * d * h  # z, y, delta and the four end-state matmuls (w1, w2, s1, s2)
+    if cfg.normalized_eta or (cfg.inner_step_bound > 0 and cfg.inner_overshoot == "aligned"):
+        n += 2 * d * h  # kappa's J g
+    if cfg.inner_step_bound > 0 and cfg.inner_overshoot == "aligned":
+        n += 2 * c
+    elif cfg.inner_step_bound > 0:  # the Rayleigh overshoot of R rows (every token's when the memory is read)
+        rows = c if read else 1
+        n += 2 * c * d + 4 * c * h + 2 * rows * c + 2 * rows * c * (d + h) + 2 * rows * h * d  # (+ k.k: _shared)
+    if erase:  # erase vectors (state and gradient parts) and their end-state terms
+        n += (4 if cfg.first_order else 2) * d * h + 4 * d * h + 6 * c * h
+    return n
 
 
-def _shared(d: int, c: int, erase: bool) -> float:
-    return 2 * c * d + 2 * c * c + 2 * c + (c * c if erase else 0)
+def _shared(cfg: ModelConfig, d: int, c: int, erase: bool) -> float:
+    """Per token: what a chunk computes once for all memories sharing its keys (k.k, E = D B, c = D beta)."""
+    rayleigh_kk = 2 * c * d if cfg.inner_step_bound > 0 and cfg.inner_overshoot == "rayleigh" else 0
+    return 2 * c * d + 2 * c * c + 2 * c + (c * c if erase else 0) + rayleigh_kk
 
 
 def _read(d: int, h: int, c: int, erase: bool) -> float:
-    return 8 * d * h + 4 * c * d + 4 * c * h + (2 * c * h if erase else 0)
+    """Per token: the main memory's reads W2_t q_t and W1_t silu(W2_t q_t) in the unrolled form."""
+    return 8 * d * h + 4 * c * d + 4 * c * h + (4 * c * h if erase else 0)
 
 
 def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
@@ -122,10 +136,10 @@ def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
     if cfg.arch == "hope":
         erase = cfg.dgd_erase
         n_proj = 5 if cfg.adaptive_q else 4
-        per_head = (n_proj * (2 * mlp + _update(d, h, cp, erase)) + _shared(d, cp, erase)
-                    + mlp + _update(d, h, cm, erase) + _shared(d, cm, erase) + _read(d, h, cm, erase))
+        per_head = (n_proj * (2 * mlp + _update(cfg, d, h, cp, erase, False)) + _shared(cfg, d, cp, erase)
+                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase))
     else:
-        per_head = _update(d, h, cm, False) + _shared(d, cm, False) + _read(d, h, cm, False)
+        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False)
     return float(per_head * cfg.n_heads * cfg.n_layers)
 
 
