@@ -1,11 +1,11 @@
 """Load exported folders with `transformers` as a deployment machine would: hope_scale cannot be imported, nothing
 can be unpickled. Run as a script (``python -I tests/export_loader.py JOB.json``) by tests/test_export.py.
 
-JOB.json: {"inputs": a safetensors file with "prompts" [B, T], "gen_prompt" [1, P] and "text" [1, N] token ids,
-"prompt_text": str, "out": the safetensors file to write, "folders": {name: {"path": DIR, "generate": bool}}}.
-For each folder it writes "<name>/logits" (the prompts' fp32 logits), "<name>/nll" (mean next-token loss on
-"text"), "<name>/generated" (greedy ``generate()`` of 64 new tokens, if asked) and "<name>/prompt_ids" (the
-exported tokenizer's ids of "prompt_text").
+JOB.json: {"inputs": a safetensors file with "prompts" [B, T] and "text" [1, N] token ids, "prompt_text": str,
+"out": the safetensors file to write, "folders": {name: {"path": DIR, "generate": bool}}}. For each folder it
+writes "<name>/logits" (the prompts' fp32 logits), "<name>/nll" (mean next-token loss on "text"), "<name>/generated"
+(if asked: greedy ``generate(**tokenizer(prompt_text))`` of 64 new tokens) and "<name>/prompt_ids" (the exported
+tokenizer's ids of "prompt_text").
 """
 
 import importlib.abc
@@ -50,9 +50,10 @@ def main(job_file: str) -> None:
         with torch.no_grad():
             out[f"{name}/logits"] = model(inputs["prompts"]).logits.float()
             out[f"{name}/nll"] = model(inputs["text"], labels=inputs["text"]).loss.float().reshape(1)
+            prompt = tok(job["prompt_text"], return_tensors="pt")
             if spec["generate"]:
-                out[f"{name}/generated"] = model.generate(inputs["gen_prompt"], max_new_tokens=64, do_sample=False)
-        out[f"{name}/prompt_ids"] = torch.tensor(tok(job["prompt_text"])["input_ids"])
+                out[f"{name}/generated"] = model.generate(**prompt, max_new_tokens=64, do_sample=False)
+        out[f"{name}/prompt_ids"] = prompt["input_ids"][0]
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("hope_scale", "data_prep"))
     assert not leaked, leaked
     save_file({k: v.contiguous() for k, v in out.items()}, job["out"])

@@ -33,12 +33,13 @@ LAYOUTS = {"tp2pp2": {"tensor_parallel": 2, "pipeline_parallel": 2}, "single": {
 EXPORTED = [f"{layout}-{arch}" for layout in LAYOUTS for arch in ARCHS]
 PROMPT = "ROMEO: But soft, what light"
 SMALLER = ("bf16", "fp16", "int8")
-# Held-out perplexity of a smaller export relative to fp32, |ppl / ppl_fp32 - 1|. Measured on this test's trained
-# model: bf16 3.8e-4, fp16 4.7e-5, int8 8.5e-5 (docs/export.md has a larger model's). The bounds are 13-23x that, for
-# other CPUs and BLAS libraries. A gross conversion error exceeds them (the rows of one layer's input projection
-# permuted: +7.6%), a small one may not (one layer's weights 5% too large: -0.02%): exactness is what the fp32
-# tests check, these check that the reduced-precision exports load and compute what the model computes.
-PPL_BOUND = {"bf16": 5e-3, "fp16": 1e-3, "int8": 2e-3}
+# Held-out perplexity of a smaller export relative to fp32: |ppl / ppl_fp32 - 1| < 0.5%. Measured on this test's
+# trained model: bf16 3.8e-4, fp16 4.7e-5, int8 8.5e-5; on docs/export.md's better-trained model up to 3.2e-3 (fp16),
+# so the bound holds with a 13x margin here and covers what longer training does. A gross conversion error exceeds
+# it (the rows of one layer's input projection permuted: +7.6%), a small one may not (one layer's weights 5% too
+# large: -0.02%): exactness is what the fp32 tests check; these check that the reduced-precision exports load and
+# compute what the model computes.
+PPL_BOUND = 5e-3
 RTOL_LOGITS = 1e-5
 
 
@@ -118,7 +119,7 @@ def loaded(runs, trained, tmp_path_factory) -> dict:
     folders.update({k: {"path": str(tmp / k), "generate": False} for k in ("fp32", "fp32-sharded", *SMALLER)})
     held_out = list(SHAKESPEARE.read_text(encoding="utf-8")[-3000:].encode("utf-8"))[:2048]
     inputs = {"prompts": torch.randint(0, 258, (3, 29), generator=torch.Generator().manual_seed(0)),
-              "gen_prompt": torch.tensor([ByteTokenizer().encode(PROMPT)]), "text": torch.tensor([held_out])}
+              "text": torch.tensor([held_out])}
     save_file(inputs, tmp / "inputs.safetensors")
     job = {"inputs": str(tmp / "inputs.safetensors"), "prompt_text": PROMPT, "out": str(tmp / "out.safetensors"),
            "folders": folders}
@@ -147,8 +148,8 @@ def test_fp32_logits_equal_native(runs, loaded, name):
 
 @pytest.mark.parametrize("name", EXPORTED)
 def test_greedy_generate_equals_hope_scale_generate(runs, loaded, name, capsys):
-    """64 greedy tokens of the exported model's ``generate()`` (recurrent cache) are the tokens `hope-scale generate
-    --temperature 0` prints (both stop at end-of-text)."""
+    """64 greedy tokens of the exported model's ``generate(**tokenizer(PROMPT))`` (recurrent cache) are the tokens
+    `hope-scale generate --temperature 0` prints (both stop at end-of-text)."""
     layout, arch = name.split("-", 1)
     prompt = ByteTokenizer().encode(PROMPT)
     got = loaded["results"][name]["generated"][0, len(prompt):].tolist()
@@ -218,7 +219,7 @@ def test_smaller_formats_keep_perplexity(trained, loaded):
     assert math.exp(nll) < 40  # trained: far below the 258 of a uniform guess
     for kind in SMALLER:
         ratio = math.exp(results[kind]["nll"].item() - nll)
-        assert abs(ratio - 1) < PPL_BOUND[kind], (kind, ratio)
+        assert abs(ratio - 1) < PPL_BOUND, (kind, ratio)
 
 
 def test_smaller_formats_are_smaller(loaded):

@@ -114,6 +114,7 @@ def test_byte_tokenizer_encodes_and_decodes_like_hope_scale(tmp_path):
     write_tokenizer(ByteTokenizer(), tmp_path)
     hf, byte = AutoTokenizer.from_pretrained(tmp_path), ByteTokenizer()
     assert (hf.eos_token_id, hf.pad_token_id, len(hf)) == (byte.eos_id, byte.pad_id, byte.vocab_size)
+    assert set(hf("x")) == {"input_ids", "attention_mask"}  # generate(**tok(text)) takes what it returns
     for text in TEXTS:
         assert hf(text)["input_ids"] == byte.encode(text), text
         ids = byte.encode(text) + [byte.eos_id, 65, byte.pad_id]

@@ -1,12 +1,4 @@
-"""``hope-scale export --checkpoint PATH --out DIR``: a checkpoint as a folder that ``transformers`` loads.
-
-    hope-scale export --checkpoint runs/hope-125m/checkpoints --out exports/hope-125m
-    hope-scale export --checkpoint runs/hope-125m/checkpoints --out exports/hope-125m-int8 --quantize int8
-    hope-scale export --checkpoint runs/tf-125m/checkpoints --out exports/tf-125m-llama --format llama
-
-Exit codes: 0 written, 2 a usage problem (bad option, non-empty --out without --overwrite, unreadable checkpoint,
-format that does not fit the model), 1 anything unexpected. docs/export.md has the formats and how to load them.
-"""
+"""``hope-scale export --checkpoint PATH --out DIR``: a checkpoint as a folder that ``transformers`` loads."""
 
 from __future__ import annotations
 
@@ -15,10 +7,28 @@ import sys
 
 from hope_scale.export.safetensors_out import DEFAULT_MAX_SHARD_BYTES
 
-DESCRIPTION = __doc__.split("\n\n")[0]
+DESCRIPTION = """\
+Write a checkpoint as a folder that Hugging Face transformers loads (docs/export.md):
+
+  hf     config.json, configuration_hope.py, modeling_hope.py, model.safetensors, generation_config.json and the
+         tokenizer; any architecture. AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) and
+         AutoTokenizer.from_pretrained(DIR) load it; generate() carries the recurrent memory state between tokens.
+  llama  a plain LlamaForCausalLM folder, no remote code (Transformer++ checkpoints only).
+
+Only the weights are read, one tensor at a time (never the optimizer state). The folder is written under a
+temporary name and renamed when complete; nothing but JSON, Python source and safetensors is written.
+
+examples:
+  hope-scale export --checkpoint runs/hope-125m/checkpoints --out exports/hope-125m
+  hope-scale export --checkpoint runs/hope-125m/checkpoints --out exports/hope-125m-int8 --quantize int8
+  hope-scale export --checkpoint runs/transformer-125m/checkpoints --out exports/tf-125m --format llama --dtype bf16
+
+exit codes: 0 written; 2 a usage problem (an option, a non-empty --out without --overwrite, an unreadable checkpoint,
+a format that does not fit the model); 1 anything unexpected.
+"""
 
 
-def _size(text: str) -> int:
+def byte_size(text: str) -> int:
     """'5GB', '200MB', '1024' -> bytes."""
     units = {"GB": 2**30, "MB": 2**20, "KB": 2**10, "B": 1}
     for unit, factor in units.items():
@@ -28,7 +38,7 @@ def _size(text: str) -> int:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\nExit codes")[0]
+    parser.description = DESCRIPTION
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--checkpoint", required=True,
                         help="trainer checkpoint folder (a run's checkpoint dir: its newest valid checkpoint; or one "
@@ -46,7 +56,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer to ship: 'byte' or a tokenizer.json (default: the one the checkpoint was "
                              "trained with)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES,
+    parser.add_argument("--max-shard-size", type=byte_size, default=DEFAULT_MAX_SHARD_BYTES,
                         help="split the weights into files of at most this size, with an index (default 5GB)")
 
 

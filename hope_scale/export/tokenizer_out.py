@@ -20,6 +20,7 @@ from pathlib import Path
 from hope_scale.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 BYTE_SPECIALS = ("<|endoftext|>", "<|pad|>")  # ids 256 and 257, ByteTokenizer's EOS and PAD
+INPUTS = ["input_ids", "attention_mask"]  # what the tokenizer returns: the model takes no token_type_ids
 
 
 def byte_level_tokenizer():
@@ -37,7 +38,8 @@ def byte_level_tokenizer():
     byte = ByteTokenizer()
     assert [raw.token_to_id(t) for t in BYTE_SPECIALS] == [byte.eos_id, byte.pad_id]
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=BYTE_SPECIALS[0], pad_token=BYTE_SPECIALS[1],
-                                   split_special_tokens=True, clean_up_tokenization_spaces=False)
+                                   split_special_tokens=True, clean_up_tokenization_spaces=False,
+                                   model_input_names=INPUTS)
 
 
 def hf_tokenizer(tok: HFTokenizer):
@@ -47,7 +49,7 @@ def hf_tokenizer(tok: HFTokenizer):
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(Path(tmp) / "tokenizer.json")
         fast = PreTrainedTokenizerFast(tokenizer_file=str(Path(tmp) / "tokenizer.json"), eos_token=tok.eos_token,
-                                       clean_up_tokenization_spaces=False)
+                                       clean_up_tokenization_spaces=False, model_input_names=INPUTS)
     if tok.pad_id is not None:
         fast.pad_token = fast.convert_ids_to_tokens(tok.pad_id)
     return fast

@@ -120,6 +120,9 @@ def _trainer_weights(folder: Path, log: Callable[[str], None]) -> WeightSource:
     shapes = _parameter_shapes(cfg, set(boxes), str(found.path))
 
     def read_full(name: str) -> torch.Tensor:
+        (read_box, box), *others = boxes[name]
+        if not others and [tuple(b) for b in box] == [(0, n) for n in global_shapes[name]]:
+            return read_box()  # one box holds all of it (a 1-process run, a replicated weight): no copy
         full = torch.zeros(global_shapes[name], dtype=torch.float32)
         covered = torch.zeros(global_shapes[name], dtype=torch.bool)
         for read_box, box in boxes[name]:
