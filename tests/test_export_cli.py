@@ -102,6 +102,28 @@ def test_failed_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == [] and (tmp_path / "new" / "config.json").is_file()
 
 
+def test_run_folder_uses_the_newest_valid_checkpoint(tmp_path, capsys):
+    """Given a run's checkpoint folder whose newest checkpoint is corrupt, export uses the previous one and says so."""
+    from hope_scale.parallel.engine import STATE_FORMAT
+    from hope_scale.train.checkpoint import CheckpointManager, rank_file
+
+    model = tiny_checkpoint(tmp_path / "m.pt", arch="transformer")
+    params = {name: {"global_shape": list(p.shape), "box": [[0, n] for n in p.shape], "value": p.detach()}
+              for name, p in model.named_parameters()}
+    engine = {"format": STATE_FORMAT, "model_config": model.cfg.to_dict(), "steps": 0, "cms_schedule": {},
+              "group_steps": {}, "params": params}
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        CheckpointManager(root, log=lambda m: None).save(step, {"engine": engine, "rng": {}}, {"step": step},
+                                                         {"config": {"data": {}}})
+    newest = root / "step_00000002" / rank_file(0)
+    newest.write_bytes(newest.read_bytes()[:-10])
+    assert main(["export", "--checkpoint", str(root), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"REFUSING {root / 'step_00000002'}" in err and f"using {root / 'step_00000001'}" in err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["hope_export"]["step"] == 1
+
+
 # --- tokenizers ----------------------------------------------------------------------------------------------
 TEXTS = ["hello world", "  two  spaces\n\ttab\r\n", "héllo ünïcode 日本語 🚀", "x<|endoftext|>y<|pad|>", "", "\x00\x7f"]
 

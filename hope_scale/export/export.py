@@ -10,7 +10,6 @@ Every exported file is JSON, Python source or safetensors: loading the folder un
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -72,10 +71,6 @@ def llama_groups(source: WeightSource, dtype: torch.dtype) -> list[TensorGroup]:
     return [_cast_group(source, n, llama_name(n), dtype, lambda t, n=n: llama_weight(n, t, cfg)) for n in source.names]
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def _write_folder(folder: Path, source: WeightSource, tok: Tokenizer, fmt: str, dtype: torch.dtype,
                   quantize: str | None, max_shard_bytes: int, provenance: dict) -> list[str]:
     """All files of the export into ``folder``; returns the weight files."""
@@ -97,7 +92,7 @@ def _write_folder(folder: Path, source: WeightSource, tok: Tokenizer, fmt: str, 
         (folder / "configuration_hope.py").write_text(configuration_source(), encoding="utf-8")
         (folder / "modeling_hope.py").write_text(modeling_source(), encoding="utf-8")
         config = HopeConfig(hope_model=cfg.to_dict(), hope_quantization=INT8_WEIGHT_ONLY if quantize else None,
-                            architectures=["HopeForCausalLM"], torch_dtype=dtype, eos_token_id=tok.eos_id,
+                            architectures=["HopeForCausalLM"], dtype=dtype, eos_token_id=tok.eos_id,
                             pad_token_id=pad_id, hope_export=provenance,
                             auto_map={"AutoConfig": "configuration_hope.HopeConfig",
                                       "AutoModelForCausalLM": "modeling_hope.HopeForCausalLM"})
@@ -165,10 +160,14 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str = "hf
         files = _write_folder(tmp, source, tok, fmt, DTYPES[dtype], quantize, max_shard_bytes, provenance)
         _fsync_tree(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is an ordinary folder
-        if out.exists():  # an empty folder, or the one --overwrite replaces
+        if out.exists():  # an empty folder, or the one --overwrite replaces: moved aside, then removed
             old = out.parent / f".{out.name}{TMP_INFIX}old"
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -54,5 +54,5 @@ def llama_config(cfg: ModelConfig, eos_id: int, pad_id: int | None, dtype: torch
                        num_key_value_heads=cfg.n_heads, head_dim=cfg.d_head, hidden_act="silu",
                        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
                        attention_bias=False, mlp_bias=False, tie_word_embeddings=cfg.tie_embeddings,
-                       bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, torch_dtype=dtype,
+                       bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, dtype=dtype,
                        architectures=["LlamaForCausalLM"], **extra)

@@ -110,12 +110,16 @@ def _trainer_weights(folder: Path, log: Callable[[str], None]) -> WeightSource:
             skeleton, read = open_tree(found.path / rank_file(rank))
         except UnsafeFileError as err:
             raise CheckpointError(str(err)) from None
-        engine = skeleton["engine"]
-        model_config = model_config or engine["model_config"]
-        for name, entry in engine["params"].items():
-            global_shapes[name] = tuple(entry["global_shape"])
-            key = entry["value"][TENSOR]
-            boxes.setdefault(name, []).append((lambda read=read, key=key: read(key), entry["box"]))
+        try:
+            engine = skeleton["engine"]
+            model_config = model_config or engine["model_config"]
+            for name, entry in engine["params"].items():
+                global_shapes[name] = tuple(entry["global_shape"])
+                key = entry["value"][TENSOR]
+                boxes.setdefault(name, []).append((lambda read=read, key=key: read(key), entry["box"]))
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{found.path / rank_file(rank)} holds no trainer weights where expected "
+                                  f"(missing {err})") from None
     cfg = ModelConfig.from_dict(model_config)
     shapes = _parameter_shapes(cfg, set(boxes), str(found.path))
 
