@@ -6,10 +6,13 @@ constants of the inner problem, everything stays differentiable for the outer lo
 step bound from a Jacobian-vector product (``torch.func.jvp``). During a chunk each memory is kept as two
 recurrences, P (no gradient terms) and Q (gradient terms only), so that W = P + s Q for any uniform scale s:
 
-    at a chunk start:  W^g <- committed weights;  P <- (W^g, S);  Q <- 0;  lambda = mu = 0
-    g_t = grad_W 1/2||m_{W^g}(k_t) - v̂_t||^2,   kappa_t = ||J g_t||^2 / ||g_t||^2   m(x) = x + W1 silu(W2 x)
-    mu <- beta mu + eta_t kappa_t;   lambda <- alpha_t lambda + mu;   s_t = min(1, tau / lambda)
-    for X in (P, Q):  S_X <- beta S_X - eta_t g_t [Q only];  W2_X <- W2_X (alpha_t I - eta_t k kᵀ) + S2_X;
+    at a chunk start:  W^g <- committed weights (a constant under first_order);  P <- (committed W, S);  Q <- 0
+    g_t = grad_W 1/2||m_{W^g}(k_t) - v̂_t||^2,   kappa_t = ||J_t g_t||^2 / ||g_t||^2   m(x) = x + W1 silu(W2 x)
+    r_t = eta_t / max(kappa_t, KAPPA_MIN)  (normalized_eta; else r_t = eta_t)
+    E_ti <- alpha_t E_(t-1)i + beta^(t-i)          c_ti = E_ti r_i     dW_t = sum_i c_ti g_i
+    rho_t = sum_j c_tj ||J_j dW_t||^2 / ||dW_t||^2  (rayleigh; aligned: sum_i c_ti kappa_i)
+    s_t = min(1, tau / rho_t)
+    for X in (P, Q):  S_X <- beta S_X - r_t g_t [Q only];  W2_X <- W2_X (alpha_t I - eta_t k kᵀ) + S2_X;
                       W1_X <- alpha_t W1_X + S1_X
     o_t = m_{P + s_t Q}(q_t)                               (main memory only)
     at a chunk end:    committed <- P + s_t Q
