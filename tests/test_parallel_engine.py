@@ -50,13 +50,16 @@ def train_worker(p: dict) -> dict:
     layout = ParallelLayout(**p["layout"])
     eng = TrainEngine(ModelConfig.from_dict(p["cfg"]), layout, p["opt"], precision=p.get("precision", "fp32"),
                       grad_clip=p["clip"], grad_accum_steps=p["gas"], seed=0,
-                      deepspeed_config=p.get("ds_extra"))
+                      deepspeed_config=p.get("ds_extra"), activation_checkpointing=p.get("recompute", "none"))
     out = {"losses": [], "norms": [], "stepped": [], "rank": eng.info.to_dict(),
            "flags": {"first": eng.is_first_stage, "last": eng.is_last_stage, "logging": eng.is_logging_rank}}
     out["t_init"] = time.perf_counter() - t0
     if p.get("import_parts") is not None:
         eng.import_state(assemble_rank_state(p["import_parts"], eng.state_needs()))
         out["after_import"] = eng.export_state()
+    calls = [0]  # forward calls of this rank's sequence mixers (recomputation runs them again)
+    for blk in eng.part.blocks.values():
+        blk.mixer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     t1 = time.perf_counter()
     for mbs in p["batches"]:
         mine = mbs[eng.dp_rank * p["gas"]:(eng.dp_rank + 1) * p["gas"]]
@@ -65,6 +68,7 @@ def train_worker(p: dict) -> dict:
         out["norms"].append(r["grad_norm"])
         out["stepped"].append(r["cms_stepped"])
     out["t_train"] = time.perf_counter() - t1
+    out["mixer_calls"] = calls[0]
     if p.get("eval") is not None:
         out["eval"] = eng.eval_loss(p["eval"])
     out["stats"] = eng.memory_stats()

@@ -179,7 +179,8 @@ class Trainer:
             precision=cfg.parallel.precision, grad_clip=o.grad_clip,
             grad_accum_steps=cfg.grad_accum_steps(self.world_size), seed=t.seed,
             deepspeed_config=cfg.parallel.deepspeed,
-            backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
+            backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend,
+            activation_checkpointing=t.activation_checkpointing)
         info = self.engine.info
         self.loader = build_train_loader(cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          dp_rank=info.dp_rank, dp_world_size=info.dp_size, seed=t.seed)
