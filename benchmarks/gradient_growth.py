@@ -60,7 +60,7 @@ def gradient_norm(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, flo
                 if "overshoot" in k or "bounded" in k:
                     stats.setdefault(k, []).append(float(v))
     model.zero_grad(set_to_none=True)
-    return math.sqrt(sq), float(loss), {k: float(np.mean(v)) for k, v in stats.items()}
+    return math.sqrt(sq), float(loss.detach()), {k: float(np.mean(v)) for k, v in stats.items()}
 
 
 def measure(model, stream: np.ndarray, lengths: list[int]) -> list[dict]:

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hope_scale.eval.cli", "Evaluate a checkpoint: perplexity, niah, mqar, continual, lm-eval"),
     "generate": ("hope_scale.eval.generate_cli", "Sample text from a checkpoint (streaming; optional test-time --memorize)"),
     "train-synthetic": ("hope_scale.eval.train_synthetic_cli", "Train a small model on CPU (mqar, passkey, text) for evaluation"),
+    "export": ("hope_scale.export.cli", "Export a checkpoint to a Hugging Face transformers folder (hf, llama; bf16, int8)"),
 }
 
 

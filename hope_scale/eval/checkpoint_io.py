@@ -68,7 +68,7 @@ class LoadedModel:
         }
 
 
-def _checkpoint_file(path: str | os.PathLike) -> Path:
+def checkpoint_file(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     return p / CHECKPOINT_FILE if p.is_dir() or str(path).endswith(os.sep) else p
 
@@ -79,7 +79,7 @@ def save_checkpoint(path: str | os.PathLike, model: LanguageModel, tokenizer: To
 
     ``path`` is a file name, or an existing folder / a name ending in ``/`` (then ``<path>/model.pt``).
     """
-    target = _checkpoint_file(path)
+    target = checkpoint_file(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     if tokenizer is None:
         tokenizer = load_tokenizer("byte")
@@ -123,7 +123,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if p.is_dir() and not (p / CHECKPOINT_FILE).is_file():
         loaded = _load_trainer_checkpoint(p, device, log)
     else:
-        loaded = _load_eval_checkpoint(_checkpoint_file(p))
+        loaded = _load_eval_checkpoint(checkpoint_file(p))
     log(f"checkpoint: using {loaded.path}" + (f" (step {loaded.meta['step']})" if "step" in loaded.meta else ""))
     if dtype is not None:
         loaded.model.to(dtype=dtype)
@@ -131,15 +131,22 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return loaded
 
 
-def _load_eval_checkpoint(file: Path) -> LoadedModel:
+def read_eval_checkpoint(file: Path, mmap: bool = False) -> dict[str, Any]:
+    """The checked payload of an evaluation checkpoint file (``weights_only`` loading: plain containers and
+    tensors only); with ``mmap`` the tensors are memory-mapped, read when touched."""
     try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
+        payload = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, not a torch file, ...
         raise CheckpointError(f"{file} is not a readable checkpoint: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{file} is not a {FORMAT_NAME} file (format={payload.get('format') if isinstance(payload, dict) else type(payload).__name__})")
     if payload.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{file}: unsupported checkpoint version {payload.get('version')}")
+    return payload
+
+
+def _load_eval_checkpoint(file: Path) -> LoadedModel:
+    payload = read_eval_checkpoint(file)
     cfg = ModelConfig.from_dict(payload["model_config"])
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
@@ -195,13 +202,13 @@ def _load_trainer_checkpoint(folder: Path, device, log: Callable[[str], None]) -
         raise CheckpointError(f"{found.path}: weights do not match the model config "
                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     train_cfg = found.manifest.get("config") or found.trainer.get("config") or {}
-    tokenizer, tok_source = _trainer_tokenizer(train_cfg.get("data") or {})
+    tokenizer, tok_source = trainer_tokenizer(train_cfg.get("data") or {})
     meta = {"step": found.step, "tokens": found.manifest.get("tokens"), "model_name": found.manifest.get("model_name"),
             "layout": found.manifest.get("layout"), "tokenizer_source": tok_source, "messages": messages}
     return LoadedModel(model, tokenizer, cfg, str(found.path), TRAIN_FORMAT, meta)
 
 
-def _trainer_tokenizer(data_cfg: dict) -> tuple[Tokenizer, str]:
+def trainer_tokenizer(data_cfg: dict) -> tuple[Tokenizer, str]:
     """The tokenizer of a training run: the one recorded in its prepared dataset's manifest when that folder
     is readable, else the run's ``data.tokenizer`` setting (``byte`` by default)."""
     from hope_scale.data.manifest import read_manifest

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,36 @@ def save_tree(tree: Any, path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
-def load_tree(path: str | os.PathLike) -> Any:
-    """The structure ``save_tree`` wrote to ``path`` (tensors memory-mapped). Raises UnsafeFileError if the
-    file is not such a safetensors file, without interpreting its contents in any other way."""
+def open_tree(path: str | os.PathLike) -> tuple[Any, Callable[[str], torch.Tensor]]:
+    """The structure ``save_tree`` wrote to ``path`` with every tensor left as a ``{"__tensor__": key}`` reference,
+    and ``read(key)``, which reads that one tensor: what lets a reader touch only the tensors it needs (export reads
+    the weights of a checkpoint without its optimizer state). Each ``read`` maps the file anew, so a tensor's pages
+    are released with the tensor. Raises UnsafeFileError if the file is not such a safetensors file, without
+    interpreting its contents in any other way."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        skeleton = (handle.metadata() or {}).get(_META_KEY)
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            skeleton = (handle.metadata() or {}).get(_META_KEY)
     except (SafetensorError, OSError) as err:
         raise UnsafeFileError(f"{path} is not a safetensors file ({err}); not loaded") from None
     if skeleton is None:
         raise UnsafeFileError(f"{path} is a safetensors file without a hope-scale structure; not loaded")
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key)
+
+    return json.loads(skeleton), read
+
+
+def load_tree(path: str | os.PathLike) -> Any:
+    """The structure ``save_tree`` wrote to ``path`` (tensors memory-mapped). Raises UnsafeFileError if the
+    file is not such a safetensors file, without interpreting its contents in any other way."""
+    from safetensors import safe_open
+
+    skeleton, _ = open_tree(path)
+    handle = safe_open(str(path), framework="pt", device="cpu")  # one mapping for all tensors
 
     def fill(node: Any) -> Any:
         if isinstance(node, dict):
@@ -86,5 +105,4 @@ def load_tree(path: str | os.PathLike) -> Any:
             return [fill(v) for v in node]
         return node
 
-    return fill(json.loads(skeleton))
-
+    return fill(skeleton)
