@@ -69,6 +69,7 @@ def train_worker(p: dict) -> dict:
         out["stepped"].append(r["cms_stepped"])
     out["t_train"] = time.perf_counter() - t1
     out["mixer_calls"] = calls[0]
+    out["compiled_steps"] = [("chunk_step" in vars(blk.mixer)) for blk in eng.part.blocks.values()]
     if p.get("eval") is not None:
         out["eval"] = eng.eval_loss(p["eval"])
     out["stats"] = eng.memory_stats()
@@ -234,6 +235,23 @@ def test_layout_validation_names_the_field():
         assert words in str(e.value)
     with pytest.raises(LayoutError, match="train.grad_accum_steps"):
         TrainEngine(cfg, ParallelLayout(), grad_accum_steps=0)
+
+
+def test_engine_with_model_compile_equals_eager(monkeypatch):
+    """``model.compile: true`` in the engine (the chunk steps compiled; aot_eager backend, see
+    tests/test_model_compile.py): in fp64 the same losses, norms and parameters as without, for hope and titans."""
+    monkeypatch.setenv("HOPE_SCALE_COMPILE_BACKEND", "aot_eager")
+    batches = make_batches(steps=2, n_micro=1, seq=40)  # a partial last main-memory and projection chunk
+    for arch in ("hope", "titans"):
+        eager, compiled = run_jobs(1, [job(tiny_cfg(arch, compile=c), ParallelLayout(), batches, gas=1,
+                                           precision="fp64") for c in (False, True)])
+        assert compiled[0]["compiled_steps"] == [True, True] and eager[0]["compiled_steps"] == [False, False]
+        assert compiled[0]["losses"] == pytest.approx(eager[0]["losses"], rel=1e-10)
+        assert compiled[0]["norms"] == pytest.approx(eager[0]["norms"], rel=1e-10)
+        from hope_scale.parallel.engine import consolidate_full_state
+
+        a, b = consolidate_full_state([eager[0]["state"]]), consolidate_full_state([compiled[0]["state"]])
+        assert max_param_diff(a, b) < 1e-10
 
 
 def test_single_process_engine_matches_plain_pytorch_and_cms_periods():

@@ -370,3 +370,15 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     branch = branch - s_t * ((coef.e_mat * hh) @ eta_u)
     reads = queries + (rms_normalize(branch) if rule.branch_norm else branch)
     return ChunkResult(w1, w2, s1, s2, reads, **stats)
+
+
+def chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
+               alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
+               queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
+               n_valid: int | None = None) -> ChunkResult:
+    """One chunk of a memory: its state-independent coefficients (unless given, e.g. computed for all chunks at
+    once by ``chunk_coefficients`` on a chunk axis) and ``chunk_update``. The unit ``model.compile`` compiles
+    (``accel.py``)."""
+    if coef is None:
+        coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
+    return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CausalShortConv
-from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_update, mlp_apply
+from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_step, mlp_apply
 
 # index of each projection memory in the stacked projection weights
 K, V, ETA, ALPHA, Q = 0, 1, 2, 3, 4
@@ -162,11 +162,14 @@ class SelfModifyingTitans(nn.Module):
             weights = tuple(w.detach() for w in weights)
         return mlp_apply(*weights, v, self.cfg.mem_branch_norm)
 
+    # the per-chunk step: ``memory.chunk_step``, or a compiled copy of it set on the layer by ``model.compile``
+    # (hope_scale/model/accel.py; the same computation)
+    chunk_step = staticmethod(chunk_step)
+
     def _update(self, mem: MemoryState, keys, targets, eta, alpha, queries=None, coef=None,
                 n_valid: int | None = None) -> ChunkResult:
-        if coef is None:
-            coef = chunk_coefficients(keys, eta, alpha, self.beta, self.erase, queries=queries)
-        return chunk_update(mem, keys, targets, coef, self.beta, self.rule, queries=queries, n_valid=n_valid)
+        return self.chunk_step(mem, keys, targets, eta, alpha, self.beta, self.erase, self.rule, queries=queries,
+                               coef=coef, n_valid=n_valid)
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: TitansState | None = None):

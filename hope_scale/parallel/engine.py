@@ -12,6 +12,7 @@ See docs/parallelism.md for the design.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hope_scale.model.accel import compile_model
 from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.config import ModelConfig
 from hope_scale.model.lm import build_model
@@ -139,13 +141,15 @@ class TrainEngine:
         self._ps = ps
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
-        full = build_model(model_cfg)
+        full = build_model(dataclasses.replace(model_cfg, compile=False))  # compiled below, once parallelized
         self.master_dtype = torch.float64 if precision == "fp64" else torch.float32
         self.part: ModelPart = parallelize(full, self.info, dtype=self.master_dtype)
         del full
         pipeline_blocks = layout.pipeline_parallel > 1 and activation_checkpointing == "block"
         if not pipeline_blocks:  # (the pipeline engine checkpoints its blocks itself)
             apply_activation_checkpointing(self.part, activation_checkpointing)
+        if model_cfg.compile:  # the chunk steps only: the blocks hold Megatron's parallel layers (accel.py)
+            compile_model(self.part, blocks=False)
         self._seed_parallel_rng(seed)
         self.specs: dict[str, ShardSpec] = dict(self.part.specs)
         self.param_name: dict[nn.Parameter, str] = {p: n for n, p in self.part.named_parameters()}
