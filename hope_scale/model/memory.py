@@ -75,6 +75,8 @@ class MemoryState:
 
     def with_pending(self, n: int, keys, targets, eta, alpha) -> tuple[torch.Tensor, ...]:
         """The current chunk so far: the first n buffered tokens followed by new ones (keys, targets, eta, alpha)."""
+        if n == 0:  # a chunk that starts here (the usual case): nothing buffered, no copies
+            return keys, targets, eta, alpha
         old = self.pending(n)
         return (torch.cat([old[0], keys], dim=-2), torch.cat([old[1], targets], dim=-2),
                 torch.cat([old[2], eta], dim=-1), torch.cat([old[3], alpha], dim=-1))
