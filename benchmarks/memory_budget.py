@@ -2,6 +2,7 @@
 
     python benchmarks/memory_budget.py [--models hope-760m hope-1.3b] [--seq-len 4096] [--micro-batches 1 2 3 4]
                                        [--tensor-parallel 1 2] [--layers 1 2] [--dtype bf16]
+                                       [--modes none block memory]
 
 1. Activations (measured). For each tensor-parallel size, the model a TP rank runs -- the same widths with
    n_heads / tp heads (head dim kept), MLP / CMS hidden widths / tp and vocabulary / tp, which are exactly the
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--pipeline-parallel", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="block counts the line is fitted on")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                    help="checkpointing modes to measure (hope-1.3b's `none` at 2 blocks needs ~12 GiB of RAM)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
@@ -123,7 +126,7 @@ def main() -> None:
         print(f"\n## {model} (L={cfg.n_layers}), seq {args.seq_len}, {args.dtype}, {world} GPUs, ZeRO-1")
         acts: dict[tuple[int, str], Activations] = {}
         for tp in args.tensor_parallel:
-            for mode in MODES:
+            for mode in args.modes:
                 peaks = []
                 for layers in args.layers:
                     started = time.perf_counter()
@@ -145,7 +148,7 @@ def main() -> None:
                 if world % (tp * pp) or cfg.n_layers % pp:
                     continue
                 states = state_bytes(cfg, tp, pp, world // (tp * pp))
-                for mode in MODES:
+                for mode in args.modes:
                     cells = []
                     for mb in args.micro_batches:
                         total = states + acts[(tp, mode)].per_gpu(cfg.n_layers, mb)
