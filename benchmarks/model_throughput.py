@@ -19,8 +19,8 @@ import time
 import torch
 
 from hope_scale.model import ModelConfig, build_model
-from hope_scale.model.reference import reference_forward
 from hope_scale.model.accel import compile_model
+from hope_scale.model.reference import reference_forward
 from hope_scale.model.titans import SelfModifyingTitans
 from hope_scale.train.flops import flops_per_token
 
