@@ -144,3 +144,16 @@ def test_eval_and_generate_say_which_checkpoint_they_use(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"REFUSING {root / 'step_00000002'}" in err and "truncated" in err
         assert f"checkpoint: using {root / 'step_00000001'} (step 1)" in err
+
+
+def test_a_model_trained_compiled_loads_eager(tmp_path):
+    """model.compile is an execution field: evaluation loads the same weights into an eager model."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="hope", vocab_size=258, d_model=32, n_layers=1, n_heads=2, chunk_size_memory=8,
+                      chunk_size_projection=16, compile=True, cms_levels=[{"period": 1, "hidden_mult": 1.0}])
+    model = build_model(cfg)
+    assert "chunk_step" in vars(model.blocks[0].mixer)  # compiled
+    save_checkpoint(tmp_path / "c.pt", model)
+    loaded = load_checkpoint(tmp_path / "c.pt", log=lambda m: None)
+    assert loaded.config.compile is False and "chunk_step" not in vars(loaded.model.blocks[0].mixer)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()))

@@ -195,6 +195,22 @@ def test_padding_is_refused(ckpt, tmp_path):
         hf(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
 
 
+def test_compiled_model_exports_as_eager(tmp_path):
+    """A model built with ``model.compile: true`` exports the same weights; the folder's config says compile false
+    (the exported file has no ``build_model`` and runs eager) and its logits equal the native model's."""
+    model = tiny_checkpoint(tmp_path / "m.pt", compile=True)
+    assert model.cfg.compile
+    export(tmp_path / "m.pt", tmp_path / "out", log=lambda m: None)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hope_model"]["compile"] is False
+    hf = HopeForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    eager = build_model(ModelConfig(arch="hope", **TINY))
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, eager(ids), atol=1e-5)
+
+
 # --- the generated modeling file -------------------------------------------------------------------------------
 def test_modeling_file_is_the_model_source():
     import inspect
@@ -206,6 +222,7 @@ def test_modeling_file_is_the_model_source():
     for function in (memory.chunk_update, titans.SelfModifyingTitans.forward):
         assert inspect.getsource(function) in source
     assert "hope_scale.resources" not in source and "def named(" not in source
+    assert "def build_model(" not in source and "compile_model" not in source  # exported models run eager
 
 
 def test_modeling_file_guards(tmp_path, monkeypatch):

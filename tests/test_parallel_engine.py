@@ -50,13 +50,16 @@ def train_worker(p: dict) -> dict:
     layout = ParallelLayout(**p["layout"])
     eng = TrainEngine(ModelConfig.from_dict(p["cfg"]), layout, p["opt"], precision=p.get("precision", "fp32"),
                       grad_clip=p["clip"], grad_accum_steps=p["gas"], seed=0,
-                      deepspeed_config=p.get("ds_extra"))
+                      deepspeed_config=p.get("ds_extra"), activation_checkpointing=p.get("recompute", "none"))
     out = {"losses": [], "norms": [], "stepped": [], "rank": eng.info.to_dict(),
            "flags": {"first": eng.is_first_stage, "last": eng.is_last_stage, "logging": eng.is_logging_rank}}
     out["t_init"] = time.perf_counter() - t0
     if p.get("import_parts") is not None:
         eng.import_state(assemble_rank_state(p["import_parts"], eng.state_needs()))
         out["after_import"] = eng.export_state()
+    calls = [0]  # forward calls of this rank's sequence mixers (recomputation runs them again)
+    for blk in eng.part.blocks.values():
+        blk.mixer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     t1 = time.perf_counter()
     for mbs in p["batches"]:
         mine = mbs[eng.dp_rank * p["gas"]:(eng.dp_rank + 1) * p["gas"]]
@@ -65,6 +68,8 @@ def train_worker(p: dict) -> dict:
         out["norms"].append(r["grad_norm"])
         out["stepped"].append(r["cms_stepped"])
     out["t_train"] = time.perf_counter() - t1
+    out["mixer_calls"] = calls[0]
+    out["compiled_steps"] = [("chunk_step" in vars(blk.mixer)) for blk in eng.part.blocks.values()]
     if p.get("eval") is not None:
         out["eval"] = eng.eval_loss(p["eval"])
     out["stats"] = eng.memory_stats()
@@ -230,6 +235,23 @@ def test_layout_validation_names_the_field():
         assert words in str(e.value)
     with pytest.raises(LayoutError, match="train.grad_accum_steps"):
         TrainEngine(cfg, ParallelLayout(), grad_accum_steps=0)
+
+
+def test_engine_with_model_compile_equals_eager(monkeypatch):
+    """``model.compile: true`` in the engine (the chunk steps compiled; aot_eager backend, see
+    tests/test_model_compile.py): in fp64 the same losses, norms and parameters as without, for hope and titans."""
+    monkeypatch.setenv("HOPE_SCALE_COMPILE_BACKEND", "aot_eager")
+    batches = make_batches(steps=2, n_micro=1, seq=40)  # a partial last main-memory and projection chunk
+    for arch in ("hope", "titans"):
+        eager, compiled = run_jobs(1, [job(tiny_cfg(arch, compile=c), ParallelLayout(), batches, gas=1,
+                                           precision="fp64") for c in (False, True)])
+        assert compiled[0]["compiled_steps"] == [True, True] and eager[0]["compiled_steps"] == [False, False]
+        assert compiled[0]["losses"] == pytest.approx(eager[0]["losses"], rel=1e-10)
+        assert compiled[0]["norms"] == pytest.approx(eager[0]["norms"], rel=1e-10)
+        from hope_scale.parallel.engine import consolidate_full_state
+
+        a, b = consolidate_full_state([eager[0]["state"]]), consolidate_full_state([compiled[0]["state"]])
+        assert max_param_diff(a, b) < 1e-10
 
 
 def test_single_process_engine_matches_plain_pytorch_and_cms_periods():

@@ -8,6 +8,11 @@ Tolerances on the consolidated parameters vs a plain-PyTorch run (updates are ~1
 fp64: 1e-8 abs; fp32: transformer 5e-7 (a few ulp of weights ~1), hope 2e-6 abs. Losses 1e-6 rel (Megatron's vocab-parallel
 cross-entropy computes in fp32), grad norms 1e-6 rel (fp32 hope: 1e-4).
 
+Activation checkpointing (``train.activation_checkpointing``) at a layout must not change anything: Hope at
+TP=2 x PP=2 with ``block`` (DeepSpeed's pipeline checkpointing, with TP inside the blocks) and at DP=2 ZeRO-1 with
+``memory``, Transformer++ at PP=2 with ``block``, each equal to the same layout without checkpointing (fp64: 1e-10
+relative on parameters, losses and grad norms; fp32: bit for bit up to 1e-6 relative).
+
 All 2-process layouts of both architectures run in one set of 2 processes (engines built one after another),
 the 4-process layout in another, to keep process start-up (imports of torch/DeepSpeed/Megatron) to two.
 """
@@ -30,12 +35,14 @@ LAYOUTS = {
     "tp2xpp2": (ParallelLayout(tensor_parallel=2, pipeline_parallel=2), "fp64"),
 }
 ARCHS = ("hope", "transformer")
+RECOMPUTE = [("hope", "tp2xpp2", "block"), ("hope", "dp2_zero1", "memory"), ("transformer", "pp2", "block")]
 BATCHES = make_batches(steps=3, n_micro=2)
 
 
-def _job(arch: str, case: str) -> dict:
+def _job(arch: str, case: str, recompute: str = "none") -> dict:
     layout, precision = LAYOUTS[case]
-    return job(tiny_cfg(arch), layout, BATCHES, gas=2 // layout.data_parallel, precision=precision)
+    return job(tiny_cfg(arch), layout, BATCHES, gas=2 // layout.data_parallel, precision=precision,
+               recompute=recompute)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +50,24 @@ def results() -> dict:
     out = {}
     for world in (2, 4):
         keys = [(a, c) for a in ARCHS for c in LAYOUTS if LAYOUTS[c][0].world_size == world]
+        keys += [k for k in RECOMPUTE if LAYOUTS[k[1]][0].world_size == world]
         for key, res in zip(keys, run_jobs(world, [_job(*k) for k in keys])):
             out[key] = res
     return out
+
+
+@pytest.mark.parametrize("arch,case,recompute", RECOMPUTE)
+def test_activation_checkpointing_changes_nothing(results, arch, case, recompute):
+    from hope_scale.parallel.engine import consolidate_full_state
+
+    plain, ckpt = results[(arch, case)], results[(arch, case, recompute)]
+    assert all(c["mixer_calls"] == 2 * p["mixer_calls"] > 0 for c, p in zip(ckpt, plain))  # every mixer ran twice
+    rel = 1e-10 if LAYOUTS[case][1] == "fp64" else 1e-6
+    assert ckpt[0]["losses"] == pytest.approx(plain[0]["losses"], rel=rel)
+    assert ckpt[0]["norms"] == pytest.approx(plain[0]["norms"], rel=rel)
+    a, b = (consolidate_full_state([r["state"] for r in res]) for res in (ckpt, plain))
+    for name in b:
+        assert ((a[name] - b[name]).norm() / b[name].norm().clamp_min(1e-300)).item() <= rel, name
 
 
 @pytest.mark.parametrize("arch", ARCHS)

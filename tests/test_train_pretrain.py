@@ -193,7 +193,8 @@ def test_embedded_default_runs_end_to_end(reference):
 
 def test_kill_and_preemption_then_resume_is_bit_exact(reference, tmp_path):
     """SIGKILL after step 5 (checkpoint 4 survives), resume; SIGTERM after step 6 (every rank saves at the next
-    step boundary and exits 0), resume again: steps 5-8 equal the uninterrupted run's bit for bit."""
+    step boundary and exits 0), resume again, this time recomputing every block in backward
+    (``train.activation_checkpointing=block``): steps 5-8 equal the uninterrupted run's bit for bit."""
     run = tmp_path / "killed"
     code, out = pretrain(run, reference["data"], kill_after_line="step      5/")
     assert code == -signal.SIGKILL, out[-3000:]
@@ -204,7 +205,7 @@ def test_kill_and_preemption_then_resume_is_bit_exact(reference, tmp_path):
     stopped = int(out.split("train: stopping at step ")[1].split()[0])
     assert 6 <= stopped < STEPS
     assert (run / "ckpt" / "latest").read_text().strip() == f"step_{stopped:08d}"
-    code, out = pretrain(run, reference["data"])
+    code, out = pretrain(run, reference["data"], extra=["train.activation_checkpointing=block"])
     assert code == 0, out[-4000:]
     assert f"at step {stopped} " in out
     ref, got = metrics(reference["run"]), metrics(run)

@@ -21,6 +21,7 @@ Formats understood:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -66,6 +67,12 @@ class LoadedModel:
             "tokenizer": self.tokenizer.to_spec(),
             "meta": self.meta,
         }
+
+
+def eager(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with ``model.compile`` off: a model loaded for evaluation or generation runs eager (compiling costs
+    minutes on a CPU, and again for every new sequence length of a recurrent step); the outputs are the same."""
+    return dataclasses.replace(cfg, compile=False)
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -147,7 +154,7 @@ def read_eval_checkpoint(file: Path, mmap: bool = False) -> dict[str, Any]:
 
 def _load_eval_checkpoint(file: Path) -> LoadedModel:
     payload = read_eval_checkpoint(file)
-    cfg = ModelConfig.from_dict(payload["model_config"])
+    cfg = eager(ModelConfig.from_dict(payload["model_config"]))
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
@@ -188,7 +195,7 @@ def _load_trainer_checkpoint(folder: Path, device, log: Callable[[str], None]) -
                               "(no step_* folder with a manifest.json)")
     try:
         engines = [part["engine"] for part in found.rank_parts()]
-        cfg = ModelConfig.from_dict(engines[0]["model_config"])
+        cfg = eager(ModelConfig.from_dict(engines[0]["model_config"]))
         full = consolidate_full_state(engines, "value")
     except TrainCheckpointError as err:
         raise CheckpointError(str(err)) from None

@@ -34,6 +34,15 @@ class ExportError(ValueError):
     """The export cannot be done as asked (format, target folder, tokenizer): the message says what to change."""
 
 
+def exported_model_config(cfg) -> dict:
+    """The model config an exported folder carries: execution fields (``model.compile``) at their defaults, since
+    the exported model runs eager PyTorch (modeling_hope.py leaves out ``build_model``, which compiles)."""
+    from hope_scale.model.config import EXECUTION_FIELDS, ModelConfig
+
+    defaults = ModelConfig()
+    return {**cfg.to_dict(), **{k: getattr(defaults, k) for k in EXECUTION_FIELDS}}
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row int8: ``weight[n] ≈ scale[n] * q[n]``, |q| <= 127, scale = max |weight[n]| / 127."""
     scale = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
@@ -91,7 +100,8 @@ def _write_folder(folder: Path, source: WeightSource, tok: Tokenizer, fmt: str, 
 
         (folder / "configuration_hope.py").write_text(configuration_source(), encoding="utf-8")
         (folder / "modeling_hope.py").write_text(modeling_source(), encoding="utf-8")
-        config = HopeConfig(hope_model=cfg.to_dict(), hope_quantization=INT8_WEIGHT_ONLY if quantize else None,
+        config = HopeConfig(hope_model=exported_model_config(cfg),
+                            hope_quantization=INT8_WEIGHT_ONLY if quantize else None,
                             architectures=["HopeForCausalLM"], dtype=dtype, eos_token_id=tok.eos_id,
                             pad_token_id=pad_id, hope_export=provenance,
                             auto_map={"AutoConfig": "configuration_hope.HopeConfig",

@@ -143,5 +143,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 def build_model(cfg: ModelConfig | str) -> LanguageModel:
-    """A model from a config or the name of one in ``configs/model`` (e.g. ``hope-tiny``)."""
-    return LanguageModel(ModelConfig.named(cfg) if isinstance(cfg, str) else cfg)
+    """A model from a config or the name of one in ``configs/model`` (e.g. ``hope-tiny``); with ``compile: true``
+    compiled as ``accel.compile_model`` says (left out of exported models, which run eager)."""
+    model = LanguageModel(ModelConfig.named(cfg) if isinstance(cfg, str) else cfg)
+    if model.cfg.compile:
+        from hope_scale.model.accel import compile_model
+
+        compile_model(model)
+    return model

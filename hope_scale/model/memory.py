@@ -75,6 +75,8 @@ class MemoryState:
 
     def with_pending(self, n: int, keys, targets, eta, alpha) -> tuple[torch.Tensor, ...]:
         """The current chunk so far: the first n buffered tokens followed by new ones (keys, targets, eta, alpha)."""
+        if n == 0:  # a chunk that starts here (the usual case): nothing buffered, no copies
+            return keys, targets, eta, alpha
         old = self.pending(n)
         return (torch.cat([old[0], keys], dim=-2), torch.cat([old[1], targets], dim=-2),
                 torch.cat([old[2], eta], dim=-1), torch.cat([old[3], alpha], dim=-1))
@@ -236,10 +238,13 @@ def chunk_overshoot(w1: torch.Tensor, keys: torch.Tensor, u: torch.Tensor, h: to
     hh, kk = h @ h.transpose(-1, -2), keys @ keys.transpose(-1, -2)
     gram = (u @ u.transpose(-1, -2)) * hh + (delta @ delta.transpose(-1, -2)) * kk  # g_i . g_i'
     den = ((rows @ gram) * rows).sum(-1)  # ||dW_t||^2
-    j_w1 = (rows[..., :, None, :] * hh[..., None, :, :]) @ u[..., None, :, :]  # dW1_t h_j   [..., R, C, d]
-    dw2_k = (rows[..., :, None, :] * kk[..., None, :, :]) @ delta[..., None, :, :]  # dW2_t k_j   [..., R, C, h]
-    jd = j_w1 + (dsilu[..., None, :, :] * dw2_k) @ w1.transpose(-1, -2)[..., None, :, :]  # J_j dW_t
-    if norm is not None:
+    # every pair (row t, token j) is a row of one matmul: [..., R*C, C] @ [..., C, .] (no per-t copies of u, W1)
+    pairs = lambda g: (rows[..., :, None, :] * g[..., None, :, :]).flatten(-3, -2)  # noqa: E731
+    r_c = rows.shape[-2:]
+    j_w1 = pairs(hh) @ u  # dW1_t h_j   [..., R*C, d]
+    dw2_k = (pairs(kk) @ delta).unflatten(-2, r_c)  # dW2_t k_j   [..., R, C, h]
+    jd = (j_w1 + (dsilu[..., None, :, :] * dw2_k).flatten(-3, -2) @ w1.transpose(-1, -2)).unflatten(-2, r_c)
+    if norm is not None:  # jd = J_j dW_t  [..., R, C, d]
         jd = norm_jacobian(jd, *(t.to(dtype)[..., None, :, :] for t in norm))
     num = (rows * jd.pow(2).sum(-1)).sum(-1)
     return safe_ratio(num, den)
@@ -280,6 +285,7 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     weights after token ``n_valid`` (the rest is padding with eta = 0) and, if ``queries`` [..., C, d] is
     given, the reads o_t = m_{W_t}(q_t).
     """
+    momentum = beta > 0  # beta = 0: c = 0, so the carried momentum S_0 enters no weight and no read
     w1g, w2g = state.w1, state.w2
     if rule.first_order:  # the outer gradient flows through the carried state and the inputs, not through the
         w1g, w2g = w1g.detach(), w2g.detach()  # inner gradient's dependence on the weights (first-order meta-learning)
@@ -307,9 +313,8 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     last = (n_valid or eta.shape[-1]) - 1
     lam = torch.zeros_like(eta)
     if rule.step_bound > 0 and rule.overshoot == "rayleigh":
-        rows = coef.e_mat * rate[..., None, :]  # c_ti = E_ti rate_i
-        if queries is None:
-            rows = rows[..., last:last + 1, :]
+        rows = coef.e_mat if queries is not None else coef.e_mat[..., last:last + 1, :]
+        rows = rows * rate[..., None, :]  # c_ti = E_ti rate_i
         lam = chunk_overshoot(w1g, keys, u, h, delta, dsilu, rows, norm).to(eta.dtype)
         lam = lam.expand(*lam.shape[:-1], eta.shape[-1])  # without reads: the last row, for every token
     elif rule.step_bound > 0:
@@ -319,8 +324,10 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     x_state = x_grad = None
     if coef.erase_inverse is not None:  # x_s = -eta_s W2_{s-1} k_s, split into its state and gradient parts
         z_state = keys @ state.w2.transpose(-1, -2) if rule.first_order else z  # differentiable in the state
-        x_state = coef.erase_inverse @ (-eta[..., None] * (coef.gamma_prev[..., None] * z_state
-                                                           + coef.c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))))
+        known = coef.gamma_prev[..., None] * z_state  # W2_{s-1} k_s without the chunk's own terms
+        if momentum:
+            known = known + coef.c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))
+        x_state = coef.erase_inverse @ (-eta[..., None] * known)
         x_grad = coef.erase_inverse @ (eta[..., None] * (coef.e_kk_prev @ eta_delta))
 
     # state after the last valid token L: row L of the coefficients, momentum carried by beta^(L-i)
@@ -328,31 +335,52 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     s_end = sc(scale[..., last])
     g_end, c_end = sc(coef.gamma[..., last]), sc(coef.c_vec[..., last])
     e_end, d_end = coef.e_mat[..., last, :, None], coef.d_mat[..., last, :, None]
-    w1 = g_end * state.w1 + c_end * state.s1 - s_end * ((e_end * eta_u).transpose(-1, -2) @ h)
-    w2 = g_end * state.w2 + c_end * state.s2 - s_end * ((e_end * eta_delta).transpose(-1, -2) @ keys)
+    carried = lambda w, s: g_end * w + c_end * s if momentum else g_end * w  # noqa: E731
+    w1 = carried(state.w1, state.s1) - s_end * ((e_end * eta_u).transpose(-1, -2) @ h)
+    w2 = carried(state.w2, state.s2) - s_end * ((e_end * eta_delta).transpose(-1, -2) @ keys)
     if x_state is not None:
         w2 = w2 + (d_end * x_state).transpose(-1, -2) @ keys + s_end * ((d_end * x_grad).transpose(-1, -2) @ keys)
-    idx = torch.arange(eta.shape[-1], device=eta.device, dtype=eta.dtype)
-    beta_to_end = torch.pow(torch.as_tensor(beta, dtype=eta.dtype), (last - idx).clamp(min=0))[:, None]
     beta_c = beta ** (last + 1)
-    s1 = beta_c * state.s1 - s_end * ((beta_to_end * eta_u).transpose(-1, -2) @ h)
-    s2 = beta_c * state.s2 - s_end * ((beta_to_end * eta_delta).transpose(-1, -2) @ keys)
+    if momentum:
+        idx = torch.arange(eta.shape[-1], device=eta.device, dtype=eta.dtype)
+        beta_to_end = torch.pow(torch.as_tensor(beta, dtype=eta.dtype), (last - idx).clamp(min=0))[:, None]
+        s1 = beta_c * state.s1 - s_end * ((beta_to_end * eta_u).transpose(-1, -2) @ h)
+        s2 = beta_c * state.s2 - s_end * ((beta_to_end * eta_delta).transpose(-1, -2) @ keys)
+    else:  # the momentum after the chunk is its last token's step (later rows are padding: rate 0)
+        s1 = beta_c * state.s1 - s_end * (eta_u[..., last, :, None] * h[..., last, None, :])
+        s2 = beta_c * state.s2 - s_end * (eta_delta[..., last, :, None] * keys[..., last, None, :])
     stats = dict(overshoot=lam[..., last].detach(), scale=scale[..., last].detach())
     if queries is None:
         return ChunkResult(w1, w2, s1, s2, None, **stats)
 
     # reads: W2_t q_t and W1_t silu(W2_t q_t) for every t, through the unrolled form, gradient parts scaled by s_t
     s_t = scale[..., None]
-    zq = (coef.gamma[..., None] * (queries @ state.w2.transpose(-1, -2))
-          + coef.c_vec[..., None] * (queries @ state.s2.transpose(-1, -2)))
+    zq = coef.gamma[..., None] * (queries @ state.w2.transpose(-1, -2))
+    if momentum:
+        zq = zq + coef.c_vec[..., None] * (queries @ state.s2.transpose(-1, -2))
     zq_grad = -(coef.e_qk @ eta_delta)
     if x_state is not None:
         zq = zq + coef.d_qk @ x_state
         zq_grad = zq_grad + coef.d_qk @ x_grad
     hq = F.silu(zq + s_t * zq_grad)
     hh = hq @ h.transpose(-1, -2)  # h_i . hq_t  [..., C, C]
-    branch = (coef.gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
-              + coef.c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
-              - s_t * ((coef.e_mat * hh) @ eta_u))
+    branch = coef.gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
+    if momentum:
+        branch = branch + coef.c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
+    else:  # S_0's coefficient c is 0: keep it in the graph with its zero gradient (as in the token recurrence)
+        branch = branch + 0.0 * (state.s1.sum((-2, -1)) + state.s2.sum((-2, -1)))[..., None, None]
+    branch = branch - s_t * ((coef.e_mat * hh) @ eta_u)
     reads = queries + (rms_normalize(branch) if rule.branch_norm else branch)
     return ChunkResult(w1, w2, s1, s2, reads, **stats)
+
+
+def chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
+               alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
+               queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
+               n_valid: int | None = None) -> ChunkResult:
+    """One chunk of a memory: its state-independent coefficients (unless given, e.g. computed for all chunks at
+    once by ``chunk_coefficients`` on a chunk axis) and ``chunk_update``. The unit ``model.compile`` compiles
+    (``accel.py``)."""
+    if coef is None:
+        coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
+    return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)

@@ -31,7 +31,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CausalShortConv
-from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_update, mlp_apply
+from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_step, mlp_apply
 
 # index of each projection memory in the stacked projection weights
 K, V, ETA, ALPHA, Q = 0, 1, 2, 3, 4
@@ -137,11 +137,13 @@ class SelfModifyingTitans(nn.Module):
         eta, alpha = self.eta_alpha(ea[:, :, 0], ea[:, :, 1])
         return *self.keys_values_queries(kvq[:, :, 0], kvq[:, :, 1], kvq[:, :, 2]), eta, alpha
 
-    def read_projections(self, w1: torch.Tensor, w2: torch.Tensor, xh: torch.Tensor):
-        """k, v, q, eta, alpha of tokens xh [B, H, n, d] from projection-memory weights [B, H, P, ...]."""
-        outs = mlp_apply(w1, w2, self.memory_inputs(xh), self.cfg.mem_branch_norm)  # [B, H, P, n, d]
+    def read_projections(self, w1: torch.Tensor, w2: torch.Tensor, inputs: torch.Tensor,
+                         static_q: torch.Tensor | None = None):
+        """k, v, q, eta, alpha of n tokens from projection-memory weights [B, H, P, ...] and the memories' inputs
+        [B, H, P|1, n, d] (``memory_inputs``); ``static_q`` [B, H, n, d] when q is not adaptive."""
+        outs = mlp_apply(w1, w2, inputs, self.cfg.mem_branch_norm)  # [B, H, P, n, d]
         eta, alpha = self.eta_alpha(outs[:, :, ETA].mean(-1), outs[:, :, ALPHA].mean(-1))
-        q = outs[:, :, Q] if self.adaptive_q else torch.einsum("bhtd,hed->bhte", xh, self.w_q)
+        q = outs[:, :, Q] if self.adaptive_q else static_q
         return *self.keys_values_queries(outs[:, :, K], outs[:, :, V], q), eta, alpha
 
     def project_output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -160,11 +162,14 @@ class SelfModifyingTitans(nn.Module):
             weights = tuple(w.detach() for w in weights)
         return mlp_apply(*weights, v, self.cfg.mem_branch_norm)
 
+    # the per-chunk step: ``memory.chunk_step``, or a compiled copy of it set on the layer by ``model.compile``
+    # (hope_scale/model/accel.py; the same computation)
+    chunk_step = staticmethod(chunk_step)
+
     def _update(self, mem: MemoryState, keys, targets, eta, alpha, queries=None, coef=None,
                 n_valid: int | None = None) -> ChunkResult:
-        if coef is None:
-            coef = chunk_coefficients(keys, eta, alpha, self.beta, self.erase, queries=queries)
-        return chunk_update(mem, keys, targets, coef, self.beta, self.rule, queries=queries, n_valid=n_valid)
+        return self.chunk_step(mem, keys, targets, eta, alpha, self.beta, self.erase, self.rule, queries=queries,
+                               coef=coef, n_valid=n_valid)
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: TitansState | None = None):
@@ -173,21 +178,22 @@ class SelfModifyingTitans(nn.Module):
             state = self.init_state(x.shape[0])
         xh, conv_state = self.head_inputs(x, state.conv)
         t_len, pos = xh.shape[2], state.pos
-        stats: dict[str, list] = {}
+        bounds: dict[str, list] = {"proj": [], "mem": []}  # (overshoot, scale) of every completed chunk
 
         def note(prefix: str, r: ChunkResult) -> None:
-            stats.setdefault(f"{prefix}_overshoot", []).append(r.overshoot.mean())
-            stats.setdefault(f"{prefix}_step_scale", []).append(r.scale.mean())
-            stats.setdefault(f"{prefix}_bounded", []).append((r.scale < 1).float().mean())
+            bounds[prefix].append((r.overshoot, r.scale))
 
         # phase 1: keys, values, queries, eta, alpha from the projection memories (chunk C_proj); a chunk's
         # k, v, q, eta, alpha and targets v̂_□ = M_□(v) all come from the projection memories at its start
         proj = state.proj
         if self.self_modifying:
             c_proj, pieces = self.cfg.chunk_size_projection, []
+            inputs = self.memory_inputs(xh)  # state-independent: every token's inputs at once, sliced per chunk
+            static_q = None if self.adaptive_q else torch.einsum("bhtd,hed->bhte", xh, self.w_q)
             for a, b in _chunk_spans(pos, t_len, c_proj):
                 p = (pos + a) % c_proj
-                k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, xh[:, :, a:b])
+                k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, inputs[:, :, :, a:b],
+                                                            None if static_q is None else static_q[:, :, a:b])
                 new = (k[:, :, None], self.self_target((proj.w1, proj.w2), v[:, :, None]),
                        eta[:, :, None], alpha[:, :, None])
                 if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
@@ -247,5 +253,9 @@ class SelfModifyingTitans(nn.Module):
         self.last_stats = {"eta": eta.detach().mean(), "alpha": alpha.detach().mean(),
                            "mem_w1_norm": mem.w1.detach().norm(dim=(-2, -1)).mean(),
                            "mem_w2_norm": mem.w2.detach().norm(dim=(-2, -1)).mean()}
-        self.last_stats.update({k_: torch.stack(v_).mean() for k_, v_ in stats.items()})
+        for prefix, chunks in bounds.items():
+            if chunks:
+                overshoot, scale = (torch.stack(t) for t in zip(*chunks))
+                self.last_stats.update({f"{prefix}_overshoot": overshoot.mean(), f"{prefix}_step_scale": scale.mean(),
+                                        f"{prefix}_bounded": (scale < 1).float().mean()})
         return self.project_output(o, x), TitansState(pos + t_len, conv_state, proj, mem)

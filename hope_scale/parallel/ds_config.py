@@ -45,6 +45,9 @@ def check_overrides(extra: dict[str, Any], layout: ParallelLayout) -> None:
         if key not in PASS_THROUGH:
             raise LayoutError(f"{where}.{key}: unknown DeepSpeed key (DeepSpeed would ignore it silently); keys "
                               f"that may be set here: {sorted(PASS_THROUGH)}")
+    if "activation_checkpoint_interval" in (extra.get("pipeline") or {}):
+        raise LayoutError(f"{where}.pipeline.activation_checkpoint_interval: set by hope-scale from "
+                          f"train.activation_checkpointing; set it there")
     zero = extra.get("zero_optimization")
     if zero is None:
         return
@@ -75,8 +78,9 @@ def _zero_section(layout: ParallelLayout) -> dict[str, Any]:
 
 
 def build_deepspeed_config(layout: ParallelLayout, precision: str, grad_clip: float, grad_accum_steps: int,
-                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The engine's DeepSpeed config with ``extra`` (checked by ``check_overrides``) merged over it."""
+                           extra: dict[str, Any] | None = None, pipeline_checkpoint_interval: int = 0) -> dict[str, Any]:
+    """The engine's DeepSpeed config with ``extra`` (checked by ``check_overrides``) merged over it;
+    ``pipeline_checkpoint_interval``: blocks per checkpointed interval of the pipeline engine (0: none)."""
     extra = extra or {}
     check_overrides(extra, layout)
     cfg = {
@@ -94,5 +98,5 @@ def build_deepspeed_config(layout: ParallelLayout, precision: str, grad_clip: fl
     if precision == "bf16":
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if layout.pipeline_parallel > 1:
-        cfg["pipeline"] = {"activation_checkpoint_interval": 0}
+        cfg["pipeline"] = {"activation_checkpoint_interval": pipeline_checkpoint_interval}
     return deep_merge(cfg, extra)

@@ -12,6 +12,7 @@ See docs/parallelism.md for the design.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hope_scale.model.accel import compile_model
 from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.config import ModelConfig
 from hope_scale.model.lm import build_model
@@ -30,6 +32,7 @@ from .ds_config import build_deepspeed_config
 from .layout import LayoutError, ParallelLayout, RankInfo, init_distributed
 from .optim import CMS_BUFFER, MOMENT_KEYS, CMSAdamW
 from .parallelize import ModelPart, ShardSpec, parallelize
+from .recompute import MODES, apply_activation_checkpointing
 
 STATE_FORMAT = "hope-scale/rank-state/v1"
 PRECISIONS = ("fp32", "bf16", "fp64")  # fp64: ZeRO-0 and DP=1 only, for exact layout-equivalence tests
@@ -104,12 +107,15 @@ class TrainEngine:
         seed: initial weights.
         deepspeed_config: extra DeepSpeed config entries merged over the generated ones (e.g. ZeRO bucket sizes).
         backend: torch.distributed backend (default gloo on CPU, nccl on GPU).
+        activation_checkpointing: "none", "block" or "memory" (``recompute.py``; under pipeline parallelism
+            "block" is DeepSpeed's pipeline checkpointing).
     """
 
     def __init__(self, model_cfg: ModelConfig, layout: ParallelLayout,
                  optimizer: OptimizerSettings | dict | None = None, precision: str = "fp32",
                  grad_clip: float = 1.0, grad_accum_steps: int = 1, seed: int = 0,
-                 deepspeed_config: dict | None = None, backend: str | None = None):
+                 deepspeed_config: dict | None = None, backend: str | None = None,
+                 activation_checkpointing: str = "none"):
         if precision not in PRECISIONS:
             raise LayoutError(f"parallel.precision: {precision!r} is not one of {PRECISIONS}")
         if precision == "bf16" and layout.zero_stage == 0:
@@ -120,6 +126,8 @@ class TrainEngine:
             raise LayoutError("parallel.precision: fp64 (exactness tests) needs parallel.zero_stage=0 and "
                               "data_parallel=1: ZeRO keeps fp32 master weights and DeepSpeed reduces only fp32/bf16 "
                               "gradients across data-parallel ranks")
+        if activation_checkpointing not in MODES:
+            raise LayoutError(f"train.activation_checkpointing: {activation_checkpointing!r} is not one of {MODES}")
         if not (isinstance(grad_accum_steps, int) and grad_accum_steps >= 1):
             raise LayoutError(f"train.grad_accum_steps: must be an integer >= 1, got {grad_accum_steps!r}")
         self.cfg, self.layout = model_cfg, layout
@@ -133,10 +141,15 @@ class TrainEngine:
         self._ps = ps
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
-        full = build_model(model_cfg)
+        full = build_model(dataclasses.replace(model_cfg, compile=False))  # compiled below, once parallelized
         self.master_dtype = torch.float64 if precision == "fp64" else torch.float32
         self.part: ModelPart = parallelize(full, self.info, dtype=self.master_dtype)
         del full
+        pipeline_blocks = layout.pipeline_parallel > 1 and activation_checkpointing == "block"
+        if not pipeline_blocks:  # (the pipeline engine checkpoints its blocks itself)
+            apply_activation_checkpointing(self.part, activation_checkpointing)
+        if model_cfg.compile:  # the chunk steps only: the blocks hold Megatron's parallel layers (accel.py)
+            compile_model(self.part, blocks=False)
         self._seed_parallel_rng(seed)
         self.specs: dict[str, ShardSpec] = dict(self.part.specs)
         self.param_name: dict[nn.Parameter, str] = {p: n for n, p in self.part.named_parameters()}
@@ -144,14 +157,15 @@ class TrainEngine:
         self.optimizer = CMSAdamW(param_groups(self.part.named_parameters(), self.opt_settings.weight_decay),
                                   lr=self.opt_settings.lr, betas=self.opt_settings.betas,
                                   eps=self.opt_settings.eps, weight_decay=self.opt_settings.weight_decay)
-        ds_config = build_deepspeed_config(layout, precision, grad_clip, grad_accum_steps, deepspeed_config)
+        ds_config = build_deepspeed_config(layout, precision, grad_clip, grad_accum_steps, deepspeed_config,
+                                           pipeline_checkpoint_interval=1 if pipeline_blocks else 0)
         if layout.pipeline_parallel == 1:
             self.ds, _, _, _ = deepspeed.initialize(model=self.part, optimizer=self.optimizer, config=ds_config,
                                                     mpu=MegatronMPU())
         else:
             from .pipeline import build_pipeline_module
 
-            pipe = build_pipeline_module(self.part, self.info)
+            pipe = build_pipeline_module(self.part, self.info, checkpoint_blocks=pipeline_blocks)
             self.ds, _, _, _ = deepspeed.initialize(model=pipe, optimizer=self.optimizer, config=ds_config)
         self.optimizer.materialize_state()
         if precision == "fp64":  # DP=1: nothing to all-reduce, and DeepSpeed's reducer rejects fp64 gradients

@@ -19,6 +19,7 @@ from torch import nn
 
 from .layout import RankInfo
 from .parallelize import ModelPart
+from .recompute import checkpoint_function
 
 
 class EmbedStage(nn.Module):
@@ -63,8 +64,10 @@ class HeadStage(nn.Module):
         return self.head(x)
 
 
-def build_pipeline_module(part: ModelPart, info: RankInfo):
-    """A DeepSpeed PipelineModule whose local layers are ``part``'s modules (same parameter objects)."""
+def build_pipeline_module(part: ModelPart, info: RankInfo, checkpoint_blocks: bool = False):
+    """A DeepSpeed PipelineModule whose local layers are ``part``'s modules (same parameter objects).
+    ``checkpoint_blocks``: DeepSpeed's pipeline activation checkpointing, one block per interval (``BlockStage``
+    layers only), with PyTorch's non-reentrant checkpoint (``recompute.checkpoint_function``)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -90,7 +93,8 @@ def build_pipeline_module(part: ModelPart, info: RankInfo):
                       if cfg.tie_embeddings else LayerSpec(HeadStage, None))
     topo = PipeModelDataParallelTopology(num_pp=info.pp_size, num_mp=info.tp_size, num_dp=info.dp_size)
     pipe = PipelineModule(layers=layers, topology=topo, loss_fn=part.loss_from_logits,
-                          partition_method="type:BlockStage", activation_checkpoint_interval=0)
+                          partition_method="type:BlockStage", activation_checkpoint_interval=int(checkpoint_blocks),
+                          activation_checkpoint_func=checkpoint_function, checkpointable_layers=["BlockStage"])
     per = cfg.n_layers // info.pp_size
     expect = [0] + [1 + per * s for s in range(1, info.pp_size)] + [len(layers)]
     if list(pipe.parts) != expect:

@@ -103,6 +103,9 @@ class TrainLoopConfig:
     max_steps: int = 100
     eval_every: int = 50  # steps between validation evaluations; 0 disables periodic evaluation
     eval_batches: int = 4  # micro-batches per rank per evaluation
+    # recompute in backward instead of keeping (hope_scale/parallel/recompute.py): nothing, whole blocks, or only
+    # each block's sequence mixer (the Titans memory layer)
+    activation_checkpointing: str = field(default="none", metadata=_choice("none", "block", "memory"))
 
 
 @dataclass

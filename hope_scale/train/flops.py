@@ -20,8 +20,9 @@ like torchtitan (``6N + 12 L H d_head T``). Forward FLOPs per token have three p
    update costs, per token,
 
        U(C) = 6dh                      rank-1 gradient factors: z = W2 k, y = W1 silu(z), delta = W1^T u
-            + 8dh                      chunk-end W1, W2, S1, S2 (four [d x C] @ [C x h] products / C)
-            + [2dh + 2dh + 2Ch + 2Ch]  erase (DGD) only: S2 k, chunk-end erase term, the known part of
+            + 8dh                      chunk-end W1, W2, S1, S2 (four [d x C] @ [C x h] products / C; without
+                                       momentum, beta = 0, S1 and S2 are the last token's rank-1 step: 4dh)
+            + [2dh + 2dh + 2Ch + 2Ch]  erase (DGD) only: S2 k (momentum only), chunk-end erase term, the known part of
                                        W2 k (E * kk) @ (eta delta), and inverse @ rhs of the C x C system
 
    plus work shared by every memory that sees the same keys and decays (the stacked projection memories
@@ -33,7 +34,7 @@ like torchtitan (``6N + 12 L H d_head T``). Forward FLOPs per token have three p
 
    and reading the main memory at the query of each token, through the unrolled form, costs
 
-       R(C) = 8dh                      q W2^T, q S2^T, hq W1^T, hq S1^T
+       R(C) = 8dh                      q W2^T, q S2^T, hq W1^T, hq S1^T (4dh without momentum)
             + 4Cd + 4Ch                q k^T, h hq^T and the two (E * .) @ (eta .) corrections
             + [2Ch]                    erase only: (D * q k^T) @ erase vectors
 
@@ -103,7 +104,8 @@ def dense_matmul_params(cfg: ModelConfig) -> int:
 
 def _update(cfg: ModelConfig, d: int, h: int, c: int, erase: bool, read: bool) -> float:
     """Per token: one memory's chunk update (memory.chunk_update), rank-1 factors to the end state."""
-    n = 14 * d * h  # z, y, delta and the four end-state matmuls (w1, w2, s1, s2)
+    momentum = cfg.inner_momentum > 0  # without it the end momenta are rank-1 (no matmul) and S_0 enters nowhere
+    n = (14 if momentum else 10) * d * h  # z, y, delta and the end-state matmuls (w1, w2[, s1, s2])
     if cfg.normalized_eta or (cfg.inner_step_bound > 0 and cfg.inner_overshoot == "aligned"):
         n += 2 * d * h  # kappa's J g
     if cfg.inner_step_bound > 0 and cfg.inner_overshoot == "aligned":
@@ -111,8 +113,8 @@ def _update(cfg: ModelConfig, d: int, h: int, c: int, erase: bool, read: bool) -
     elif cfg.inner_step_bound > 0:  # the Rayleigh overshoot of R rows (every token's when the memory is read)
         rows = c if read else 1
         n += 2 * c * d + 4 * c * h + 2 * rows * c + 2 * rows * c * (d + h) + 2 * rows * h * d  # (+ k.k: _shared)
-    if erase:  # erase vectors (state and gradient parts) and their end-state terms
-        n += (4 if cfg.first_order else 2) * d * h + 4 * d * h + 6 * c * h
+    if erase:  # erase vectors (state and gradient parts: W2_0 k, S2_0 k) and their end-state terms
+        n += (2 if cfg.first_order else 0) * d * h + (2 if momentum else 0) * d * h + 4 * d * h + 6 * c * h
     return n
 
 
@@ -122,9 +124,9 @@ def _shared(cfg: ModelConfig, d: int, c: int, erase: bool) -> float:
     return 2 * c * d + 2 * c * c + 2 * c + (c * c if erase else 0) + rayleigh_kk
 
 
-def _read(d: int, h: int, c: int, erase: bool) -> float:
+def _read(d: int, h: int, c: int, erase: bool, momentum: bool) -> float:
     """Per token: the main memory's reads W2_t q_t and W1_t silu(W2_t q_t) in the unrolled form."""
-    return 8 * d * h + 4 * c * d + 4 * c * h + (4 * c * h if erase else 0)
+    return (8 if momentum else 4) * d * h + 4 * c * d + 4 * c * h + (4 * c * h if erase else 0)
 
 
 def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
@@ -132,14 +134,14 @@ def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
     if cfg.arch not in ("hope", "titans"):
         return 0.0
     d, h, cm, cp = cfg.d_head, cfg.d_mem_hidden, cfg.chunk_size_memory, cfg.chunk_size_projection
-    mlp = 4 * d * h
+    mlp, momentum = 4 * d * h, cfg.inner_momentum > 0
     if cfg.arch == "hope":
         erase = cfg.dgd_erase
         n_proj = 5 if cfg.adaptive_q else 4
         per_head = (n_proj * (2 * mlp + _update(cfg, d, h, cp, erase, False)) + _shared(cfg, d, cp, erase)
-                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase))
+                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase, momentum))
     else:
-        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False)
+        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False, momentum)
     return float(per_head * cfg.n_heads * cfg.n_layers)
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from hope_scale.model import ConfigError
+from hope_scale.model.config import EXECUTION_FIELDS
 
 from .checkpoint import (CheckpointError, CheckpointManager, NonFiniteStateError, SaveFailedError, capture_rng,
                          restore_rng)
@@ -154,6 +155,13 @@ class TrainingFailed(RuntimeError):
     checkpoint was saved."""
 
 
+def model_differences(saved: dict, now: dict) -> list[str]:
+    """Model config fields a checkpoint's model (``saved``) and this run's (``now``) disagree on. Execution fields
+    (``model.compile``) are not the model: a run resumes under any value of them, and checkpoints written before
+    such a field existed (the key absent) resume too."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in EXECUTION_FIELDS)
+
+
 class Trainer:
     """One process's part of a pretraining run (see the module docstring)."""
 
@@ -179,7 +187,8 @@ class Trainer:
             precision=cfg.parallel.precision, grad_clip=o.grad_clip,
             grad_accum_steps=cfg.grad_accum_steps(self.world_size), seed=t.seed,
             deepspeed_config=cfg.parallel.deepspeed,
-            backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
+            backend=None if cfg.parallel.backend == "auto" else cfg.parallel.backend,
+            activation_checkpointing=t.activation_checkpointing)
         info = self.engine.info
         self.loader = build_train_loader(cfg.data, seq_len=t.seq_len, micro_batch_size=t.micro_batch_size,
                                          dp_rank=info.dp_rank, dp_world_size=info.dp_size, seed=t.seed)
@@ -241,7 +250,7 @@ class Trainer:
             return None
         saved_model = loaded.manifest["config"]["model"]
         now_model = self.cfg.model.to_dict()
-        differ = sorted(k for k in set(saved_model) | set(now_model) if saved_model.get(k) != now_model.get(k))
+        differ = model_differences(saved_model, now_model)
         if differ:
             raise CheckpointError(f"checkpoint {loaded.path} was saved for another model: model.{differ[0]} is "
                                   f"{saved_model.get(differ[0])!r} there, {now_model.get(differ[0])!r} here "
