@@ -227,7 +227,7 @@ def ms(values, spec: str = ".3f") -> str:
         return "-"
     if len(v) == 1:
         return format(v[0], spec)
-    return f"{format(float(np.mean(v)), spec)} ± {format(float(np.std(v, ddof=1)), spec)}"
+    return f"{format(float(np.mean(v)), spec)} ± {format(float(np.std(v, ddof=1)), spec.lstrip('+'))}"
 
 
 def load_runs(out: Path, section: str) -> dict[str, list[dict]]:
