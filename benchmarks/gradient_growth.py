@@ -30,21 +30,15 @@ sys.path.insert(0, str(ROOT))
 from hope_scale.data.tokenizer import load_tokenizer  # noqa: E402
 from hope_scale.eval.corpus import load_domain  # noqa: E402
 from hope_scale.eval.trainer import TrainConfig, Trainer, text_batches  # noqa: E402
-from hope_scale.model import ModelConfig, build_model  # noqa: E402
+from hope_scale.eval.model_specs import config_from_spec  # noqa: E402
+from hope_scale.model import build_model  # noqa: E402
 from hope_scale.model.titans import SelfModifyingTitans  # noqa: E402
 
 
 def model_from_spec(spec: str, seed: int) -> torch.nn.Module:
-    """``name`` or ``name:key=value,key=value`` (values parsed as YAML scalars)."""
-    import yaml
-
-    name, _, over = spec.partition(":")
-    cfg = ModelConfig.named(name).to_dict()
-    for item in filter(None, over.split(",")):
-        key, _, value = item.partition("=")
-        cfg[key] = yaml.safe_load(value)
+    """``name`` or ``name:key=value,key=value`` (``hope_scale.eval.model_specs``), initialized with ``seed``."""
     torch.manual_seed(seed)
-    return build_model(ModelConfig.from_dict(cfg))
+    return build_model(config_from_spec(spec))
 
 
 def gradient_norm(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float, dict]:

@@ -17,22 +17,17 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (the benchmark's models, MQAR recipe and table helpers)
 
+from hope_scale.eval.model_specs import parse_field_overrides  # noqa: E402
+
 
 def parse_variant(text: str) -> tuple[str, dict]:
+    """``"name=key=value,key=value"`` -> (name, ModelConfig overrides)."""
     name, _, spec = text.partition("=")
-    overrides = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:  # true/false/names (YAML 1.1 would read "3e-3" as a string, hence numbers first)
-            overrides[key] = yaml.safe_load(value)
-    return name, overrides
+    return name, parse_field_overrides(spec)
 
 
 def run(overrides: dict, seed: int, scale: float) -> list[dict]:

@@ -45,6 +45,17 @@ def _coerce(name: str, value: str):
     return value
 
 
+def parse_field_overrides(text: str) -> dict:
+    """``"d_model=64,alpha_init=0.999"`` -> ``{"d_model": 64, "alpha_init": 0.999}``, typed by ModelConfig's fields."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} is not key=value")
+        out[key.strip()] = _coerce(key.strip(), value.strip())
+    return out
+
+
 def config_from_spec(spec: str, **overrides) -> ModelConfig:
     """Build a ModelConfig from ``spec`` (see module doc); keyword overrides are applied last."""
     base, _, over = spec.partition(":")
@@ -55,10 +66,6 @@ def config_from_spec(spec: str, **overrides) -> ModelConfig:
         d = ModelConfig.from_yaml(base).to_dict()
     else:
         d = ModelConfig.named(base).to_dict()
-    for item in filter(None, over.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"override {item!r} is not key=value")
-        d[key.strip()] = _coerce(key.strip(), value.strip())
+    d.update(parse_field_overrides(over))
     d.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig.from_dict(d)
