@@ -2,7 +2,7 @@
 
     python benchmarks/gradient_growth.py                                   # hope-tiny, titans-tiny
     python benchmarks/gradient_growth.py --model hope-tiny --model hope-tiny:inner_step_bound=0 --train-steps 0
-    python benchmarks/gradient_growth.py --text ../shared/data/tinyshakespeare.txt --out runs/grad.json
+    python benchmarks/gradient_growth.py --text tests/data/tinyshakespeare-head.txt --out runs/grad.json
 
 For every model (a named config, optionally ``name:key=value,...`` overrides): the total gradient norm of the
 LM loss on one real-text sequence (the built-in corpus unless ``--text``) of each length, once on the fresh
