@@ -70,7 +70,7 @@ class ModelConfig:
     mem_branch_norm: bool = False  # True: m(x) = x + n(W1 silu(W2 x)) (earlier form); False: paper Eq. 89
     eta_max: float = 1.0  # eta_t = eta_max * sigmoid(mean(M_eta(x)) + b_eta)
     eta_init: float = 0.3  # initial eta (sets b_eta)
-    alpha_init: float = 0.98  # initial retention alpha (sets b_alpha); alpha_t = sigmoid(mean(M_alpha(x)) + b_alpha)
+    alpha_init: float = 0.999  # initial retention alpha (sets b_alpha); alpha_t = sigmoid(mean(M_alpha(x)) + b_alpha)
     conv_width: int = 4  # causal depthwise short convolution before the memories
 
     # --- Continuum Memory System ---------------------------------------------------------------
