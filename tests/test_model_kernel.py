@@ -72,7 +72,7 @@ def chunk_inputs(batch=(2, 2), c=16, d=16, hid=16, reads=True, shared_keys_axis=
 def run(step, x, erase=True, rule=UpdateRule(), n_valid=None, dtype=torch.float32, grad=False):
     """One chunk through ``step`` (chunk_step's signature); returns the result and, with ``grad``, the gradients
     of a loss of every output with respect to every leaf."""
-    leaves = {k: v.to(dtype).requires_grad_(grad) for k, v in x.items()}
+    leaves = {k: v.detach().to(dtype, copy=True).requires_grad_(grad) for k, v in x.items()}  # fresh leaves
     state = MemoryState(leaves["w1"], leaves["w2"], leaves["s1"], leaves["s2"], None, None, None, None)
     queries = F.normalize(leaves["queries"], dim=-1) if "queries" in leaves else None
     r = step(state, F.normalize(leaves["keys"], dim=-1), leaves["targets"], leaves["eta"], leaves["alpha"], 0.0,
