@@ -1,4 +1,4 @@
-"""``model.kernel``: which implementation runs the memory layers' chunk update (docs/training.md, section 8).
+"""``model.kernel``: which implementation runs the memory layers' chunk update (docs/training.md, section 7).
 
 * ``naive`` (default): ``memory.chunk_step`` in PyTorch (or its ``torch.compile`` graph under ``model.compile``).
 * ``triton``: ``chunk_update.kernel_chunk_step``: the chunk's coefficients in PyTorch (``chunk_coefficients``,
