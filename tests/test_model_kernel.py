@@ -239,6 +239,23 @@ def test_unsupported_rule_runs_naive_with_a_warning(interpreted_kernel, one_torc
     assert_results_close(out, ref, tol=0.0)
 
 
+def test_out_of_resources_runs_naive_with_a_warning(interpreted_kernel, one_torch_thread, monkeypatch):
+    """A GPU whose shared memory the chunk's tiles do not fit (Triton's OutOfResources at launch): the naive update
+    runs, with a warning saying so."""
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(interpreted_kernel, "launch_chunk_update", no_room)
+    monkeypatch.setattr(kernel_module, "_warned", set())
+    x = chunk_inputs()
+    ref, _ = run(chunk_step, x)
+    with pytest.warns(UserWarning, match="running the naive chunk update instead: out of resource: shared memory"):
+        out, _ = run(kernel_module.kernel_chunk_step, x)
+    assert_results_close(out, ref, tol=0.0)
+
+
 def test_fallback_without_gpu_or_interpreter():
     """No CUDA and no TRITON_INTERPRET: build_model with model.kernel=triton warns once, naming model.kernel, and
     the layers keep the naive chunk step (a fresh process: nothing decorated under the interpreter)."""
@@ -268,6 +285,48 @@ def test_fallback_without_gpu_or_interpreter():
     messages = eval(proc.stdout.strip().splitlines()[-1])
     assert len(messages) == 1, messages  # once per process, not per layer or model
     assert "model.kernel=triton" in messages[0] and "TRITON_INTERPRET is not set" in messages[0]
+
+
+SM90_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hope_scale.model.kernels import triton_chunk as tc
+
+fn = tc._chunk_update_kernel
+assert not tc.INTERPRETED
+out = []
+for dtype, c, d, h, normalized, bound, erase, reads, precision in json.loads(sys.argv[1]):
+    sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out")) else "i32" if n in ("C", "D", "HID", "last")
+               else "fp32" if n == "step_bound" else "constexpr") for n in fn.arg_names}
+    blocks = dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h))
+    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, PRECISION=precision)
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=tc.num_warps(*blocks.values())))
+    out.append([kernel.metadata.shared, len(kernel.asm["cubin"])])
+print(json.dumps([out, tc.SM90_SHARED_BYTES]))
+"""
+
+
+def test_kernel_compiles_for_sm90(tmp_path):
+    """The interpreter runs code that the GPU compiler may reject, and does not see shared memory: the kernel is
+    compiled for sm_90 (H100/H200; front end to cubin with triton's bundled ptxas, no GPU needed) with every
+    branch on and off, and at the largest supported shape (C = d = h = 64, the shipped models' projection
+    memories) in bf16, each within the shared memory one block may use there."""
+    import json
+
+    configs = [["fp32", 16, 16, 16, True, True, True, True, "ieee"],
+               ["fp32", 8, 8, 12, False, False, False, False, "ieee"],
+               ["bf16", 64, 64, 64, True, True, True, True, "tf32"]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))  # compiled afresh
+    proc = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps(configs)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    compiled, limit = json.loads(proc.stdout.strip().splitlines()[-1])
+    for config, (shared, cubin_bytes) in zip(configs, compiled):
+        assert cubin_bytes > 0 and 0 < shared <= limit, (config, shared, limit)
 
 
 def test_kernel_config_field():

@@ -2,7 +2,7 @@
 
 Supported: the default update rule without momentum (beta = 0), no branch norm, Rayleigh step bound or none,
 normalized or plain eta, first-order or not, erase on or off, with or without reads, any n_valid, fp32 / bf16 /
-fp16 inputs of one dtype, C, d and h up to 128 (padded to powers of two >= 16). Anything else
+fp16 inputs of one dtype, C, d and h up to 64 (padded to powers of two >= 16). Anything else
 (``unsupported_reason``) runs ``memory.chunk_update`` itself, with a warning naming the reason, once per reason.
 
 The backward is **not fused**: ``ChunkUpdate.backward`` recomputes the chunk with the PyTorch ``chunk_update``
@@ -21,7 +21,7 @@ import torch
 
 from ..memory import ChunkCoefficients, ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_update
 
-MAX_DIM = 128  # triton_chunk.MAX_BLOCK (not imported here: importing triton_chunk decorates the kernel)
+MAX_DIM = 64  # triton_chunk.MAX_BLOCK (not imported here: importing triton_chunk decorates the kernel)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COEF_FIELDS = ("eta", "gamma", "c_vec", "d_mat", "e_mat", "gamma_prev", "c_prev", "e_kk_prev", "erase_inverse",
                "d_qk", "e_qk")
@@ -80,6 +80,13 @@ def unsupported_reason(state: MemoryState, keys: torch.Tensor, targets: torch.Te
 
 
 _warned: set[str] = set()
+
+
+def triton_out_of_resources() -> type[Exception]:
+    """Triton's error for a kernel that needs more shared memory or registers than the GPU has."""
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
 
 
 def warn_once(message: str) -> None:
@@ -156,7 +163,11 @@ def kernel_chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.T
     batch = torch.broadcast_shapes(*shapes)
     tensors = [_flat(t, batch, 2) for t in (state.w1, state.w2, state.s1, state.s2, keys, targets, queries)]
     tensors += [_flat(getattr(coef, f), batch, 2 if f in MATRIX_FIELDS else 1) for f in COEF_FIELDS]
-    w1, w2, s1, s2, overshoot, scale, *reads = ChunkUpdate.apply(beta, rule, n_valid, *tensors)
+    try:
+        w1, w2, s1, s2, overshoot, scale, *reads = ChunkUpdate.apply(beta, rule, n_valid, *tensors)
+    except triton_out_of_resources() as e:  # a GPU with less shared memory than an H100's: the tiles do not fit
+        warn_once(f"model.kernel=triton: running the naive chunk update instead: {e}")
+        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
     unflat = lambda t: t.view(*batch, *t.shape[1:])  # noqa: E731
     return ChunkResult(unflat(w1), unflat(w2), unflat(s1), unflat(s2), unflat(reads[0]) if reads else None,
                        overshoot.view(batch), scale.view(batch))

@@ -38,7 +38,11 @@ import triton.language as tl
 
 from ..memory import KAPPA_MIN, NEGLIGIBLE
 
-MAX_BLOCK = 128  # largest padded C, d or h: every tile of a chunk lives in one program's registers
+# largest padded C, d or h: every tile of a chunk lives in one program. Compiled for sm_90, C = d = h = 64 needs
+# 196 KiB of shared memory (an H100/H200 block may use 227 KiB) and spills some registers; 128 would need more
+# shared memory than any GPU has (tests/test_model_kernel.py compiles the kernel for sm_90 and checks this)
+MAX_BLOCK = 64
+SM90_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 _NEGLIGIBLE = tl.constexpr(NEGLIGIBLE)
 _KAPPA_MIN = tl.constexpr(KAPPA_MIN)
 
@@ -203,6 +207,11 @@ def block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def num_warps(*blocks: int) -> int:
+    """Warps per program: 4 for tiles up to 32, else 8 (more threads to hold 64 x 64 tiles in registers)."""
+    return 4 if max(blocks) <= 32 else 8
+
+
 def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat, gamma_prev, e_kk_prev, inverse,
                         d_qk, e_qk, *, last: int, step_bound: float, normalized_eta: bool):
     """Run the kernel on flat contiguous inputs (leading axis N: one program each); returns new (w1, w2, s1, s2),
@@ -226,6 +235,6 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
         c, d, hid, last, float(step_bound),
         BC=block(c), BD=block(d), BH=block(hid),
         NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
-        PRECISION=precision,
+        PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
     )
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
