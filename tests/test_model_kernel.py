@@ -51,6 +51,15 @@ def interpreted_kernel():
         importlib.reload(module)
 
 
+@pytest.fixture
+def no_fallback(monkeypatch):
+    """Fails the test if any chunk ran the naive update instead of the kernel (every fallback warns)."""
+    fallbacks: set[str] = set()
+    monkeypatch.setattr(kernel_module, "_warned", fallbacks)
+    yield
+    assert not fallbacks, fallbacks
+
+
 def chunk_inputs(batch=(2, 2), c=16, d=16, hid=16, reads=True, shared_keys_axis=False, n_valid=None, seed=0):
     """Random leaves of one chunk: a state, keys/targets/queries (normalized inside ``run``), eta and alpha; with
     ``shared_keys_axis`` the keys, eta and alpha have a singleton memory axis (the stacked projection memories)."""
@@ -117,7 +126,7 @@ CASES = {  # name: (chunk_inputs kwargs, run kwargs)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_equals_naive_float32(case, interpreted_kernel, one_torch_thread):
+def test_kernel_equals_naive_float32(case, interpreted_kernel, one_torch_thread, no_fallback):
     inputs, kw = CASES[case]
     x = chunk_inputs(**inputs)
     ref, _ = run(chunk_step, x, **kw)
@@ -128,7 +137,7 @@ def test_kernel_equals_naive_float32(case, interpreted_kernel, one_torch_thread)
 
 
 @pytest.mark.parametrize("case", ["main memory, reads, erase", "projection stack [B,H,P], no reads"])
-def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread):
+def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread, no_fallback):
     """In bf16 the naive path rounds every intermediate to bf16, the kernel computes in fp32: both are within bf16
     error of the fp32 result, and the kernel no further from it than the naive path (plus one bf16 rounding)."""
     inputs, kw = CASES[case]
@@ -146,7 +155,7 @@ def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread):
 
 @pytest.mark.parametrize("case", ["main memory, reads, erase", "projection stack [B,H,P], no reads",
                                   "padded last chunk, reads", "not first-order, tighter bound"])
-def test_kernel_gradients_equal_naive(case, interpreted_kernel, one_torch_thread):
+def test_kernel_gradients_equal_naive(case, interpreted_kernel, one_torch_thread, no_fallback):
     """Gradients with respect to the state (w1, w2, s1, s2), keys, targets, queries, eta and alpha (the last two
     through the coefficients): the backward recomputes the chunk in PyTorch, so they match to fp32 rounding."""
     inputs, kw = CASES[case]
@@ -168,7 +177,7 @@ def layer_config(kernel: str, **overrides) -> ModelConfig:
                                  cms_levels=[{"period": 1, "hidden_mult": 1.0}]), **overrides})
 
 
-def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, one_torch_thread):
+def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, one_torch_thread, no_fallback):
     """A SelfModifyingTitans layer with the kernel, run in two pieces split mid-chunk (pending tokens in the state,
     a head chunk that continues them, a padded last chunk) equals the naive layer run in one piece, outputs and
     gradients of every parameter."""
@@ -192,7 +201,7 @@ def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, one_torch_th
         assert rel_err(q.grad, p.grad) < 1e-4, (name, rel_err(q.grad, p.grad))
 
 
-def test_model_with_kernel_equals_naive(interpreted_kernel, one_torch_thread):
+def test_model_with_kernel_equals_naive(interpreted_kernel, one_torch_thread, no_fallback):
     """build_model applies model.kernel (after model.compile, replacing its compiled chunk step): loss and
     gradients of a whole Hope model equal the naive model's."""
     results = []

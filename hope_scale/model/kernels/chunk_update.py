@@ -42,10 +42,12 @@ def rule_unsupported(beta: float, rule: UpdateRule) -> str | None:
 def kernel_mode_unavailable() -> str | None:
     """Why no Triton kernel can run in this process (None: CUDA is available, or TRITON_INTERPRET is set)."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as e:
         return f"triton is not importable ({e})"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads its environment variables there
+    interpret = knobs.runtime.interpret if knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not torch.cuda.is_available() and not interpret:
         return "CUDA is not available and TRITON_INTERPRET is not set"
     return None
 

@@ -32,6 +32,8 @@ decorated in the mode of triton's own import).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -226,15 +228,17 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
     erase = inverse is not None
     precision = "ieee" if w1.dtype == torch.float32 else "tf32"
     dummy = eta  # pointer arguments that a constexpr branch never reads
-    _chunk_update_kernel[(n,)](
-        w1, w2, keys, targets, queries if queries is not None else dummy,
-        eta, gamma, d_mat, e_mat, gamma_prev if erase else dummy, e_kk_prev if erase else dummy,
-        inverse if erase else dummy, d_qk if queries is not None and erase else dummy,
-        e_qk if queries is not None else dummy,
-        new_w1, new_w2, new_s1, new_s2, reads if reads is not None else dummy, overshoot, scale,
-        c, d, hid, last, float(step_bound),
-        BC=block(c), BD=block(d), BH=block(hid),
-        NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
-        PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
-    )
+    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
+    with device:  # launch on the inputs' GPU, whichever is current
+        _chunk_update_kernel[(n,)](
+            w1, w2, keys, targets, queries if queries is not None else dummy,
+            eta, gamma, d_mat, e_mat, gamma_prev if erase else dummy, e_kk_prev if erase else dummy,
+            inverse if erase else dummy, d_qk if queries is not None and erase else dummy,
+            e_qk if queries is not None else dummy,
+            new_w1, new_w2, new_s1, new_s2, reads if reads is not None else dummy, overshoot, scale,
+            c, d, hid, last, float(step_bound),
+            BC=block(c), BD=block(d), BH=block(hid),
+            NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
+            PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
+        )
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
