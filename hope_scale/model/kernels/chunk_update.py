@@ -8,8 +8,9 @@ fp16 inputs of one dtype, C, d and h up to 64 (padded to powers of two >= 16). A
 The backward is **not fused**: ``ChunkUpdate.backward`` recomputes the chunk with the PyTorch ``chunk_update``
 from the saved inputs and takes its exact gradients with ``torch.autograd.grad`` (with respect to the state, the
 keys, targets and queries and every coefficient, which carry the gradients of eta, alpha and the keys through
-``chunk_coefficients``). Gradients therefore equal the naive path's; the forward kernel saves the forward's time
-and activation memory (nothing but the inputs is kept for the backward).
+``chunk_coefficients``). Gradients therefore equal the naive path's; the forward keeps nothing but its inputs for
+the backward (the naive path keeps every intermediate of the chunk), and the backward costs one more naive
+forward of the chunk.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def unsupported_reason(state: MemoryState, keys: torch.Tensor, targets: torch.Te
         return "autocast is enabled (the kernel computes in fp32 and stores in the inputs' dtype)"
     c, d, hid = keys.shape[-2], keys.shape[-1], state.w1.shape[-1]
     if max(c, d, hid) > MAX_DIM:
-        return f"C={c}, d={d}, h={hid}: the kernel keeps a chunk in registers, up to {MAX_DIM} each"
+        return f"C={c}, d={d}, h={hid}: the kernel keeps a chunk on chip, up to {MAX_DIM} each"
     return None
 
 
