@@ -4,7 +4,8 @@ PyTorch ``memory.chunk_update`` computes, forward and backward, and the layer an
 There is no GPU here: the kernel runs in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` is read when a kernel is
 decorated (``triton_chunk`` is imported), not when triton is imported, so the ``interpreted_kernel`` fixture sets
 it and (re)imports ``triton_chunk`` under it, whatever the suite imported before, and restores both afterwards.
-The fallback without a GPU and without the interpreter is checked in a fresh subprocess. Shapes are tiny (the
+That suffices although torch may have imported triton already: the kernel calls only triton.language builtins
+(triton.language's own jit functions, such as ``tl.sum``, keep the mode of triton's import). The fallback without a GPU and without the interpreter is checked in a fresh subprocess. Shapes are tiny (the
 interpreter runs each program's tile operations in numpy).
 """
 
