@@ -202,13 +202,19 @@ def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, one_torch_th
         assert rel_err(q.grad, p.grad) < 1e-4, (name, rel_err(q.grad, p.grad))
 
 
-def test_model_with_kernel_equals_naive(interpreted_kernel, one_torch_thread, no_fallback):
-    """build_model applies model.kernel (after model.compile, replacing its compiled chunk step): loss and
-    gradients of a whole Hope model equal the naive model's."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_model_with_kernel_equals_naive(compile, interpreted_kernel, one_torch_thread, no_fallback, monkeypatch):
+    """build_model applies model.kernel (with model.compile: after it, replacing its compiled chunk step; the blocks
+    stay compiled, here by the aot_eager backend as in tests/test_model_compile.py): loss and gradients of a whole
+    Hope model equal the naive eager model's."""
+    from hope_scale.model import accel
+
+    monkeypatch.setattr(accel, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
     results = []
     for kernel in ("naive", "triton"):
         torch.manual_seed(0)
-        model = build_model(layer_config(kernel))
+        model = build_model(layer_config(kernel, compile=compile and kernel == "triton"))
         ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(2))
         loss = model.loss(ids[:, :-1], ids[:, 1:])
         loss.backward()
@@ -216,8 +222,10 @@ def test_model_with_kernel_equals_naive(interpreted_kernel, one_torch_thread, no
         expected = kernel_module.kernel_chunk_step if kernel == "triton" else chunk_step
         assert layers and all(m.chunk_step is expected for m in layers)
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch._dynamo.reset()
     (ref_loss, ref_grads), (loss, grads) = results
     assert abs(loss.item() - ref_loss.item()) < 1e-6 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
         assert rel_err(grads[name], g) < 1e-4, name
 
