@@ -70,7 +70,8 @@ def train_worker(p: dict) -> dict:
     out["t_train"] = time.perf_counter() - t1
     out["mixer_calls"] = calls[0]
     out["compiled_steps"] = [("chunk_step" in vars(blk.mixer)) for blk in eng.part.blocks.values()]
-    out["chunk_steps"] = [getattr(blk.mixer.chunk_step, "__name__", "?") for blk in eng.part.blocks.values()]
+    out["chunk_steps"] = [getattr(getattr(blk.mixer, "chunk_step", None), "__name__", None)  # None: attention
+                          for blk in eng.part.blocks.values()]
     from hope_scale.model.kernels import chunk_update
 
     out["kernel_fallbacks"] = sorted(chunk_update._warned)  # model.kernel=triton warnings (naive update instead)
