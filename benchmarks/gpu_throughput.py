@@ -12,9 +12,12 @@ and a plain fused AdamW on the bf16 weights (the engine keeps fp32 masters in De
 forward and backward, which is what is timed, are the same).
 
 Modes: ``eager``; ``compiled`` (``model.compile: true``: the memory layers' chunk step and the blocks' norms,
-CMS / MLP and attention through ``torch.compile``, hope_scale/model/accel.py); this version has no Triton kernel
-(``model.kernel`` does not exist yet), so there is no Triton row. Per mode: ``--warmup`` untimed steps (the first
-compiles), then ``--steps`` timed steps between CUDA synchronizations.
+CMS / MLP and attention through ``torch.compile``, hope_scale/model/accel.py); ``triton`` (``model.kernel: triton``:
+the memory chunk update's forward as one fused Triton kernel, its backward recomputed in PyTorch,
+hope_scale/model/kernels; the rest eager); ``compiled+triton`` (both: the kernel replaces the compiled chunk step,
+the blocks stay compiled). Per mode: ``--warmup`` untimed steps (the first compiles), then ``--steps`` timed steps
+between CUDA synchronizations. The Triton rows have not been timed by this repository's authors (no GPU where the
+kernel was written): docs/training.md section 7.
 
 FLOPs per token are ``hope_scale/train/flops.py``'s (6N + attention + memory update/read terms, the same count
 the training log uses); MFU = FLOPs/token x tokens/s / the device's dense bf16 peak from ``flops.PEAK_FLOPS``
@@ -39,6 +42,7 @@ from hope_scale.parallel.recompute import apply_activation_checkpointing
 from hope_scale.train.flops import detect_device, flops_per_token, peak_flops
 
 NO_GPU_EXIT = 2
+MODES = ("eager", "compiled", "triton", "compiled+triton")
 
 
 def train_config(model: str) -> dict:
@@ -55,7 +59,8 @@ def run_mode(name: str, mode: str, seq_len: int, micro_batch: int, steps: int, w
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ModelConfig.named(name), compile=mode == "compiled")
+    cfg = dataclasses.replace(ModelConfig.named(name), compile=mode in ("compiled", "compiled+triton"),
+                              kernel="triton" if mode in ("triton", "compiled+triton") else "naive")
     model = build_model(cfg).to(device=device, dtype=torch.bfloat16)
     apply_activation_checkpointing(model, checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch", type=int, default=1, help="sequences per step on the one GPU")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per model and mode")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled", "triton"], choices=MODES)
     ap.add_argument("--checkpointing", default=None, choices=["none", "block", "memory"],
                     help="override the training config's train.activation_checkpointing")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of this GPU, if not known")

@@ -8,6 +8,10 @@ numbers depend on the CPU and its load. Compiled rows (``model.compile: true``, 
 warm-up step that compiles them; the compile time is printed separately. Achieved GFLOP/s uses the FLOP count of
 ``hope_scale/train/flops.py`` (the same for eager and compiled), so the gap between models splits into "more
 FLOPs per token by design" (the FLOP/token column) and "lower FLOP/s" (the GFLOP/s column).
+
+``model.kernel: triton`` (the fused Triton chunk update, hope_scale/model/kernels) needs CUDA: with a GPU a third
+table times hope-tiny on it, naive vs kernel; on a CPU-only machine the script says that these rows need CUDA
+(the kernel's CPU interpreter is a correctness tool, far slower than PyTorch).
 """
 
 from __future__ import annotations
@@ -25,21 +29,24 @@ from hope_scale.model.titans import SelfModifyingTitans
 from hope_scale.train.flops import flops_per_token
 
 
-MODES = {"eager": "", "compiled": " compiled", "step": " compiled (chunk step only)"}
+MODES = {"eager": "", "compiled": " compiled", "step": " compiled (chunk step only)",
+         "triton": " model.kernel=triton"}
 
 
 def train_tokens_per_second(name: str, batch: int, seq_len: int, steps: int, mode: str = "eager",
-                            repeats: int = 1) -> tuple[float, float, ModelConfig, int]:
+                            repeats: int = 1, device: str = "cpu") -> tuple[float, float, ModelConfig, int]:
     """(tokens/s, seconds of the warm-up step, config, parameters) of AdamW training steps. ``mode``: ``eager``,
-    ``compiled`` (``model.compile: true``: chunk step and blocks) or ``step`` (the chunk step only, as the training
-    engine compiles it)."""
+    ``compiled`` (``model.compile: true``: chunk step and blocks), ``step`` (the chunk step only, as the training
+    engine compiles it) or ``triton`` (``model.kernel: triton``; needs ``device="cuda"``)."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ModelConfig.named(name), compile=mode == "compiled")
-    model = build_model(cfg)
+    cfg = dataclasses.replace(ModelConfig.named(name), compile=mode == "compiled",
+                              kernel="triton" if mode == "triton" else "naive")
+    model = build_model(cfg).to(device)
     if mode == "step":
         compile_model(model, blocks=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1))
+    ids = torch.randint(0, model.cfg.vocab_size, (batch, seq_len + 1), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -48,12 +55,14 @@ def train_tokens_per_second(name: str, batch: int, seq_len: int, steps: int, mod
 
     start = time.perf_counter()
     step()  # warm-up (and compilation)
+    sync()
     warm = time.perf_counter() - start
     best = float("inf")
     for _ in range(repeats):  # the best window: other jobs on the machine only ever slow a window down
         start = time.perf_counter()
         for _ in range(steps):
             step()
+        sync()
         best = min(best, time.perf_counter() - start)
     return batch * seq_len * steps / best, warm, cfg, model.num_parameters()
 
@@ -111,6 +120,21 @@ def main() -> None:
     print(f"| chunk-parallel (C_mem={cfg.chunk_size_memory}, C_proj={cfg.chunk_size_projection}) | {fast:.3f} | "
           f"{args.oracle_seq_len / fast:,.0f} | {slow / fast:.1f}x |")
     print(f"| token-by-token reference | {slow:.3f} | {args.oracle_seq_len / slow:,.0f} | 1.0x |")
+
+    print("\n## Memory chunk kernel (model.kernel), hope-tiny training, float32")
+    if not torch.cuda.is_available():
+        print("The model.kernel=triton rows need CUDA (no CUDA device here): the Triton kernel runs on a GPU; on a "
+              "CPU it only runs in Triton's interpreter, for the tests. See docs/training.md section 7.")
+        return
+    print(f"{torch.cuda.get_device_name()}, batch {args.batch} x seq {args.seq_len}")
+    print("| model | tokens/s | vs naive | warm-up step s |")
+    print("|---|---|---|---|")
+    gpu = {mode: train_tokens_per_second("hope-tiny", args.batch, args.seq_len, args.steps, mode=mode,
+                                         repeats=args.repeats, device="cuda")
+           for mode in ("eager", "triton")}
+    for mode, (tps, warm, _, _) in gpu.items():
+        print(f"| hope-tiny{MODES[mode] or ' naive'} (cuda) | {tps:,.0f} | {tps / gpu['eager'][0]:.2f} | "
+              f"{warm:.1f} |")
 
 
 if __name__ == "__main__":

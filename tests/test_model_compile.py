@@ -96,7 +96,7 @@ def test_compile_is_a_boolean_and_an_execution_field():
     from hope_scale.export.export import exported_model_config
     from hope_scale.model.config import EXECUTION_FIELDS
 
-    assert EXECUTION_FIELDS == ("compile",)
+    assert EXECUTION_FIELDS == ("compile", "kernel")
     assert exported_model_config(config("hope", True))["compile"] is False  # exported models run eager
 
 

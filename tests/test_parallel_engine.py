@@ -70,6 +70,11 @@ def train_worker(p: dict) -> dict:
     out["t_train"] = time.perf_counter() - t1
     out["mixer_calls"] = calls[0]
     out["compiled_steps"] = [("chunk_step" in vars(blk.mixer)) for blk in eng.part.blocks.values()]
+    out["chunk_steps"] = [getattr(getattr(blk.mixer, "chunk_step", None), "__name__", None)  # None: attention
+                          for blk in eng.part.blocks.values()]
+    from hope_scale.model.kernels import chunk_update
+
+    out["kernel_fallbacks"] = sorted(chunk_update._warned)  # model.kernel=triton warnings (naive update instead)
     if p.get("eval") is not None:
         out["eval"] = eng.eval_loss(p["eval"])
     out["stats"] = eng.memory_stats()
@@ -252,6 +257,21 @@ def test_engine_with_model_compile_equals_eager(monkeypatch):
 
         a, b = consolidate_full_state([eager[0]["state"]]), consolidate_full_state([compiled[0]["state"]])
         assert max_param_diff(a, b) < 1e-10
+
+
+def test_engine_with_model_kernel_equals_naive(monkeypatch):
+    """``model.kernel: triton`` in the engine, run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` in the
+    spawned rank's environment, tests/test_model_kernel.py): the chunk steps are the kernel's, and losses and
+    gradient norms equal the naive engine's."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    batches = make_batches(steps=2, n_micro=1, seq=40)  # a partial last main-memory and projection chunk
+    naive, kernel = run_jobs(1, [job(tiny_cfg(kernel=k), ParallelLayout(), batches, gas=1)
+                                 for k in ("naive", "triton")])
+    assert kernel[0]["chunk_steps"] == ["kernel_chunk_step"] * 2 and naive[0]["chunk_steps"] == ["chunk_step"] * 2
+    assert kernel[0]["kernel_fallbacks"] == []  # every chunk ran the kernel
+    assert kernel[0]["losses"] == pytest.approx(naive[0]["losses"], rel=1e-5)
+    assert kernel[0]["norms"] == pytest.approx(naive[0]["norms"], rel=1e-4)
 
 
 def test_single_process_engine_matches_plain_pytorch_and_cms_periods():

@@ -17,7 +17,8 @@ import yaml
 ARCHITECTURES = ("hope", "hope_attention", "titans", "transformer")
 # fields that choose how the model is executed, not what it computes (outputs equal the eager path's): a
 # checkpoint resumes, and a model exports, under any value of them
-EXECUTION_FIELDS = ("compile",)
+EXECUTION_FIELDS = ("compile", "kernel")
+KERNELS = ("naive", "triton")
 CMS_VARIANTS = ("sequential", "independent")
 OVERSHOOTS = ("rayleigh", "aligned")
 
@@ -79,6 +80,7 @@ class ModelConfig:
 
     # --- execution (EXECUTION_FIELDS; hope_scale/model/accel.py) ----------------------------------
     compile: bool = False  # torch.compile the memory layers' per-chunk step and the blocks' feed-forward parts
+    kernel: str = "naive"  # "triton": the memory chunk update as a fused Triton kernel (hope_scale/model/kernels)
 
     # --- baselines -----------------------------------------------------------------------------
     mlp_hidden_mult: float = 8 / 3  # SwiGLU hidden width of Transformer++ / Titans blocks
@@ -115,6 +117,7 @@ class ModelConfig:
         need(0.0 < self.alpha_init < 1.0, "alpha_init", "must be in (0, 1)")
         need(self.inner_overshoot in OVERSHOOTS, "inner_overshoot", f"{self.inner_overshoot!r} is not one of {OVERSHOOTS}")
         need(isinstance(self.compile, bool), "compile", f"expected true/false, got {self.compile!r}")
+        need(self.kernel in KERNELS, "kernel", f"{self.kernel!r} is not one of {KERNELS}")
         need(self.cms_variant in CMS_VARIANTS, "cms_variant", f"{self.cms_variant!r} is not one of {CMS_VARIANTS}")
         if self.arch in ("hope", "hope_attention"):
             need(len(self.cms_levels) > 0, "cms_levels", "Hope needs at least one CMS level")

@@ -144,10 +144,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 def build_model(cfg: ModelConfig | str) -> LanguageModel:
     """A model from a config or the name of one in ``configs/model`` (e.g. ``hope-tiny``); with ``compile: true``
-    compiled as ``accel.compile_model`` says (left out of exported models, which run eager)."""
+    compiled as ``accel.compile_model`` says, and with ``kernel: triton`` its memory chunk updates through the Triton
+    kernel (``kernels.apply_kernel``); left out of exported models, which run eager and naive."""
     model = LanguageModel(ModelConfig.named(cfg) if isinstance(cfg, str) else cfg)
     if model.cfg.compile:
         from hope_scale.model.accel import compile_model
 
         compile_model(model)
+    if model.cfg.kernel != "naive":
+        from hope_scale.model.kernels import apply_kernel
+
+        apply_kernel(model, model.cfg.kernel)
     return model

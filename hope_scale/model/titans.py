@@ -163,7 +163,8 @@ class SelfModifyingTitans(nn.Module):
         return mlp_apply(*weights, v, self.cfg.mem_branch_norm)
 
     # the per-chunk step: ``memory.chunk_step``, or a compiled copy of it set on the layer by ``model.compile``
-    # (hope_scale/model/accel.py; the same computation)
+    # (hope_scale/model/accel.py), or the Triton kernel's by ``model.kernel`` (hope_scale/model/kernels; the same
+    # computation)
     chunk_step = staticmethod(chunk_step)
 
     def _update(self, mem: MemoryState, keys, targets, eta, alpha, queries=None, coef=None,

@@ -24,6 +24,7 @@ from torch import nn
 from hope_scale.model.accel import compile_model
 from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.config import ModelConfig
+from hope_scale.model.kernels import apply_kernel
 from hope_scale.model.lm import build_model
 from hope_scale.model.titans import SelfModifyingTitans
 from hope_scale.train.step import CMSPeriodSchedule, OptimizerSettings, cms_level_of, param_groups
@@ -141,7 +142,7 @@ class TrainEngine:
         self._ps = ps
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
-        full = build_model(dataclasses.replace(model_cfg, compile=False))  # compiled below, once parallelized
+        full = build_model(dataclasses.replace(model_cfg, compile=False, kernel="naive"))  # both set below, on the part
         self.master_dtype = torch.float64 if precision == "fp64" else torch.float32
         self.part: ModelPart = parallelize(full, self.info, dtype=self.master_dtype)
         del full
@@ -150,6 +151,7 @@ class TrainEngine:
             apply_activation_checkpointing(self.part, activation_checkpointing)
         if model_cfg.compile:  # the chunk steps only: the blocks hold Megatron's parallel layers (accel.py)
             compile_model(self.part, blocks=False)
+        apply_kernel(self.part, model_cfg.kernel)  # model.kernel: triton replaces the (compiled) chunk step
         self._seed_parallel_rng(seed)
         self.specs: dict[str, ShardSpec] = dict(self.part.specs)
         self.param_name: dict[nn.Parameter, str] = {p: n for n, p in self.part.named_parameters()}

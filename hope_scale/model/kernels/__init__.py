@@ -1,0 +1,45 @@
+"""``model.kernel``: which implementation runs the memory layers' chunk update (docs/training.md, section 7).
+
+* ``naive`` (default): ``memory.chunk_step`` in PyTorch (or its ``torch.compile`` graph under ``model.compile``).
+* ``triton``: ``chunk_update.kernel_chunk_step``: the chunk's coefficients in PyTorch (``chunk_coefficients``,
+  computed by the layer for all chunks of a sequence at once), the state-dependent rest of a chunk (the inner
+  gradients, curvature, step bound, erase solve, new weights and reads) fused into one Triton kernel
+  (``triton_chunk.py``); its backward recomputes the chunk in PyTorch (not fused). Rules, dtypes and shapes the
+  kernel does not implement run the naive update, with a warning naming the reason.
+
+``apply_kernel`` sets the step on every memory layer, the way ``accel.compile_model`` sets the compiled one; with
+``triton`` it replaces a compiled chunk step (the kernel is not traced by ``torch.compile``), and where no kernel
+can run (no CUDA and no ``TRITON_INTERPRET=1``, or no triton) it warns once and leaves the naive step.
+``tests/test_model_kernel.py`` checks the kernel against the naive path on CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .chunk_update import kernel_chunk_step, kernel_mode_unavailable, rule_unsupported, warn_once
+
+
+def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Run ``model``'s memory layers' chunk steps with ``kernel`` ("naive" leaves them as they are); in place,
+    returns ``model``."""
+    if kernel == "naive":
+        return model
+    if kernel != "triton":
+        raise ValueError(f"model.kernel: {kernel!r} is not one of ('naive', 'triton')")
+    from ..titans import SelfModifyingTitans
+
+    layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
+    if not layers:
+        return model
+    reason = kernel_mode_unavailable()
+    if reason:
+        warn_once(f"model.kernel=triton: {reason}; the memory layers run the naive PyTorch update")
+        return model
+    for layer in layers:
+        reason = rule_unsupported(layer.beta, layer.rule)
+        if reason:
+            warn_once(f"model.kernel=triton: {reason}; the memory layers run the naive PyTorch update")
+            continue
+        layer.chunk_step = kernel_chunk_step
+    return model

@@ -1,0 +1,187 @@
+"""``memory.chunk_update`` with its forward fused into one Triton kernel (``triton_chunk.py``).
+
+Supported: the default update rule without momentum (beta = 0), no branch norm, Rayleigh step bound or none,
+normalized or plain eta, first-order or not, erase on or off, with or without reads, any n_valid, fp32 / bf16 /
+fp16 inputs of one dtype, C, d and h up to 64 (padded to powers of two >= 16). Anything else
+(``unsupported_reason``) runs ``memory.chunk_update`` itself, with a warning naming the reason, once per reason.
+
+The backward is **not fused**: ``ChunkUpdate.backward`` recomputes the chunk with the PyTorch ``chunk_update``
+from the saved inputs and takes its exact gradients with ``torch.autograd.grad`` (with respect to the state, the
+keys, targets and queries and every coefficient, which carry the gradients of eta, alpha and the keys through
+``chunk_coefficients``). Gradients therefore equal the naive path's; the forward keeps nothing but its inputs for
+the backward (the naive path keeps every intermediate of the chunk), and the backward costs one more naive
+forward of the chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ..memory import ChunkCoefficients, ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_update
+
+MAX_DIM = 64  # triton_chunk.MAX_BLOCK (not imported here: importing triton_chunk decorates the kernel)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COEF_FIELDS = ("eta", "gamma", "c_vec", "d_mat", "e_mat", "gamma_prev", "c_prev", "e_kk_prev", "erase_inverse",
+               "d_qk", "e_qk")
+MATRIX_FIELDS = ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
+
+
+def rule_unsupported(beta: float, rule: UpdateRule) -> str | None:
+    """Why the kernel cannot run this update rule (None: it can)."""
+    if beta != 0:
+        return f"inner_momentum={beta} (the kernel has no momentum; beta = 0 only)"
+    if rule.branch_norm:
+        return "mem_branch_norm=True (the kernel implements m(x) = x + W1 silu(W2 x) only)"
+    if rule.step_bound > 0 and rule.overshoot != "rayleigh":
+        return f"inner_overshoot={rule.overshoot!r} (the kernel implements the Rayleigh overshoot only)"
+    return None
+
+
+def kernel_mode_unavailable() -> str | None:
+    """Why no Triton kernel can run in this process (None: CUDA is available, or TRITON_INTERPRET is set)."""
+    try:
+        import triton
+    except ImportError as e:
+        return f"triton is not importable ({e})"
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads its environment variables there
+    interpret = knobs.runtime.interpret if knobs is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        return "CUDA is not available and TRITON_INTERPRET is not set"
+    return None
+
+
+def unsupported_reason(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
+                       beta: float, rule: UpdateRule, queries: torch.Tensor | None) -> str | None:
+    """Why this call cannot run the kernel (None: it can): the rule, dtypes, device, shapes or autocast."""
+    reason = rule_unsupported(beta, rule)
+    if reason:
+        return reason
+    tensors = [state.w1, state.w2, state.s1, state.s2, keys, targets, queries,
+               *(getattr(coef, f) for f in COEF_FIELDS)]
+    tensors = [t for t in tensors if t is not None]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+        return f"dtypes {sorted(map(str, dtypes))} (the kernel needs one of float32, bfloat16, float16)"
+    from . import triton_chunk
+
+    device = keys.device
+    if any(t.device != device for t in tensors):
+        return "inputs on several devices"
+    if device.type != "cuda" and not triton_chunk.INTERPRETED:
+        return f"tensors on {device.type} and the kernel was not loaded under TRITON_INTERPRET=1"
+    if device.type == "cuda" and triton_chunk.INTERPRETED:
+        return "tensors on cuda but the kernel was loaded under TRITON_INTERPRET=1 (CPU interpreter)"
+    if torch.is_autocast_enabled(device.type):
+        return "autocast is enabled (the kernel computes in fp32 and stores in the inputs' dtype)"
+    c, d, hid = keys.shape[-2], keys.shape[-1], state.w1.shape[-1]
+    if max(c, d, hid) > MAX_DIM:
+        return f"C={c}, d={d}, h={hid}: the kernel keeps a chunk on chip, up to {MAX_DIM} each"
+    return None
+
+
+_warned: set[str] = set()
+
+
+def triton_out_of_resources() -> type[Exception]:
+    """Triton's error for a kernel that needs more shared memory or registers than the GPU has."""
+    from triton.runtime.errors import OutOfResources
+
+    return OutOfResources
+
+
+def warn_once(message: str) -> None:
+    """A ``UserWarning`` the first time ``message`` occurs in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+class ChunkUpdate(torch.autograd.Function):
+    """Forward: the fused Triton kernel. Backward: recompute ``memory.chunk_update`` and differentiate it (not a
+    fused kernel). Inputs are flat: one leading batch axis N, contiguous; ``tensors`` are (w1, w2, s1, s2, keys,
+    targets, queries, *COEF_FIELDS), None where absent. Outputs: w1, w2, s1, s2, overshoot, scale, then reads if
+    queries are given."""
+
+    @staticmethod
+    def forward(ctx, beta: float, rule: UpdateRule, n_valid: int | None, *tensors):
+        from .triton_chunk import launch_chunk_update
+
+        w1, w2, s1, s2, keys, targets, queries, *coef = tensors
+        c = dict(zip(COEF_FIELDS, coef))
+        last = (n_valid or keys.shape[-2]) - 1
+        new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale = launch_chunk_update(
+            w1, w2, keys, targets, queries, c["eta"], c["gamma"], c["d_mat"], c["e_mat"], c["gamma_prev"],
+            c["e_kk_prev"], c["erase_inverse"], c["d_qk"], c["e_qk"], last=last, step_bound=rule.step_bound,
+            normalized_eta=rule.normalized_eta)
+        ctx.save_for_backward(*tensors)
+        ctx.beta, ctx.rule, ctx.n_valid = beta, rule, n_valid
+        ctx.mark_non_differentiable(overshoot, scale)
+        ctx.set_materialize_grads(False)
+        return (new_w1, new_w2, new_s1, new_s2, overshoot, scale) + ((reads,) if reads is not None else ())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad[3:]
+        inputs = [t.detach().requires_grad_(need) if t is not None else None
+                  for t, need in zip(ctx.saved_tensors, needs)]
+        w1, w2, s1, s2, keys, targets, queries, *coef = inputs
+        with torch.enable_grad():
+            r = chunk_update(MemoryState(w1, w2, s1, s2, None, None, None, None), keys, targets,
+                             ChunkCoefficients(**dict(zip(COEF_FIELDS, coef))), ctx.beta, ctx.rule,
+                             queries=queries, n_valid=ctx.n_valid)
+        outs = [r.w1, r.w2, r.s1, r.s2, None, None] + ([r.reads] if queries is not None else [])
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+        wrt = [t for t in inputs if t is not None and t.requires_grad]
+        if not pairs or not wrt:
+            return (None, None, None) + (None,) * len(inputs)
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+        return (None, None, None) + tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
+
+
+def _flat(t: torch.Tensor | None, batch: torch.Size, trailing: int) -> torch.Tensor | None:
+    """t [..., *trailing dims] broadcast to the batch axes and flattened to [N, *trailing dims], contiguous."""
+    if t is None:
+        return None
+    tail = t.shape[t.dim() - trailing:]
+    return t.expand(*batch, *tail).reshape(-1, *tail).contiguous()
+
+
+def kernel_chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
+                        beta: float, rule: UpdateRule, queries: torch.Tensor | None = None,
+                        n_valid: int | None = None) -> ChunkResult:
+    """``memory.chunk_update`` (same arguments, same result) through the Triton kernel where supported, else
+    through ``memory.chunk_update`` with a warning naming the reason (once per reason)."""
+    reason = unsupported_reason(state, keys, targets, coef, beta, rule, queries)
+    if reason:
+        warn_once(f"model.kernel=triton: running the naive chunk update instead: {reason}")
+        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+    shapes = [state.w1.shape[:-2], state.w2.shape[:-2], state.s1.shape[:-2], state.s2.shape[:-2], keys.shape[:-2],
+              targets.shape[:-2]] + ([queries.shape[:-2]] if queries is not None else [])
+    shapes += [getattr(coef, f).shape[:-2 if f in MATRIX_FIELDS else -1] for f in COEF_FIELDS
+               if getattr(coef, f) is not None]
+    batch = torch.broadcast_shapes(*shapes)
+    tensors = [_flat(t, batch, 2) for t in (state.w1, state.w2, state.s1, state.s2, keys, targets, queries)]
+    tensors += [_flat(getattr(coef, f), batch, 2 if f in MATRIX_FIELDS else 1) for f in COEF_FIELDS]
+    try:
+        w1, w2, s1, s2, overshoot, scale, *reads = ChunkUpdate.apply(beta, rule, n_valid, *tensors)
+    except triton_out_of_resources() as e:  # a GPU with less shared memory than an H100's: the tiles do not fit
+        warn_once(f"model.kernel=triton: running the naive chunk update instead: {e}")
+        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+    unflat = lambda t: t.view(*batch, *t.shape[1:])  # noqa: E731
+    return ChunkResult(unflat(w1), unflat(w2), unflat(s1), unflat(s2), unflat(reads[0]) if reads else None,
+                       overshoot.view(batch), scale.view(batch))
+
+
+def kernel_chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
+                      alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
+                      queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
+                      n_valid: int | None = None) -> ChunkResult:
+    """``memory.chunk_step`` with the update through ``kernel_chunk_update``: the coefficients (unless given) by
+    ``memory.chunk_coefficients`` in PyTorch, the state-dependent rest of the chunk in one kernel."""
+    if coef is None:
+        coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
+    return kernel_chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
