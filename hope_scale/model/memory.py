@@ -377,10 +377,11 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
 def chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
                alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
                queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
-               n_valid: int | None = None) -> ChunkResult:
+               n_valid: int | None = None, update=chunk_update) -> ChunkResult:
     """One chunk of a memory: its state-independent coefficients (unless given, e.g. computed for all chunks at
-    once by ``chunk_coefficients`` on a chunk axis) and ``chunk_update``. The unit ``model.compile`` compiles
-    (``accel.py``)."""
+    once by ``chunk_coefficients`` on a chunk axis) and ``update`` (``chunk_update``, or the Triton kernel's
+    ``kernels.chunk_update.kernel_chunk_update`` with the same arguments and result). The unit ``model.compile``
+    compiles (``accel.py``)."""
     if coef is None:
         coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
-    return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+    return update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)

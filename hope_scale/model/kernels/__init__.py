@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..config import KERNELS
 from .chunk_update import kernel_chunk_step, kernel_mode_unavailable, rule_unsupported, warn_once
 
 
@@ -25,8 +26,8 @@ def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
     returns ``model``."""
     if kernel == "naive":
         return model
-    if kernel != "triton":
-        raise ValueError(f"model.kernel: {kernel!r} is not one of ('naive', 'triton')")
+    if kernel not in KERNELS:
+        raise ValueError(f"model.kernel: {kernel!r} is not one of {KERNELS}")
     from ..titans import SelfModifyingTitans
 
     layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from ..memory import ChunkCoefficients, ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_update
+from ..memory import ChunkCoefficients, ChunkResult, MemoryState, UpdateRule, chunk_step, chunk_update
 
 MAX_DIM = 64  # triton_chunk.MAX_BLOCK (not imported here: importing triton_chunk decorates the kernel)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -176,12 +176,8 @@ def kernel_chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.T
                        overshoot.view(batch), scale.view(batch))
 
 
-def kernel_chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
-                      alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
-                      queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
-                      n_valid: int | None = None) -> ChunkResult:
-    """``memory.chunk_step`` with the update through ``kernel_chunk_update``: the coefficients (unless given) by
-    ``memory.chunk_coefficients`` in PyTorch, the state-dependent rest of the chunk in one kernel."""
-    if coef is None:
-        coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
-    return kernel_chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+def kernel_chunk_step(*args, **kwargs) -> ChunkResult:
+    """``memory.chunk_step`` (same arguments) with its update through ``kernel_chunk_update``: the coefficients
+    (unless given) by ``memory.chunk_coefficients`` in PyTorch, the state-dependent rest of the chunk in one
+    kernel."""
+    return chunk_step(*args, update=kernel_chunk_update, **kwargs)
