@@ -158,7 +158,8 @@ def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread, no_fallback
                                   "padded last chunk, reads", "not first-order, tighter bound"])
 def test_kernel_gradients_equal_naive(case, interpreted_kernel, one_torch_thread, no_fallback):
     """Gradients with respect to the state (w1, w2, s1, s2), keys, targets, queries, eta and alpha (the last two
-    through the coefficients): the backward recomputes the chunk in PyTorch, so they match to fp32 rounding."""
+    through the coefficients, in PyTorch): the backward kernel's (first-order; the second-order rule recomputes
+    the chunk in PyTorch) match to fp32 rounding. tests/test_model_kernel_backward.py checks every coefficient."""
     inputs, kw = CASES[case]
     x = chunk_inputs(**inputs)
     _, ref = run(chunk_step, x, grad=True, **kw)
@@ -312,11 +313,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hope_scale.model.kernels import triton_chunk as tc
 
-fn = tc._chunk_update_kernel
 assert not tc.INTERPRETED
 out = []
-for dtype, c, d, h, normalized, bound, erase, reads, precision in json.loads(sys.argv[1]):
-    sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out")) else "i32" if n in ("C", "D", "HID", "last")
+for kernel, dtype, c, d, h, normalized, bound, erase, reads, precision in json.loads(sys.argv[1]):
+    fn = getattr(tc, kernel)
+    sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out", "_grad")) else "i32" if n in ("C", "D", "HID", "last")
                else "fp32" if n == "step_bound" else "constexpr") for n in fn.arg_names}
     blocks = dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h))
     consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, PRECISION=precision)
@@ -327,16 +328,20 @@ print(json.dumps([out, tc.SM90_SHARED_BYTES]))
 """
 
 
-def test_kernel_compiles_for_sm90(tmp_path):
-    """The interpreter runs code that the GPU compiler may reject, and does not see shared memory: the kernel is
+def test_kernel_compiles_for_sm90(tmp_path, interpreted_kernel):
+    """The interpreter runs code that the GPU compiler may reject, and does not see shared memory: the kernels are
     compiled for sm_90 (H100/H200; front end to cubin with triton's bundled ptxas, no GPU needed) with every
-    branch on and off, and at the largest supported shape (C = d = h = 64, the shipped models' projection
-    memories) in bf16, each within the shared memory one block may use there."""
+    branch on and off, and at the largest supported shape (forward: C = d = h = 64, the shipped models'
+    projection memories; backward: BWD_MAX_BLOCK = 32) in bf16, each within the shared memory one block may use
+    there."""
     import json
 
-    configs = [["fp32", 16, 16, 16, True, True, True, True, "ieee"],
-               ["fp32", 8, 8, 12, False, False, False, False, "ieee"],
-               ["bf16", 64, 64, 64, True, True, True, True, "tf32"]]
+    fwd, bwd, big = "_chunk_update_kernel", "_chunk_update_bwd_kernel", interpreted_kernel.BWD_MAX_BLOCK
+    configs = [[fwd, "fp32", 16, 16, 16, True, True, True, True, "ieee"],
+               [fwd, "fp32", 8, 8, 12, False, False, False, False, "ieee"],
+               [fwd, "bf16", 64, 64, 64, True, True, True, True, "tf32"],
+               [bwd, "fp32", 8, 8, 12, False, False, False, False, "ieee"],
+               [bwd, "bf16", big, big, big, True, True, True, True, "tf32"]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))  # compiled afresh
     proc = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps(configs)], env=env, cwd=REPO,

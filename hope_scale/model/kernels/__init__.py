@@ -4,13 +4,16 @@
 * ``triton``: ``chunk_update.kernel_chunk_step``: the chunk's coefficients in PyTorch (``chunk_coefficients``,
   computed by the layer for all chunks of a sequence at once), the state-dependent rest of a chunk (the inner
   gradients, curvature, step bound, erase solve, new weights and reads) fused into one Triton kernel
-  (``triton_chunk.py``); its backward recomputes the chunk in PyTorch (not fused). Rules, dtypes and shapes the
-  kernel does not implement run the naive update, with a warning naming the reason.
+  (``triton_chunk.py``); its backward (first-order rule) is one more Triton kernel that recomputes the chunk's
+  intermediates on chip, while the second-order rule and chunks beyond the backward's tiles (padded C, d or h
+  above 32) recompute the chunk in PyTorch for the backward. Rules, dtypes and shapes the kernel does not
+  implement run the naive update, with a warning naming the reason.
 
 ``apply_kernel`` sets the step on every memory layer, the way ``accel.compile_model`` sets the compiled one; with
 ``triton`` it replaces a compiled chunk step (the kernel is not traced by ``torch.compile``), and where no kernel
 can run (no CUDA and no ``TRITON_INTERPRET=1``, or no triton) it warns once and leaves the naive step.
-``tests/test_model_kernel.py`` checks the kernel against the naive path on CPU under ``TRITON_INTERPRET=1``.
+``tests/test_model_kernel.py`` and ``tests/test_model_kernel_backward.py`` check the kernels against the naive path
+on CPU under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,20 @@
-"""``memory.chunk_update`` with its forward fused into one Triton kernel (``triton_chunk.py``).
+"""``memory.chunk_update`` with its forward and (first-order) backward fused into Triton kernels (``triton_chunk.py``).
 
 Supported: the default update rule without momentum (beta = 0), no branch norm, Rayleigh step bound or none,
 normalized or plain eta, first-order or not, erase on or off, with or without reads, any n_valid, fp32 / bf16 /
 fp16 inputs of one dtype, C, d and h up to 64 (padded to powers of two >= 16). Anything else
 (``unsupported_reason``) runs ``memory.chunk_update`` itself, with a warning naming the reason, once per reason.
 
-The backward is **not fused**: ``ChunkUpdate.backward`` recomputes the chunk with the PyTorch ``chunk_update``
-from the saved inputs and takes its exact gradients with ``torch.autograd.grad`` (with respect to the state, the
-keys, targets and queries and every coefficient, which carry the gradients of eta, alpha and the keys through
-``chunk_coefficients``). Gradients therefore equal the naive path's; the forward keeps nothing but its inputs for
-the backward (the naive path keeps every intermediate of the chunk), and the backward costs one more naive
-forward of the chunk.
+The backward is fused too, for the first-order rule (the default): ``ChunkUpdate.backward`` launches one Triton
+kernel per chunk (``triton_chunk._chunk_update_bwd_kernel``, one program per batch element) that recomputes the
+chunk's intermediates from the saved inputs (the forward keeps nothing but its inputs) and writes the gradients
+with respect to the state, the keys, targets and queries and every coefficient (which carry the gradients of eta,
+alpha and the keys through ``chunk_coefficients``, in PyTorch). With beta = 0 the carried momentum s1, s2 enters
+nothing (zero gradients) and c_vec, c_prev are unused (None), as in the naive path. Still recomputed in PyTorch
+(``chunk_update`` again and ``torch.autograd.grad``, exact): the second-order rule (``first_order=False``, an
+ablation: by design, without a warning), and, with a warning naming the reason (once), chunks whose padded C, d
+or h exceed ``triton_chunk.BWD_MAX_BLOCK`` (32: the backward's tiles at 64 need more shared memory than an H100
+has) or a GPU that reports the backward out of resources.
 """
 
 from __future__ import annotations
@@ -100,10 +104,10 @@ def warn_once(message: str) -> None:
 
 
 class ChunkUpdate(torch.autograd.Function):
-    """Forward: the fused Triton kernel. Backward: recompute ``memory.chunk_update`` and differentiate it (not a
-    fused kernel). Inputs are flat: one leading batch axis N, contiguous; ``tensors`` are (w1, w2, s1, s2, keys,
-    targets, queries, *COEF_FIELDS), None where absent. Outputs: w1, w2, s1, s2, overshoot, scale, then reads if
-    queries are given."""
+    """Forward: the fused Triton kernel. Backward: the fused backward kernel (first-order rule, tiles up to
+    ``BWD_MAX_BLOCK``), else recompute ``memory.chunk_update`` and differentiate it. Inputs are flat: one leading
+    batch axis N, contiguous; ``tensors`` are (w1, w2, s1, s2, keys, targets, queries, *COEF_FIELDS), None where
+    absent. Outputs: w1, w2, s1, s2, overshoot, scale, then reads if queries are given."""
 
     @staticmethod
     def forward(ctx, beta: float, rule: UpdateRule, n_valid: int | None, *tensors):
@@ -125,21 +129,72 @@ class ChunkUpdate(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        needs = ctx.needs_input_grad[3:]
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(ctx.saved_tensors, needs)]
-        w1, w2, s1, s2, keys, targets, queries, *coef = inputs
-        with torch.enable_grad():
-            r = chunk_update(MemoryState(w1, w2, s1, s2, None, None, None, None), keys, targets,
-                             ChunkCoefficients(**dict(zip(COEF_FIELDS, coef))), ctx.beta, ctx.rule,
-                             queries=queries, n_valid=ctx.n_valid)
-        outs = [r.w1, r.w2, r.s1, r.s2, None, None] + ([r.reads] if queries is not None else [])
-        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
-        wrt = [t for t in inputs if t is not None and t.requires_grad]
-        if not pairs or not wrt:
-            return (None, None, None) + (None,) * len(inputs)
-        found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
-        return (None, None, None) + tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
+        reason = fused_backward_unsupported(ctx)
+        if reason is None:
+            try:
+                return (None, None, None) + fused_backward(ctx, grads)
+            except triton_out_of_resources() as e:  # the backward's tiles need more shared memory than the GPU has
+                reason = str(e)
+        if ctx.rule.first_order:  # the second-order rule recomputes by design: no warning
+            warn_once(f"model.kernel=triton: the chunk update's backward recomputes in PyTorch instead: {reason}")
+        return (None, None, None) + recompute_backward(ctx, grads)
+
+
+def fused_backward_unsupported(ctx) -> str | None:
+    """Why the backward kernel cannot run for this chunk (None: it can): the second-order rule, or tiles beyond
+    ``triton_chunk.BWD_MAX_BLOCK``."""
+    if not ctx.rule.first_order:
+        return "first_order=False (the kernel's backward is first-order)"
+    from .triton_chunk import BWD_MAX_BLOCK, block
+
+    keys, w1 = ctx.saved_tensors[4], ctx.saved_tensors[0]
+    c, d, hid = keys.shape[-2], keys.shape[-1], w1.shape[-1]
+    if max(block(c), block(d), block(hid)) > BWD_MAX_BLOCK:
+        return (f"C={c}, d={d}, h={hid}: the backward kernel keeps a chunk on chip in tiles up to {BWD_MAX_BLOCK} "
+                f"(at 64 it needs more shared memory than an H100 has)")
+    return None
+
+
+def fused_backward(ctx, grads) -> tuple:
+    """The gradients of ``ChunkUpdate``'s tensor inputs from the backward kernel (first-order rule): s1, s2 get
+    zeros (beta = 0: the carried momentum enters nothing), c_vec and c_prev None (unused without momentum), and
+    so do inputs whose gradient is not needed."""
+    from .triton_chunk import launch_chunk_update_bwd
+
+    w1, w2, s1, s2, keys, targets, queries, *coef = ctx.saved_tensors
+    c = dict(zip(COEF_FIELDS, coef))
+    needs = ctx.needs_input_grad[3:]
+    kernel_inputs = (w1, w2, keys, targets, queries, c["eta"], c["gamma"], c["d_mat"], c["e_mat"], c["gamma_prev"],
+                     c["e_kk_prev"], c["erase_inverse"], c["d_qk"], c["e_qk"])
+    g_w1, g_w2, g_s1, g_s2, _, _, *g_reads = grads
+    found = launch_chunk_update_bwd(kernel_inputs, (g_w1, g_w2, g_s1, g_s2, g_reads[0] if g_reads else None),
+                                    last=(ctx.n_valid or keys.shape[-2]) - 1, step_bound=ctx.rule.step_bound,
+                                    normalized_eta=ctx.rule.normalized_eta)
+    g = dict(zip(("w1", "w2", "keys", "targets", "queries", "eta", "gamma", "d_mat", "e_mat", "gamma_prev",
+                  "e_kk_prev", "erase_inverse", "d_qk", "e_qk"), found))
+    g["s1"], g["s2"] = torch.zeros_like(s1), torch.zeros_like(s2)
+    names = ("w1", "w2", "s1", "s2", "keys", "targets", "queries", *COEF_FIELDS)
+    return tuple(g.get(name) if need else None for name, need in zip(names, needs))
+
+
+def recompute_backward(ctx, grads) -> tuple:
+    """The gradients of ``ChunkUpdate``'s tensor inputs by recomputing the chunk with ``memory.chunk_update`` and
+    differentiating it (the second-order rule, whose inner gradients depend on the weights: not in the kernel)."""
+    needs = ctx.needs_input_grad[3:]
+    inputs = [t.detach().requires_grad_(need) if t is not None else None
+              for t, need in zip(ctx.saved_tensors, needs)]
+    w1, w2, s1, s2, keys, targets, queries, *coef = inputs
+    with torch.enable_grad():
+        r = chunk_update(MemoryState(w1, w2, s1, s2, None, None, None, None), keys, targets,
+                         ChunkCoefficients(**dict(zip(COEF_FIELDS, coef))), ctx.beta, ctx.rule,
+                         queries=queries, n_valid=ctx.n_valid)
+    outs = [r.w1, r.w2, r.s1, r.s2, None, None] + ([r.reads] if queries is not None else [])
+    pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
+    if not pairs or not wrt:
+        return (None,) * len(inputs)
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True))
+    return tuple(next(found) if t is not None and t.requires_grad else None for t in inputs)
 
 
 def _flat(t: torch.Tensor | None, batch: torch.Size, trailing: int) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""The Triton forward kernel of ``memory.chunk_update`` for the default rule without momentum.
+"""The Triton forward and backward kernels of ``memory.chunk_update`` for the default rule without momentum.
 
 One program per leading-batch element (batch x heads x memory index, flattened): the chunk's C tokens, the
 chunk-start weights and the chunk's state-independent coefficients are loaded once, and everything else stays in
@@ -19,6 +19,19 @@ K, V̂, Q: [C, d], W1: [d, h], W2: [h, d]:
 
 (memory.py derives these; L is the last valid token.) The erase system's inverse A^-1 and the other coefficients
 come precomputed (``memory.chunk_coefficients``, computed by the layer for all chunks of a sequence at once).
+
+**Backward** (``_chunk_update_bwd_kernel``, first-order rule: W1, W2 inside z, h, u, delta, kappa and rho are
+constants; they carry gradients through gamma_L W, the erase vectors' state part K W2^T and the reads' gamma W1,
+gamma W2 only). One program per batch element again: it recomputes the forward's intermediates from the same
+inputs with the same jit helpers (``_factors``, ``_rate``, ``_overshoots``, ``_erase_vectors``,
+``_read_preactivations``; nothing is stored by the forward), then runs the equations above in reverse:
+the reads (``_reads_bwd``), the state after token L (``_end_state_bwd``), the erase vectors (``_erase_bwd``), the
+step scale and overshoot rows (``_overshoots_bwd``: ds_t/drho_t = -tau / rho_t^2 where rho_t > tau, else 0; each
+row's rho_t = num / den differentiated through c_t., the Gram matrices and J_j dW_t by ``_overshoot_row_bwd``,
+0 where den is negligible), the rates (``_rate_bwd``: 0 through kappa where it is clamped to KAPPA_MIN or |g|^2 is
+negligible) and the rank-1 factors (``_factors_bwd``). It writes the gradients of every input of the forward
+kernel: W1, W2, K, V̂, Q, eta, gamma, D (row L), E, gamma_prev, E_kk_prev, A^-1, D_qk, E_qk. Tiles up to
+``BWD_MAX_BLOCK`` (the backward has more live tiles than the forward: see there).
 Tiles are padded to powers of two >= 16 (``tl.dot``'s minimum) with masked loads: padded rows and columns are zero
 and contribute nothing. Everything is computed in fp32 (``tl.dot`` with ``input_precision="ieee"`` for fp32 inputs,
 TF32 for 16-bit inputs, whose reference computes in 16 bits) and stored in the inputs' dtype.
@@ -44,6 +57,11 @@ from ..memory import KAPPA_MIN, NEGLIGIBLE
 # 196 KiB of shared memory (an H100/H200 block may use 227 KiB) and spills some registers; 128 would need more
 # shared memory than any GPU has (tests/test_model_kernel.py compiles the kernel for sm_90 and checks this)
 MAX_BLOCK = 64
+# largest padded C, d or h of the backward kernel. Compiled for sm_90 at 32 it needs 56 KiB of shared memory; at 64
+# it would need 464 KiB (Hopper's wgmma keeps every dot operand of a 64-row tile in shared memory, and the backward
+# has about twice the forward's live operands; 224 KiB when compiled for sm_80's mma), so larger chunks recompute
+# their backward in PyTorch (chunk_update.ChunkUpdate.backward)
+BWD_MAX_BLOCK = 32
 SM90_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 _NEGLIGIBLE = tl.constexpr(NEGLIGIBLE)
 _KAPPA_MIN = tl.constexpr(KAPPA_MIN)
@@ -74,15 +92,169 @@ def _safe_ratio(num, den):
 
 
 @triton.jit
-def _overshoot_row(rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION: tl.constexpr):
-    """rho_t for one row c_t. of the accumulated step (memory.chunk_overshoot): ||dW_t||^2 = c_t^T G c_t and
-    J_j dW_t = sum_i c_ti (h_j.h_i) u_i + W1 (silu'(z_j) * sum_i c_ti (k_j.k_i) delta_i)."""
-    den = _sum(_sum(gram * rows[None, :], axis=1) * rows, axis=0)
+def _at(x, where):
+    """The entry of vector x where the mask ``where`` is true (one entry): a scalar."""
+    return _sum(tl.where(where, x, 0.0), axis=0)
+
+
+@triton.jit
+def _load_tile(ptr, pid, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """Program pid's [R, K] matrix (row-major, contiguous per program), zero-padded to [BR, BK], in fp32."""
+    r, k = tl.arange(0, BR), tl.arange(0, BK)
+    mask = (r < R)[:, None] & (k < K)[None, :]
+    return tl.load(ptr + pid * R * K + r[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, pid, x, R, K, BR: tl.constexpr, BK: tl.constexpr):
+    """Store the [R, K] part of the padded tile x as program pid's matrix, in ptr's dtype."""
+    r, k = tl.arange(0, BR), tl.arange(0, BK)
+    mask = (r < R)[:, None] & (k < K)[None, :]
+    tl.store(ptr + pid * R * K + r[:, None] * K + k[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_vec(ptr, pid, N, BN: tl.constexpr):
+    """Program pid's [N] vector, zero-padded to [BN], in fp32."""
+    r = tl.arange(0, BN)
+    return tl.load(ptr + pid * N + r, mask=r < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_vec(ptr, pid, x, N, BN: tl.constexpr):
+    r = tl.arange(0, BN)
+    tl.store(ptr + pid * N + r, x.to(ptr.dtype.element_ty), mask=r < N)
+
+
+@triton.jit
+def _load_row(ptr, pid, t, C, BC: tl.constexpr):
+    """Row t of program pid's [C, C] matrix, zero-padded to [BC], in fp32."""
+    r = tl.arange(0, BC)
+    return tl.load(ptr + pid * C * C + t * C + r, mask=r < C, other=0.0).to(tl.float32)
+
+
+# ---- the chunk's forward quantities, recomputed by the backward kernel from the same inputs
+
+@triton.jit
+def _factors(keys, targets, w1, w2, PRECISION: tl.constexpr):
+    """Rank-1 factors of each token's inner gradient at the chunk-start weights: z = K W2^T, h = silu(z),
+    silu'(z), u = K + h W1^T - V̂, p = u W1, delta = p * silu'(z)."""
+    z = tl.dot(keys, tl.trans(w2), input_precision=PRECISION)  # [C, h]
+    sig = _sigmoid(z)
+    h = z * sig
+    dsilu = sig * (1.0 + z * (1.0 - sig))
+    u = keys + tl.dot(h, tl.trans(w1), input_precision=PRECISION) - targets  # [C, d]
+    p = tl.dot(u, w1, input_precision=PRECISION)  # [C, h]
+    return z, h, dsilu, u, p, p * dsilu
+
+
+@triton.jit
+def _curvature_terms(keys, h, u, delta, dsilu, w1, PRECISION: tl.constexpr):
+    """The parts of kappa_i = ||J_i g_i||^2 / ||g_i||^2: ||h_i||^2, ||k_i||^2, m_i = W1 (silu'(z_i) delta_i),
+    J_i g_i = ||h_i||^2 u_i + ||k_i||^2 m_i and ||g_i||^2 = ||u_i||^2 ||h_i||^2 + ||delta_i||^2 ||k_i||^2."""
+    hh = _sum(h * h, axis=1)
+    kk = _sum(keys * keys, axis=1)
+    m = tl.dot(dsilu * delta, tl.trans(w1), input_precision=PRECISION)  # [C, d]
+    jg = hh[:, None] * u + kk[:, None] * m
+    gg = _sum(u * u, axis=1) * hh + _sum(delta * delta, axis=1) * kk
+    return hh, kk, m, jg, gg
+
+
+@triton.jit
+def _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED: tl.constexpr, PRECISION: tl.constexpr):
+    """r_i = eta_i / max(kappa_i, KAPPA_MIN) (or eta_i without ``normalized_eta``)."""
+    if NORMALIZED:
+        hh, kk, m, jg, gg = _curvature_terms(keys, h, u, delta, dsilu, w1, PRECISION)
+        rate = eta / tl.maximum(_safe_ratio(_sum(jg * jg, axis=1), gg), _KAPPA_MIN)
+    else:
+        rate = eta
+    return rate
+
+
+@triton.jit
+def _grams(keys, h, u, delta, PRECISION: tl.constexpr):
+    """Gram matrices of the chunk's tokens: h_j.h_i, k_j.k_i and g_j.g_i = (u_j.u_i)(h_j.h_i) + (d_j.d_i)(k_j.k_i)."""
+    hh_gram = tl.dot(h, tl.trans(h), input_precision=PRECISION)
+    kk_gram = tl.dot(keys, tl.trans(keys), input_precision=PRECISION)
+    gram = (tl.dot(u, tl.trans(u), input_precision=PRECISION) * hh_gram
+            + tl.dot(delta, tl.trans(delta), input_precision=PRECISION) * kk_gram)
+    return hh_gram, kk_gram, gram
+
+
+@triton.jit
+def _row_jacobians(rows, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION: tl.constexpr):
+    """J_j dW_t for every token j, dW_t = sum_i c_ti g_i (one row c_t. of the accumulated step):
+    jd_j = sum_i c_ti (h_j.h_i) u_i + W1 (silu'(z_j) * dw2k_j), dw2k_j = sum_i c_ti (k_j.k_i) delta_i."""
     j_w1 = tl.dot(hh_gram * rows[None, :], u, input_precision=PRECISION)  # [C, d]
     dw2_k = tl.dot(kk_gram * rows[None, :], delta, input_precision=PRECISION)  # [C, h]
-    jd = j_w1 + tl.dot(dsilu * dw2_k, tl.trans(w1), input_precision=PRECISION)
-    num = _sum(rows * _sum(jd * jd, axis=1), axis=0)
-    return _safe_ratio(num, den)
+    return j_w1 + tl.dot(dsilu * dw2_k, tl.trans(w1), input_precision=PRECISION), dw2_k
+
+
+@triton.jit
+def _overshoot_row(rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION: tl.constexpr):
+    """rho_t = sum_j c_tj ||J_j dW_t||^2 / ||dW_t||^2 for one row c_t. (memory.chunk_overshoot), with
+    ||dW_t||^2 = c_t^T G c_t."""
+    den = _sum(_sum(gram * rows[None, :], axis=1) * rows, axis=0)
+    jd, dw2_k = _row_jacobians(rows, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION)
+    return _safe_ratio(_sum(rows * _sum(jd * jd, axis=1), axis=0), den)
+
+
+@triton.jit
+def _bound_rows(C, last, READS: tl.constexpr):
+    """The rows t whose overshoot is needed: every token with reads (each reads with its own s_t), else L."""
+    if READS:
+        lo = 0
+        hi = C
+    else:
+        lo = last
+        hi = last + 1
+    return lo, hi
+
+
+@triton.jit
+def _overshoots(e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+                BC: tl.constexpr, BOUND: tl.constexpr, READS: tl.constexpr, PRECISION: tl.constexpr):
+    """rho_t (rows c_ti = E_ti r_i) and s_t = tau / max(rho_t, tau) for every token t (without reads: rho_L and
+    s_L for every t); rho = 0, s = 1 without a step bound."""
+    rc = tl.arange(0, BC)
+    lam = tl.full([BC], 0.0, dtype=tl.float32)
+    if BOUND:
+        hh_gram, kk_gram, gram = _grams(keys, h, u, delta, PRECISION)
+        lo, hi = _bound_rows(C, last, READS)
+        for t in range(lo, hi):
+            rows = _load_row(e_ptr, pid, t, C, BC) * rate
+            lam = tl.where(rc == t, _overshoot_row(rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION),
+                           lam)
+        if not READS:
+            lam = lam * 0.0 + _at(lam, rc == last)
+        scale = step_bound / tl.maximum(lam, step_bound)
+    else:
+        scale = lam + 1.0
+    return lam, scale
+
+
+@triton.jit
+def _erase_vectors(inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, PRECISION: tl.constexpr):
+    """The erase vectors x_s = -eta_s W2_{s-1} k_s = x_state + s x_grad: x_state = A^-1 (-eta * gamma_prev * z),
+    x_grad = A^-1 (eta * ekk_ed), ekk_ed = (E_{s-1,i} k_i.k_s) @ (r delta) (also returned)."""
+    x_state = tl.dot(inverse, -(eta * gamma_prev)[:, None] * z, input_precision=PRECISION)  # [C, h]
+    ekk_ed = tl.dot(e_kk_prev, eta_delta, input_precision=PRECISION)
+    x_grad = tl.dot(inverse, eta[:, None] * ekk_ed, input_precision=PRECISION)
+    return x_state, x_grad, ekk_ed
+
+
+@triton.jit
+def _read_preactivations(queries, w2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
+                         ERASE: tl.constexpr, PRECISION: tl.constexpr):
+    """W2_t q_t = zq_state + s_t zq_grad: qw2 = q W2^T, zq_state = gamma * qw2 + D_qk x_state,
+    zq_grad = D_qk x_grad - E_qk (r delta)."""
+    qw2 = tl.dot(queries, tl.trans(w2), input_precision=PRECISION)  # [C, h]
+    zq_state = gamma[:, None] * qw2
+    zq_grad = -tl.dot(e_qk, eta_delta, input_precision=PRECISION)
+    if ERASE:
+        zq_state += tl.dot(d_qk, x_state, input_precision=PRECISION)
+        zq_grad += tl.dot(d_qk, x_grad, input_precision=PRECISION)
+    return qw2, zq_state, zq_grad
 
 
 @triton.jit
@@ -96,109 +268,377 @@ def _chunk_update_kernel(
     PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
-    mc, md, mh = rc < C, rd < D, rh < HID
-    m_cd, m_cc = mc[:, None] & md[None, :], mc[:, None] & mc[None, :]
-    m_dh, m_hd = md[:, None] & mh[None, :], mh[:, None] & md[None, :]
-    off_cd = pid * C * D + rc[:, None] * D + rd[None, :]
-    off_cc = pid * C * C + rc[:, None] * C + rc[None, :]
-    off_dh = pid * D * HID + rd[:, None] * HID + rh[None, :]
-    off_hd = pid * HID * D + rh[:, None] * D + rd[None, :]
+    at_last = tl.arange(0, BC) == last
+    w1 = _load_tile(w1_ptr, pid, D, HID, BD, BH)  # [d, h]
+    w2 = _load_tile(w2_ptr, pid, HID, D, BH, BD)  # [h, d]
+    keys = _load_tile(keys_ptr, pid, C, D, BC, BD)  # [C, d]
+    targets = _load_tile(targets_ptr, pid, C, D, BC, BD)
+    eta = _load_vec(eta_ptr, pid, C, BC)  # [C]
+    gamma = _load_vec(gamma_ptr, pid, C, BC)
 
-    w1 = tl.load(w1_ptr + off_dh, mask=m_dh, other=0.0).to(tl.float32)  # [d, h]
-    w2 = tl.load(w2_ptr + off_hd, mask=m_hd, other=0.0).to(tl.float32)  # [h, d]
-    keys = tl.load(keys_ptr + off_cd, mask=m_cd, other=0.0).to(tl.float32)  # [C, d]
-    targets = tl.load(targets_ptr + off_cd, mask=m_cd, other=0.0).to(tl.float32)
-    eta = tl.load(eta_ptr + pid * C + rc, mask=mc, other=0.0).to(tl.float32)  # [C]
-    gamma = tl.load(gamma_ptr + pid * C + rc, mask=mc, other=0.0).to(tl.float32)
-
-    # rank-1 factors of each token's gradient at the chunk-start weights
-    z = tl.dot(keys, tl.trans(w2), input_precision=PRECISION)  # [C, h]
-    sig = _sigmoid(z)
-    h = z * sig
-    dsilu = sig * (1.0 + z * (1.0 - sig))
-    u = keys + tl.dot(h, tl.trans(w1), input_precision=PRECISION) - targets  # [C, d]
-    delta = tl.dot(u, w1, input_precision=PRECISION) * dsilu  # [C, h]
-
-    if NORMALIZED:  # kappa: Gauss-Newton curvature along each token's own gradient
-        hh = _sum(h * h, axis=1)
-        kk = _sum(keys * keys, axis=1)
-        jg = hh[:, None] * u + kk[:, None] * tl.dot(dsilu * delta, tl.trans(w1), input_precision=PRECISION)
-        gg = _sum(u * u, axis=1) * hh + _sum(delta * delta, axis=1) * kk
-        kappa = _safe_ratio(_sum(jg * jg, axis=1), gg)
-        rate = eta / tl.maximum(kappa, _KAPPA_MIN)
-    else:
-        rate = eta
+    z, h, dsilu, u, p, delta = _factors(keys, targets, w1, w2, PRECISION)
+    rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
     eta_u = rate[:, None] * u
     eta_delta = rate[:, None] * delta
-
-    # step bound: the overshoot of the accumulated step after token t (every t with reads, else the last)
-    at_last = rc == last
-    if BOUND:
-        hh_gram = tl.dot(h, tl.trans(h), input_precision=PRECISION)  # h_j . h_i
-        kk_gram = tl.dot(keys, tl.trans(keys), input_precision=PRECISION)  # k_j . k_i
-        gram = (tl.dot(u, tl.trans(u), input_precision=PRECISION) * hh_gram
-                + tl.dot(delta, tl.trans(delta), input_precision=PRECISION) * kk_gram)  # g_j . g_i
-        if READS:
-            lam = tl.full([BC], 0.0, dtype=tl.float32)
-            for t in range(0, C):
-                rows = tl.load(e_ptr + pid * C * C + t * C + rc, mask=mc, other=0.0).to(tl.float32) * rate
-                lam_t = _overshoot_row(rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION)
-                lam = tl.where(rc == t, lam_t, lam)
-            scale = step_bound / tl.maximum(lam, step_bound)
-            lam_end = _sum(tl.where(at_last, lam, 0.0), axis=0)
-            s_end = _sum(tl.where(at_last, scale, 0.0), axis=0)
-        else:
-            rows = tl.load(e_ptr + pid * C * C + last * C + rc, mask=mc, other=0.0).to(tl.float32) * rate
-            lam_end = _overshoot_row(rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION)
-            s_end = step_bound / tl.maximum(lam_end, step_bound)
-            scale = tl.full([BC], 0.0, dtype=tl.float32) + s_end
-    else:
-        lam_end = _sum(tl.full([BC], 0.0, dtype=tl.float32), axis=0)
-        s_end = lam_end + 1.0
-        scale = tl.full([BC], 1.0, dtype=tl.float32)
-
-    if ERASE:  # the erase vectors x_s = -eta_s W2_{s-1} k_s, split into their state and gradient parts
-        gamma_prev = tl.load(gamma_prev_ptr + pid * C + rc, mask=mc, other=0.0).to(tl.float32)
-        inverse = tl.load(inverse_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
-        e_kk_prev = tl.load(e_kk_prev_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
-        x_state = tl.dot(inverse, -(eta * gamma_prev)[:, None] * z, input_precision=PRECISION)  # [C, h]
-        x_grad = tl.dot(inverse, eta[:, None] * tl.dot(e_kk_prev, eta_delta, input_precision=PRECISION),
-                        input_precision=PRECISION)
+    lam, scale = _overshoots(e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+                             BC, BOUND, READS, PRECISION)
+    s_end = _at(scale, at_last)
+    if ERASE:
+        gamma_prev = _load_vec(gamma_prev_ptr, pid, C, BC)
+        inverse = _load_tile(inverse_ptr, pid, C, C, BC, BC)
+        e_kk_prev = _load_tile(e_kk_prev_ptr, pid, C, C, BC, BC)
+        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, PRECISION)
 
     # the state after the last valid token L
-    gamma_end = tl.load(gamma_ptr + pid * C + last).to(tl.float32)
-    e_end = tl.load(e_ptr + pid * C * C + last * C + rc, mask=mc, other=0.0).to(tl.float32)
+    gamma_end = _at(gamma, at_last)
+    e_end = _load_row(e_ptr, pid, last, C, BC)
     new_w1 = gamma_end * w1 - s_end * tl.dot(tl.trans(e_end[:, None] * eta_u), h, input_precision=PRECISION)
     new_w2 = gamma_end * w2 - s_end * tl.dot(tl.trans(e_end[:, None] * eta_delta), keys, input_precision=PRECISION)
     if ERASE:
-        d_end = tl.load(d_ptr + pid * C * C + last * C + rc, mask=mc, other=0.0).to(tl.float32)
+        d_end = _load_row(d_ptr, pid, last, C, BC)
         new_w2 += tl.dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, input_precision=PRECISION)
     new_s1 = -s_end * tl.dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, input_precision=PRECISION)
     new_s2 = -s_end * tl.dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, input_precision=PRECISION)
-    tl.store(w1_out + off_dh, new_w1.to(w1_out.dtype.element_ty), mask=m_dh)
-    tl.store(w2_out + off_hd, new_w2.to(w2_out.dtype.element_ty), mask=m_hd)
-    tl.store(s1_out + off_dh, new_s1.to(s1_out.dtype.element_ty), mask=m_dh)
-    tl.store(s2_out + off_hd, new_s2.to(s2_out.dtype.element_ty), mask=m_hd)
-    tl.store(overshoot_out + pid, lam_end.to(overshoot_out.dtype.element_ty))
+    _store_tile(w1_out, pid, new_w1, D, HID, BD, BH)
+    _store_tile(w2_out, pid, new_w2, HID, D, BH, BD)
+    _store_tile(s1_out, pid, new_s1, D, HID, BD, BH)
+    _store_tile(s2_out, pid, new_s2, HID, D, BH, BD)
+    tl.store(overshoot_out + pid, _at(lam, at_last).to(overshoot_out.dtype.element_ty))
     tl.store(scale_out + pid, s_end.to(scale_out.dtype.element_ty))
 
     if READS:  # o_t = m_{W_t}(q_t), the gradient parts of W_t scaled by s_t
-        queries = tl.load(queries_ptr + off_cd, mask=m_cd, other=0.0).to(tl.float32)
-        e_qk = tl.load(e_qk_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
-        zq = gamma[:, None] * tl.dot(queries, tl.trans(w2), input_precision=PRECISION)  # [C, h]
-        zq_grad = -tl.dot(e_qk, eta_delta, input_precision=PRECISION)
+        queries = _load_tile(queries_ptr, pid, C, D, BC, BD)
+        e_qk = _load_tile(e_qk_ptr, pid, C, C, BC, BC)
         if ERASE:
-            d_qk = tl.load(d_qk_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
-            zq += tl.dot(d_qk, x_state, input_precision=PRECISION)
-            zq_grad += tl.dot(d_qk, x_grad, input_precision=PRECISION)
-        zq = zq + scale[:, None] * zq_grad
+            d_qk = _load_tile(d_qk_ptr, pid, C, C, BC, BC)
+        else:
+            d_qk, x_state, x_grad = e_qk, h, h  # unused without erase
+        qw2, zq_state, zq_grad = _read_preactivations(queries, w2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
+                                                      ERASE, PRECISION)
+        zq = zq_state + scale[:, None] * zq_grad
         hq = zq * _sigmoid(zq)
-        e_mat = tl.load(e_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
+        e_mat = _load_tile(e_ptr, pid, C, C, BC, BC)
         hq_h = e_mat * tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # E_ti (hq_t . h_i)
         branch = (gamma[:, None] * tl.dot(hq, tl.trans(w1), input_precision=PRECISION)
                   - scale[:, None] * tl.dot(hq_h, eta_u, input_precision=PRECISION))
-        tl.store(reads_out + off_cd, (queries + branch).to(reads_out.dtype.element_ty), mask=m_cd)
+        _store_tile(reads_out, pid, queries + branch, C, D, BC, BD)
+
+
+# ---- the backward (first order: the chunk-start weights inside the inner gradients are constants)
+
+@triton.jit
+def _reads_bwd(g_o, queries, w1, w2, h, eta_u, eta_delta, gamma, scale, e_mat, d_qk, e_qk, x_state, x_grad,
+               ERASE: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward of o_t = q_t + gamma_t W1 hq_t - s_t sum_i E_ti (hq_t.h_i) r_i u_i, hq = silu(zq),
+    zq = gamma q W2^T + D_qk x_state + s (D_qk x_grad - E_qk (r delta)), given g_o = dLoss/do. Returns the
+    gradients of q, W1, W2, gamma, s, E, h, r u, r delta, D_qk, E_qk, x_state, x_grad."""
+    qw2, zq_state, zq_grad = _read_preactivations(queries, w2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
+                                                  ERASE, PRECISION)
+    zq = zq_state + scale[:, None] * zq_grad
+    sig = _sigmoid(zq)
+    hq = zq * sig
+    hq_h = tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # hq_t . h_i
+    g_w1 = tl.dot(tl.trans(gamma[:, None] * g_o), hq, input_precision=PRECISION)
+    g_gamma = _sum(g_o * tl.dot(hq, tl.trans(w1), input_precision=PRECISION), axis=1)
+    g_hq = gamma[:, None] * tl.dot(g_o, w1, input_precision=PRECISION)
+    g_scale = -_sum(g_o * tl.dot(e_mat * hq_h, eta_u, input_precision=PRECISION), axis=1)
+    g_sum = -scale[:, None] * g_o  # dLoss / d(sum_i E_ti (hq_t.h_i) r_i u_i)
+    g_hq_h = tl.dot(g_sum, tl.trans(eta_u), input_precision=PRECISION)  # [C, C], then times E
+    g_eu = tl.dot(tl.trans(e_mat * hq_h), g_sum, input_precision=PRECISION)
+    g_e = g_hq_h * hq_h
+    g_hq_h = g_hq_h * e_mat
+    g_hq += tl.dot(g_hq_h, h, input_precision=PRECISION)
+    g_h = tl.dot(tl.trans(g_hq_h), hq, input_precision=PRECISION)
+    g_zq = g_hq * sig * (1.0 + zq * (1.0 - sig))  # silu'
+    g_gamma += _sum(g_zq * qw2, axis=1)
+    g_q = g_o + tl.dot(gamma[:, None] * g_zq, w2, input_precision=PRECISION)
+    g_w2 = tl.dot(tl.trans(gamma[:, None] * g_zq), queries, input_precision=PRECISION)
+    g_scale += _sum(g_zq * zq_grad, axis=1)
+    g_zq_grad = scale[:, None] * g_zq
+    g_eqk = -tl.dot(g_zq_grad, tl.trans(eta_delta), input_precision=PRECISION)
+    g_ed = -tl.dot(tl.trans(e_qk), g_zq_grad, input_precision=PRECISION)
+    if ERASE:
+        g_dqk = (tl.dot(g_zq, tl.trans(x_state), input_precision=PRECISION)
+                 + tl.dot(g_zq_grad, tl.trans(x_grad), input_precision=PRECISION))
+        g_xs = tl.dot(tl.trans(d_qk), g_zq, input_precision=PRECISION)
+        g_xg = tl.dot(tl.trans(d_qk), g_zq_grad, input_precision=PRECISION)
+    else:
+        g_dqk, g_xs, g_xg = g_eqk * 0.0, g_zq * 0.0, g_zq * 0.0
+    return g_q, g_w1, g_w2, g_gamma, g_scale, g_e, g_h, g_eu, g_ed, g_dqk, g_eqk, g_xs, g_xg
+
+
+@triton.jit
+def _end_state_bwd(g_w1, g_w2, g_s1, g_s2, w1, w2, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last,
+                   x_state, x_grad, ERASE: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward of W1' = gamma_L W1 - s_L (E_L * r u)^T h, W2' = gamma_L W2 - s_L (E_L * r delta)^T K
+    + (D_L * (x_state + s_L x_grad))^T K, S1' = -s_L r_L u_L h_L^T, S2' = -s_L r_L delta_L k_L^T (row L of E, D:
+    e_end, d_end). Returns the gradients of gamma_L, s_L (scalars), E_L., D_L. (vectors), r u, r delta, h, K,
+    x_state, x_grad; W1's and W2's are gamma_L g_w1 and gamma_L g_w2."""
+    hg1 = tl.dot(h, tl.trans(g_w1), input_precision=PRECISION)  # [C, d]: g_W1' h_i
+    kg2 = tl.dot(keys, tl.trans(g_w2), input_precision=PRECISION)  # [C, h]: g_W2' k_i
+    steps = _sum(eta_u * hg1, axis=1) + _sum(eta_delta * kg2, axis=1)
+    g_gamma_end = _sum(_sum(g_w1 * w1, axis=1), axis=0) + _sum(_sum(g_w2 * w2, axis=1), axis=0)
+    g_e_end = -s_end * steps
+    g_s_end = -_sum(e_end * steps, axis=0)
+    g_eu = -s_end * e_end[:, None] * hg1
+    g_ed = -s_end * e_end[:, None] * kg2
+    g_h = -s_end * tl.dot(e_end[:, None] * eta_u, g_w1, input_precision=PRECISION)
+    g_k = -s_end * tl.dot(e_end[:, None] * eta_delta, g_w2, input_precision=PRECISION)
+    # the momentum after the chunk: token L's step
+    hs1 = tl.where(at_last[:, None], tl.dot(h, tl.trans(g_s1), input_precision=PRECISION), 0.0)
+    ks2 = tl.where(at_last[:, None], tl.dot(keys, tl.trans(g_s2), input_precision=PRECISION), 0.0)
+    g_s_end -= _sum(_sum(eta_u * hs1, axis=1) + _sum(eta_delta * ks2, axis=1), axis=0)
+    g_eu -= s_end * hs1
+    g_ed -= s_end * ks2
+    g_h -= s_end * tl.where(at_last[:, None], tl.dot(eta_u, g_s1, input_precision=PRECISION), 0.0)
+    g_k -= s_end * tl.where(at_last[:, None], tl.dot(eta_delta, g_s2, input_precision=PRECISION), 0.0)
+    if ERASE:
+        x_end = x_state + s_end * x_grad
+        g_d_end = _sum(x_end * kg2, axis=1)
+        g_xs = d_end[:, None] * kg2
+        g_xg = s_end * g_xs
+        g_s_end += _sum(d_end * _sum(x_grad * kg2, axis=1), axis=0)
+        g_k += tl.dot(d_end[:, None] * x_end, g_w2, input_precision=PRECISION)
+    else:
+        g_d_end, g_xs, g_xg = e_end * 0.0, g_ed * 0.0, g_ed * 0.0
+    return g_gamma_end, g_s_end, g_e_end, g_d_end, g_eu, g_ed, g_h, g_k, g_xs, g_xg
+
+
+@triton.jit
+def _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, ekk_ed, PRECISION: tl.constexpr):
+    """Backward of x_state = A^-1 (-eta * gamma_prev * z), x_grad = A^-1 (eta * (E_kk_prev (r delta))): the
+    gradients of A^-1, eta, gamma_prev, z (the state's z = K W2^T), E_kk_prev and r delta."""
+    n_state = -(eta * gamma_prev)[:, None] * z
+    g_inv = (tl.dot(g_xs, tl.trans(n_state), input_precision=PRECISION)
+             + tl.dot(g_xg, tl.trans(eta[:, None] * ekk_ed), input_precision=PRECISION))
+    g_n_state = tl.dot(tl.trans(inverse), g_xs, input_precision=PRECISION)
+    g_n_z = _sum(g_n_state * z, axis=1)
+    g_n_grad = tl.dot(tl.trans(inverse), g_xg, input_precision=PRECISION)
+    g_eta = -gamma_prev * g_n_z + _sum(g_n_grad * ekk_ed, axis=1)
+    g_z = -(eta * gamma_prev)[:, None] * g_n_state
+    g_ekk_ed = eta[:, None] * g_n_grad
+    g_ekk = tl.dot(g_ekk_ed, tl.trans(eta_delta), input_precision=PRECISION)
+    g_ed = tl.dot(tl.trans(e_kk_prev), g_ekk_ed, input_precision=PRECISION)
+    return g_inv, g_eta, -eta * g_n_z, g_z, g_ekk, g_ed
+
+
+@triton.jit
+def _overshoot_row_bwd(g_rho, rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, g_gram, g_hh, g_kk, g_u,
+                       g_delta, g_dsilu, PRECISION: tl.constexpr):
+    """Backward of rho_t = num / den (0 where den is negligible), num = sum_j c_j ||jd_j||^2, den = c^T G c,
+    jd = (HH * c) U + (silu' * (KK * c) delta) W1^T, for one row c = c_t.: returns dLoss/dc and the gradient
+    accumulators of G, HH, KK, u, delta, silu' with this row's terms added."""
+    g_c_gram = _sum(gram * rows[None, :], axis=1)  # G c
+    den = _sum(g_c_gram * rows, axis=0)
+    jd, dw2_k = _row_jacobians(rows, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION)
+    jj = _sum(jd * jd, axis=1)
+    ok = den > _NEGLIGIBLE
+    den = tl.where(ok, den, 1.0)
+    g_num = tl.where(ok, g_rho / den, 0.0)
+    g_den = tl.where(ok, -g_rho * _sum(rows * jj, axis=0) / (den * den), 0.0)
+    g_c = 2.0 * g_den * g_c_gram + g_num * jj
+    g_gram += g_den * rows[:, None] * rows[None, :]
+    g_jd = (2.0 * g_num * rows)[:, None] * jd
+    g_t = tl.dot(g_jd, w1, input_precision=PRECISION)  # [C, h]
+    g_dsilu += g_t * dw2_k
+    g_dw2_k = g_t * dsilu
+    g_hh_c = tl.dot(g_jd, tl.trans(u), input_precision=PRECISION)  # [C, C]: of HH * c
+    g_hh += g_hh_c * rows[None, :]
+    g_u += tl.dot(tl.trans(hh_gram * rows[None, :]), g_jd, input_precision=PRECISION)
+    g_kk_c = tl.dot(g_dw2_k, tl.trans(delta), input_precision=PRECISION)
+    g_kk += g_kk_c * rows[None, :]
+    g_delta += tl.dot(tl.trans(kk_gram * rows[None, :]), g_dw2_k, input_precision=PRECISION)
+    g_c += _sum(g_hh_c * hh_gram, axis=0) + _sum(g_kk_c * kk_gram, axis=0)
+    return g_c, g_gram, g_hh, g_kk, g_u, g_delta, g_dsilu
+
+
+@triton.jit
+def _overshoots_bwd(g_scale, lam, e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+                    BC: tl.constexpr, READS: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward of s_t = tau / max(rho_t, tau) (ds/drho = -tau / rho^2 where rho > tau, else 0) and of rho_t for
+    the rows c_ti = E_ti r_i (every t with reads, else t = L), then of the Gram matrices. Returns the gradients of
+    r, E (a [C, C] tile with rows t), u, delta, silu', h and K."""
+    rc = tl.arange(0, BC)
+    hh_gram, kk_gram, gram = _grams(keys, h, u, delta, PRECISION)
+    clamped = tl.maximum(lam, step_bound)
+    g_rho = tl.where(lam > step_bound, -g_scale * step_bound / (clamped * clamped), 0.0)
+    g_gram, g_hh, g_kk, g_e = gram * 0.0, gram * 0.0, gram * 0.0, gram * 0.0
+    g_u, g_delta, g_dsilu, g_rate = u * 0.0, delta * 0.0, delta * 0.0, rate * 0.0
+    lo, hi = _bound_rows(C, last, READS)
+    for t in range(lo, hi):
+        e_row = _load_row(e_ptr, pid, t, C, BC)
+        g_c, g_gram, g_hh, g_kk, g_u, g_delta, g_dsilu = _overshoot_row_bwd(
+            _at(g_rho, rc == t), e_row * rate, gram, hh_gram, kk_gram, u, delta, dsilu, w1, g_gram, g_hh, g_kk,
+            g_u, g_delta, g_dsilu, PRECISION)
+        g_e = tl.where((rc == t)[:, None], g_e + (g_c * rate)[None, :], g_e)
+        g_rate += g_c * e_row
+    # G = (U U^T) * HH + (delta delta^T) * KK, HH = h h^T, KK = K K^T (G, HH, KK symmetric; g_gram too)
+    g_hh += g_gram * tl.dot(u, tl.trans(u), input_precision=PRECISION)
+    g_kk += g_gram * tl.dot(delta, tl.trans(delta), input_precision=PRECISION)
+    g_u += 2.0 * tl.dot(g_gram * hh_gram, u, input_precision=PRECISION)
+    g_delta += 2.0 * tl.dot(g_gram * kk_gram, delta, input_precision=PRECISION)
+    g_h = tl.dot(g_hh + tl.trans(g_hh), h, input_precision=PRECISION)
+    g_k = tl.dot(g_kk + tl.trans(g_kk), keys, input_precision=PRECISION)
+    return g_rate, g_e, g_u, g_delta, g_dsilu, g_h, g_k
+
+
+@triton.jit
+def _rate_bwd(g_rate, eta, keys, h, u, delta, dsilu, w1, NORMALIZED: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward of r = eta / max(kappa, KAPPA_MIN) (0 through kappa where it is clamped; kappa = |Jg|^2 / |g|^2,
+    0 gradient where |g|^2 is negligible) or r = eta: the gradients of eta, u, delta, silu', h and K."""
+    if NORMALIZED:
+        hh, kk, m, jg, gg = _curvature_terms(keys, h, u, delta, dsilu, w1, PRECISION)
+        kappa = _safe_ratio(_sum(jg * jg, axis=1), gg)
+        clamped = tl.maximum(kappa, _KAPPA_MIN)
+        g_eta = g_rate / clamped
+        g_kappa = tl.where(kappa > _KAPPA_MIN, -g_rate * eta / (clamped * clamped), 0.0)
+        ok = gg > _NEGLIGIBLE
+        gg = tl.where(ok, gg, 1.0)
+        g_jg = tl.where(ok, 2.0 * g_kappa / gg, 0.0)[:, None] * jg
+        g_gg = tl.where(ok, -g_kappa * kappa / gg, 0.0)
+        g_hh = _sum(g_jg * u, axis=1) + g_gg * _sum(u * u, axis=1)
+        g_kk = _sum(g_jg * m, axis=1) + g_gg * _sum(delta * delta, axis=1)
+        g_u = hh[:, None] * g_jg + (2.0 * g_gg * hh)[:, None] * u
+        g_m = tl.dot(kk[:, None] * g_jg, w1, input_precision=PRECISION)  # of silu' * delta
+        g_dsilu = g_m * delta
+        g_delta = g_m * dsilu + (2.0 * g_gg * kk)[:, None] * delta
+        g_h = (2.0 * g_hh)[:, None] * h
+        g_k = (2.0 * g_kk)[:, None] * keys
+    else:
+        g_eta = g_rate
+        g_u, g_k = u * 0.0, keys * 0.0
+        g_delta, g_dsilu, g_h = delta * 0.0, delta * 0.0, delta * 0.0
+    return g_eta, g_u, g_delta, g_dsilu, g_h, g_k
+
+
+@triton.jit
+def _factors_bwd(g_u, g_delta, g_dsilu, g_h, g_z, z, p, dsilu, w1, w2, PRECISION: tl.constexpr):
+    """Backward of z = K W2^T, h = silu(z), u = K + h W1^T - V̂, delta = (u W1) * silu'(z) with W1, W2 constants
+    (first order); g_z: the gradient of z from elsewhere (the erase vectors' state part). Returns the gradients of
+    K and V̂."""
+    g_dsilu += g_delta * p
+    g_u += tl.dot(g_delta * dsilu, tl.trans(w1), input_precision=PRECISION)
+    g_h += tl.dot(g_u, w1, input_precision=PRECISION)
+    sig = _sigmoid(z)
+    g_z += g_h * dsilu + g_dsilu * sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig))  # silu''
+    return g_u + tl.dot(g_z, w2, input_precision=PRECISION), -g_u
+
+
+@triton.jit
+def _chunk_update_bwd_kernel(
+    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr,
+    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+    g_w1_ptr, g_w2_ptr, g_s1_ptr, g_s2_ptr, g_reads_ptr,
+    w1_grad, w2_grad, keys_grad, targets_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad,
+    gamma_prev_grad, e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad,
+    C, D, HID, last, step_bound,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Gradients of the forward kernel's inputs (``*_grad``) from those of its outputs W1', W2', S1', S2' and
+    the reads (``g_*_ptr``); the same constexpr branches as the forward."""
+    pid = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, BC)
+    at_last = rc == last
+    # recompute the forward's intermediates (the forward stores none)
+    w1 = _load_tile(w1_ptr, pid, D, HID, BD, BH)
+    w2 = _load_tile(w2_ptr, pid, HID, D, BH, BD)
+    keys = _load_tile(keys_ptr, pid, C, D, BC, BD)
+    targets = _load_tile(targets_ptr, pid, C, D, BC, BD)
+    eta = _load_vec(eta_ptr, pid, C, BC)
+    gamma = _load_vec(gamma_ptr, pid, C, BC)
+    z, h, dsilu, u, p, delta = _factors(keys, targets, w1, w2, PRECISION)
+    rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
+    eta_u = rate[:, None] * u
+    eta_delta = rate[:, None] * delta
+    lam, scale = _overshoots(e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+                             BC, BOUND, READS, PRECISION)
+    s_end = _at(scale, at_last)
+    e_end = _load_row(e_ptr, pid, last, C, BC)
+    if ERASE:
+        gamma_prev = _load_vec(gamma_prev_ptr, pid, C, BC)
+        inverse = _load_tile(inverse_ptr, pid, C, C, BC, BC)
+        e_kk_prev = _load_tile(e_kk_prev_ptr, pid, C, C, BC, BC)
+        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, PRECISION)
+        d_end = _load_row(d_ptr, pid, last, C, BC)
+    else:
+        x_state, x_grad, d_end = h, h, e_end  # unused without erase
+
+    # backward, from the outputs to the inputs: the state after token L
+    g_w1 = _load_tile(g_w1_ptr, pid, D, HID, BD, BH)
+    g_w2 = _load_tile(g_w2_ptr, pid, HID, D, BH, BD)
+    g_gamma_end, g_s_end, g_e_end, g_d_end, g_eu, g_ed, g_h, g_k, g_xs, g_xg = _end_state_bwd(
+        g_w1, g_w2, _load_tile(g_s1_ptr, pid, D, HID, BD, BH), _load_tile(g_s2_ptr, pid, HID, D, BH, BD),
+        w1, w2, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last, x_state, x_grad, ERASE, PRECISION)
+    g_w1 = _at(gamma, at_last) * g_w1
+    g_w2 = _at(gamma, at_last) * g_w2
+    g_gamma = tl.where(at_last, g_gamma_end, 0.0)
+    g_scale = tl.where(at_last, g_s_end, 0.0)
+    g_e = tl.where(at_last[:, None], g_e_end[None, :], 0.0)
+    if ERASE:  # D enters through row L only (and nothing without erase)
+        _store_tile(d_grad, pid, tl.where(at_last[:, None], g_d_end[None, :], 0.0), C, C, BC, BC)
+    if READS:
+        queries = _load_tile(queries_ptr, pid, C, D, BC, BD)
+        e_qk = _load_tile(e_qk_ptr, pid, C, C, BC, BC)
+        if ERASE:
+            d_qk = _load_tile(d_qk_ptr, pid, C, C, BC, BC)
+        else:
+            d_qk = e_qk  # unused without erase
+        g_q, g_w1_r, g_w2_r, g_gamma_r, g_scale_r, g_e_r, g_h_r, g_eu_r, g_ed_r, g_dqk, g_eqk, g_xs_r, g_xg_r = \
+            _reads_bwd(_load_tile(g_reads_ptr, pid, C, D, BC, BD), queries, w1, w2, h, eta_u, eta_delta, gamma,
+                       scale, _load_tile(e_ptr, pid, C, C, BC, BC), d_qk, e_qk, x_state, x_grad, ERASE, PRECISION)
+        _store_tile(queries_grad, pid, g_q, C, D, BC, BD)
+        _store_tile(e_qk_grad, pid, g_eqk, C, C, BC, BC)
+        if ERASE:
+            _store_tile(d_qk_grad, pid, g_dqk, C, C, BC, BC)
+        g_w1 += g_w1_r
+        g_w2 += g_w2_r
+        g_gamma += g_gamma_r
+        g_scale += g_scale_r
+        g_e += g_e_r
+        g_h += g_h_r
+        g_eu += g_eu_r
+        g_ed += g_ed_r
+        g_xs += g_xs_r
+        g_xg += g_xg_r
+    _store_tile(w1_grad, pid, g_w1, D, HID, BD, BH)
+    _store_vec(gamma_grad, pid, g_gamma, C, BC)
+
+    g_eta = eta * 0.0
+    g_z = z * 0.0  # through the erase vectors' state part, K W2^T with W2 the state (not a constant)
+    if ERASE:
+        g_inv, g_eta, g_gamma_prev, g_z, g_ekk, g_ed_x = _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, gamma_prev,
+                                                                    z, eta_delta, ekk_ed, PRECISION)
+        g_ed += g_ed_x
+        _store_tile(inverse_grad, pid, g_inv, C, C, BC, BC)
+        _store_vec(gamma_prev_grad, pid, g_gamma_prev, C, BC)
+        _store_tile(e_kk_prev_grad, pid, g_ekk, C, C, BC, BC)
+        g_w2 += tl.dot(tl.trans(g_z), keys, input_precision=PRECISION)
+    _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
+
+    # the step bound, then r u and r delta, the rate and the rank-1 factors
+    g_u = rate[:, None] * g_eu
+    g_delta = rate[:, None] * g_ed
+    g_rate = _sum(g_eu * u, axis=1) + _sum(g_ed * delta, axis=1)
+    g_dsilu = delta * 0.0
+    if BOUND:
+        g_rate_b, g_e_b, g_u_b, g_delta_b, g_dsilu, g_h_b, g_k_b = _overshoots_bwd(
+            g_scale, lam, e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound, BC, READS, PRECISION)
+        g_rate += g_rate_b
+        g_e += g_e_b
+        g_u += g_u_b
+        g_delta += g_delta_b
+        g_h += g_h_b
+        g_k += g_k_b
+    _store_tile(e_grad, pid, g_e, C, C, BC, BC)
+    g_eta_r, g_u_r, g_delta_r, g_dsilu_r, g_h_r, g_k_r = _rate_bwd(g_rate, eta, keys, h, u, delta, dsilu, w1,
+                                                                   NORMALIZED, PRECISION)
+    _store_vec(eta_grad, pid, g_eta + g_eta_r, C, BC)
+    g_k_f, g_v = _factors_bwd(g_u + g_u_r, g_delta + g_delta_r, g_dsilu + g_dsilu_r, g_h + g_h_r, g_z, z, p, dsilu,
+                              w1, w2, PRECISION)
+    _store_tile(keys_grad, pid, g_k + g_k_r + g_k_f, C, D, BC, BD)
+    _store_tile(targets_grad, pid, g_v, C, D, BC, BD)
 
 
 INTERPRETED = not isinstance(_chunk_update_kernel, triton.runtime.JITFunction)
@@ -242,3 +682,34 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
             PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
         )
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
+
+
+def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, normalized_eta: bool):
+    """Run the backward kernel on the forward's flat contiguous inputs (w1, w2, keys, targets, queries, eta, gamma,
+    d_mat, e_mat, gamma_prev, e_kk_prev, inverse, d_qk, e_qk; None where absent, as in ``launch_chunk_update``)
+    and the gradients of its outputs (w1, w2, s1, s2, reads; None: zero). Returns the gradients of the inputs, in
+    that order: None for an absent input, and for d_mat and d_qk without erase (they enter nothing)."""
+    w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat, gamma_prev, e_kk_prev, inverse, d_qk, e_qk = inputs
+    n, c, d = keys.shape
+    hid = w1.shape[-1]
+    erase, reads = inverse is not None, queries is not None
+    g_w1, g_w2, g_s1, g_s2, g_reads = (
+        (g.contiguous() if g is not None else torch.zeros_like(like))
+        for g, like in zip(grads, (w1, w2, w1, w2, queries if reads else keys)))
+    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in zip(
+        ("w1", "w2", "keys", "targets", "queries", "eta", "gamma", "d_mat", "e_mat", "gamma_prev", "e_kk_prev",
+         "inverse", "d_qk", "e_qk"), inputs)]
+    out = [torch.empty_like(t) if ok else None for t, ok in zip(inputs, present)]
+    precision = "ieee" if w1.dtype == torch.float32 else "tf32"
+    dummy = eta  # pointer arguments that a constexpr branch never reads or writes
+    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
+    with device:
+        _chunk_update_bwd_kernel[(n,)](
+            *(t if t is not None else dummy for t in inputs), g_w1, g_w2, g_s1, g_s2, g_reads,
+            *(t if t is not None else dummy for t in out),
+            c, d, hid, last, float(step_bound),
+            BC=block(c), BD=block(d), BH=block(hid),
+            NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=reads,
+            PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
+        )
+    return tuple(out)
