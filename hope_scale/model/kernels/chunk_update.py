@@ -30,6 +30,7 @@ MAX_DIM = 64  # triton_chunk.MAX_BLOCK (not imported here: importing triton_chun
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COEF_FIELDS = ("eta", "gamma", "c_vec", "d_mat", "e_mat", "gamma_prev", "c_prev", "e_kk_prev", "erase_inverse",
                "d_qk", "e_qk")
+INPUTS = ("w1", "w2", "s1", "s2", "keys", "targets", "queries", *COEF_FIELDS)  # ChunkUpdate's tensor inputs
 MATRIX_FIELDS = ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
 
 
@@ -147,8 +148,8 @@ def fused_backward_unsupported(ctx) -> str | None:
         return "first_order=False (the kernel's backward is first-order)"
     from .triton_chunk import BWD_MAX_BLOCK, block
 
-    keys, w1 = ctx.saved_tensors[4], ctx.saved_tensors[0]
-    c, d, hid = keys.shape[-2], keys.shape[-1], w1.shape[-1]
+    saved = dict(zip(INPUTS, ctx.saved_tensors))
+    c, d, hid = saved["keys"].shape[-2], saved["keys"].shape[-1], saved["w1"].shape[-1]
     if max(block(c), block(d), block(hid)) > BWD_MAX_BLOCK:
         return (f"C={c}, d={d}, h={hid}: the backward kernel keeps a chunk on chip in tiles up to {BWD_MAX_BLOCK} "
                 f"(at 64 it needs more shared memory than an H100 has)")
@@ -159,27 +160,21 @@ def fused_backward(ctx, grads) -> tuple:
     """The gradients of ``ChunkUpdate``'s tensor inputs from the backward kernel (first-order rule): s1, s2 get
     zeros (beta = 0: the carried momentum enters nothing), c_vec and c_prev None (unused without momentum), and
     so do inputs whose gradient is not needed."""
-    from .triton_chunk import launch_chunk_update_bwd
+    from .triton_chunk import KERNEL_INPUTS, launch_chunk_update_bwd
 
-    w1, w2, s1, s2, keys, targets, queries, *coef = ctx.saved_tensors
-    c = dict(zip(COEF_FIELDS, coef))
-    needs = ctx.needs_input_grad[3:]
-    kernel_inputs = (w1, w2, keys, targets, queries, c["eta"], c["gamma"], c["d_mat"], c["e_mat"], c["gamma_prev"],
-                     c["e_kk_prev"], c["erase_inverse"], c["d_qk"], c["e_qk"])
+    saved = dict(zip(INPUTS, ctx.saved_tensors))
     g_w1, g_w2, g_s1, g_s2, _, _, *g_reads = grads
-    found = launch_chunk_update_bwd(kernel_inputs, (g_w1, g_w2, g_s1, g_s2, g_reads[0] if g_reads else None),
-                                    last=(ctx.n_valid or keys.shape[-2]) - 1, step_bound=ctx.rule.step_bound,
-                                    normalized_eta=ctx.rule.normalized_eta)
-    g = dict(zip(("w1", "w2", "keys", "targets", "queries", "eta", "gamma", "d_mat", "e_mat", "gamma_prev",
-                  "e_kk_prev", "erase_inverse", "d_qk", "e_qk"), found))
-    g["s1"], g["s2"] = torch.zeros_like(s1), torch.zeros_like(s2)
-    names = ("w1", "w2", "s1", "s2", "keys", "targets", "queries", *COEF_FIELDS)
-    return tuple(g.get(name) if need else None for name, need in zip(names, needs))
+    found = launch_chunk_update_bwd([saved[name] for name in KERNEL_INPUTS],
+                                    (g_w1, g_w2, g_s1, g_s2, g_reads[0] if g_reads else None),
+                                    last=(ctx.n_valid or saved["keys"].shape[-2]) - 1,
+                                    step_bound=ctx.rule.step_bound, normalized_eta=ctx.rule.normalized_eta)
+    g = dict(zip(KERNEL_INPUTS, found), s1=torch.zeros_like(saved["s1"]), s2=torch.zeros_like(saved["s2"]))
+    return tuple(g.get(name) if need else None for name, need in zip(INPUTS, ctx.needs_input_grad[3:]))
 
 
 def recompute_backward(ctx, grads) -> tuple:
     """The gradients of ``ChunkUpdate``'s tensor inputs by recomputing the chunk with ``memory.chunk_update`` and
-    differentiating it (the second-order rule, whose inner gradients depend on the weights: not in the kernel)."""
+    differentiating it (exact; for what the backward kernel does not cover: ``fused_backward_unsupported``)."""
     needs = ctx.needs_input_grad[3:]
     inputs = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip(ctx.saved_tensors, needs)]

@@ -58,9 +58,9 @@ from ..memory import KAPPA_MIN, NEGLIGIBLE
 # shared memory than any GPU has (tests/test_model_kernel.py compiles the kernel for sm_90 and checks this)
 MAX_BLOCK = 64
 # largest padded C, d or h of the backward kernel. Compiled for sm_90 at 32 it needs 56 KiB of shared memory; at 64
-# it would need 464 KiB (Hopper's wgmma keeps every dot operand of a 64-row tile in shared memory, and the backward
-# has about twice the forward's live operands; 224 KiB when compiled for sm_80's mma), so larger chunks recompute
-# their backward in PyTorch (chunk_update.ChunkUpdate.backward)
+# it would need 464 KiB (Hopper's wgmma keeps the B operand of every dot of a 64-row tile in shared memory, about
+# 29 such 16 KiB tiles are live at once; compiled for sm_80, 224 KiB: above an A100's 163 KiB), so larger chunks
+# recompute their backward in PyTorch (chunk_update.ChunkUpdate.backward)
 BWD_MAX_BLOCK = 32
 SM90_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 _NEGLIGIBLE = tl.constexpr(NEGLIGIBLE)
@@ -684,24 +684,28 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
 
 
+# the forward kernel's tensor inputs, in its (and the backward's) argument order
+KERNEL_INPUTS = ("w1", "w2", "keys", "targets", "queries", "eta", "gamma", "d_mat", "e_mat", "gamma_prev",
+                 "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
+
+
 def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, normalized_eta: bool):
-    """Run the backward kernel on the forward's flat contiguous inputs (w1, w2, keys, targets, queries, eta, gamma,
-    d_mat, e_mat, gamma_prev, e_kk_prev, inverse, d_qk, e_qk; None where absent, as in ``launch_chunk_update``)
-    and the gradients of its outputs (w1, w2, s1, s2, reads; None: zero). Returns the gradients of the inputs, in
-    that order: None for an absent input, and for d_mat and d_qk without erase (they enter nothing)."""
-    w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat, gamma_prev, e_kk_prev, inverse, d_qk, e_qk = inputs
+    """Run the backward kernel on the forward's flat contiguous inputs (``KERNEL_INPUTS``; None where absent, as
+    in ``launch_chunk_update``) and the gradients of its outputs (w1, w2, s1, s2, reads; None: zero). Returns the
+    gradients of the inputs, in that order: None for an absent input, and for d_mat and d_qk without erase (they
+    enter nothing)."""
+    x = dict(zip(KERNEL_INPUTS, inputs))
+    w1, keys = x["w1"], x["keys"]
     n, c, d = keys.shape
     hid = w1.shape[-1]
-    erase, reads = inverse is not None, queries is not None
+    erase, reads = x["erase_inverse"] is not None, x["queries"] is not None
+    dummy = x["eta"]  # pointer arguments that a constexpr branch never reads or writes
     g_w1, g_w2, g_s1, g_s2, g_reads = (
-        (g.contiguous() if g is not None else torch.zeros_like(like))
-        for g, like in zip(grads, (w1, w2, w1, w2, queries if reads else keys)))
-    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in zip(
-        ("w1", "w2", "keys", "targets", "queries", "eta", "gamma", "d_mat", "e_mat", "gamma_prev", "e_kk_prev",
-         "inverse", "d_qk", "e_qk"), inputs)]
+        g.contiguous() if g is not None else torch.zeros_like(like) if like is not None else dummy
+        for g, like in zip(grads, (w1, x["w2"], w1, x["w2"], x["queries"])))
+    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
     out = [torch.empty_like(t) if ok else None for t, ok in zip(inputs, present)]
     precision = "ieee" if w1.dtype == torch.float32 else "tf32"
-    dummy = eta  # pointer arguments that a constexpr branch never reads or writes
     device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
     with device:
         _chunk_update_bwd_kernel[(n,)](
