@@ -10,12 +10,15 @@ K, V̂, Q: [C, d], W1: [d, h], W2: [h, d]:
     r_i = eta_i / max(kappa_i, KAPPA_MIN)          (or eta_i without ``normalized_eta``)
     rho_t = sum_j c_tj ||J_j dW_t||^2 / ||dW_t||^2,  c_ti = E_ti r_i    (rows t = 0..C-1 with reads, else t = L)
     s_t = tau / max(rho_t, tau)                                        (s = 1 without a step bound)
-    X_state = A^-1 (-eta * gamma_prev * z),  X_grad = A^-1 (eta * ((E_{s-1,i} k_i.k_s) @ (r * delta)))   (erase)
-    W1' = gamma_L W1 - s_L (E_L * r u)^T h
-    W2' = gamma_L W2 - s_L (E_L * r delta)^T K + (D_L * (X_state + s_L X_grad))^T K
+    X_state = A^-1 (-eta * (gamma_prev * z + (1 - gamma_prev) * z_A)),  z_A = K A2^T (0 without an anchor)
+               X_grad = A^-1 (eta * ((E_{s-1,i} k_i.k_s) @ (r * delta)))   (erase)
+    W1' = gamma_L W1 + (1 - gamma_L) A1 - s_L (E_L * r u)^T h
+    W2' = gamma_L W2 + (1 - gamma_L) A2 - s_L (E_L * r delta)^T K + (D_L * (X_state + s_L X_grad))^T K
     S1' = -s_L r_L u_L h_L^T,  S2' = -s_L r_L delta_L k_L^T                (beta = 0: the last token's step)
-    o_t = q_t + gamma_t W1 hq_t - s_t sum_i E_ti (hq_t . h_i) r_i u_i,
-    hq_t = silu(gamma_t W2 q_t + (D_qk X_state)_t + s_t (D_qk X_grad - E_qk (r delta))_t)
+    o_t = q_t + (gamma_t W1 + (1 - gamma_t) A1) hq_t - s_t sum_i E_ti (hq_t . h_i) r_i u_i,
+    hq_t = silu((gamma_t W2 + (1 - gamma_t) A2) q_t + (D_qk X_state)_t + s_t (D_qk X_grad - E_qk (r delta))_t)
+
+(A1, A2: the anchor retention decays toward, ``memory.chunk_update``'s ``anchor``; ANCHOR=False: zero.)
 
 (memory.py derives these; L is the last valid token.) The erase system's inverse A^-1 and the other coefficients
 come precomputed (``memory.chunk_coefficients``, computed by the layer for all chunks of a sequence at once).
@@ -87,13 +90,13 @@ def _overshoot_row(rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION:
 
 @triton.jit
 def _chunk_update_kernel(
-    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr,
+    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
     w1_out, w2_out, s1_out, s2_out, reads_out, overshoot_out, scale_out,
     C, D, HID, last, step_bound,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rc, rd, rh = tl.arange(0, BC), tl.arange(0, BD), tl.arange(0, BH)
@@ -111,6 +114,9 @@ def _chunk_update_kernel(
     targets = tl.load(targets_ptr + off_cd, mask=m_cd, other=0.0).to(tl.float32)
     eta = tl.load(eta_ptr + pid * C + rc, mask=mc, other=0.0).to(tl.float32)  # [C]
     gamma = tl.load(gamma_ptr + pid * C + rc, mask=mc, other=0.0).to(tl.float32)
+    if ANCHOR:  # retention decays toward (A1, A2)
+        a1 = tl.load(a1_ptr + off_dh, mask=m_dh, other=0.0).to(tl.float32)  # [d, h]
+        a2 = tl.load(a2_ptr + off_hd, mask=m_hd, other=0.0).to(tl.float32)  # [h, d]
 
     # rank-1 factors of each token's gradient at the chunk-start weights
     z = tl.dot(keys, tl.trans(w2), input_precision=PRECISION)  # [C, h]
@@ -162,15 +168,22 @@ def _chunk_update_kernel(
         gamma_prev = tl.load(gamma_prev_ptr + pid * C + rc, mask=mc, other=0.0).to(tl.float32)
         inverse = tl.load(inverse_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
         e_kk_prev = tl.load(e_kk_prev_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
-        x_state = tl.dot(inverse, -(eta * gamma_prev)[:, None] * z, input_precision=PRECISION)  # [C, h]
+        known = gamma_prev[:, None] * z  # W2_{s-1} k_s without the chunk's own terms
+        if ANCHOR:
+            known += (1.0 - gamma_prev)[:, None] * tl.dot(keys, tl.trans(a2), input_precision=PRECISION)
+        x_state = tl.dot(inverse, -eta[:, None] * known, input_precision=PRECISION)  # [C, h]
         x_grad = tl.dot(inverse, eta[:, None] * tl.dot(e_kk_prev, eta_delta, input_precision=PRECISION),
                         input_precision=PRECISION)
 
     # the state after the last valid token L
     gamma_end = tl.load(gamma_ptr + pid * C + last).to(tl.float32)
     e_end = tl.load(e_ptr + pid * C * C + last * C + rc, mask=mc, other=0.0).to(tl.float32)
-    new_w1 = gamma_end * w1 - s_end * tl.dot(tl.trans(e_end[:, None] * eta_u), h, input_precision=PRECISION)
-    new_w2 = gamma_end * w2 - s_end * tl.dot(tl.trans(e_end[:, None] * eta_delta), keys, input_precision=PRECISION)
+    if ANCHOR:
+        w1_end, w2_end = gamma_end * w1 + (1.0 - gamma_end) * a1, gamma_end * w2 + (1.0 - gamma_end) * a2
+    else:
+        w1_end, w2_end = gamma_end * w1, gamma_end * w2
+    new_w1 = w1_end - s_end * tl.dot(tl.trans(e_end[:, None] * eta_u), h, input_precision=PRECISION)
+    new_w2 = w2_end - s_end * tl.dot(tl.trans(e_end[:, None] * eta_delta), keys, input_precision=PRECISION)
     if ERASE:
         d_end = tl.load(d_ptr + pid * C * C + last * C + rc, mask=mc, other=0.0).to(tl.float32)
         new_w2 += tl.dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, input_precision=PRECISION)
@@ -187,6 +200,8 @@ def _chunk_update_kernel(
         queries = tl.load(queries_ptr + off_cd, mask=m_cd, other=0.0).to(tl.float32)
         e_qk = tl.load(e_qk_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
         zq = gamma[:, None] * tl.dot(queries, tl.trans(w2), input_precision=PRECISION)  # [C, h]
+        if ANCHOR:
+            zq += (1.0 - gamma)[:, None] * tl.dot(queries, tl.trans(a2), input_precision=PRECISION)
         zq_grad = -tl.dot(e_qk, eta_delta, input_precision=PRECISION)
         if ERASE:
             d_qk = tl.load(d_qk_ptr + off_cc, mask=m_cc, other=0.0).to(tl.float32)
@@ -198,6 +213,8 @@ def _chunk_update_kernel(
         hq_h = e_mat * tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # E_ti (hq_t . h_i)
         branch = (gamma[:, None] * tl.dot(hq, tl.trans(w1), input_precision=PRECISION)
                   - scale[:, None] * tl.dot(hq_h, eta_u, input_precision=PRECISION))
+        if ANCHOR:
+            branch += (1.0 - gamma)[:, None] * tl.dot(hq, tl.trans(a1), input_precision=PRECISION)
         tl.store(reads_out + off_cd, (queries + branch).to(reads_out.dtype.element_ty), mask=m_cd)
 
 
@@ -214,10 +231,11 @@ def num_warps(*blocks: int) -> int:
     return 4 if max(blocks) <= 32 else 8
 
 
-def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat, gamma_prev, e_kk_prev, inverse,
+def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, gamma, d_mat, e_mat, gamma_prev, e_kk_prev, inverse,
                         d_qk, e_qk, *, last: int, step_bound: float, normalized_eta: bool):
     """Run the kernel on flat contiguous inputs (leading axis N: one program each); returns new (w1, w2, s1, s2),
-    reads (None without queries), overshoot [N] and scale [N]. ``inverse`` None: no erase term."""
+    reads (None without queries), overshoot [N] and scale [N]. ``inverse`` None: no erase term; ``anchor1/2``
+    None: retention toward zero."""
     n, c, d = keys.shape
     hid = w1.shape[-1]
     new_w1, new_w2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -232,6 +250,7 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
     with device:  # launch on the inputs' GPU, whichever is current
         _chunk_update_kernel[(n,)](
             w1, w2, keys, targets, queries if queries is not None else dummy,
+            anchor1 if anchor1 is not None else dummy, anchor2 if anchor2 is not None else dummy,
             eta, gamma, d_mat, e_mat, gamma_prev if erase else dummy, e_kk_prev if erase else dummy,
             inverse if erase else dummy, d_qk if queries is not None and erase else dummy,
             e_qk if queries is not None else dummy,
@@ -239,6 +258,7 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
             c, d, hid, last, float(step_bound),
             BC=block(c), BD=block(d), BH=block(hid),
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
+            ANCHOR=anchor1 is not None,
             PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
         )
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
