@@ -61,9 +61,12 @@ def no_fallback(monkeypatch):
     assert not fallbacks, fallbacks
 
 
-def chunk_inputs(batch=(2, 2), c=16, d=16, hid=16, reads=True, shared_keys_axis=False, n_valid=None, seed=0):
+def chunk_inputs(batch=(2, 2), c=16, d=16, hid=16, reads=True, shared_keys_axis=False, n_valid=None, seed=0,
+                 anchor=False):
     """Random leaves of one chunk: a state, keys/targets/queries (normalized inside ``run``), eta and alpha; with
-    ``shared_keys_axis`` the keys, eta and alpha have a singleton memory axis (the stacked projection memories)."""
+    ``shared_keys_axis`` the keys, eta and alpha have a singleton memory axis (the stacked projection memories);
+    with ``anchor`` the weights retention decays toward, without the leading batch axis (broadcast over it, as
+    the layer's meta-learned initial weights are)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s, scale=1.0: scale * torch.randn(*s, generator=g)  # noqa: E731
     key_batch = (*batch[:-1], 1) if shared_keys_axis else batch
@@ -73,6 +76,8 @@ def chunk_inputs(batch=(2, 2), c=16, d=16, hid=16, reads=True, shared_keys_axis=
              alpha=0.9 + 0.1 * torch.rand(*key_batch, c, generator=g))
     if reads:
         x["queries"] = rand(*batch, c, d)
+    if anchor:
+        x["a1"], x["a2"] = rand(*batch[1:], d, hid, scale=0.5 / hid**0.5), rand(*batch[1:], hid, d, scale=1 / d**0.5)
     if n_valid is not None:  # a padded last chunk, as the layer pads it: eta = 0, alpha = 1
         x["eta"][..., n_valid:] = 0.0
         x["alpha"][..., n_valid:] = 1.0
@@ -85,8 +90,9 @@ def run(step, x, erase=True, rule=UpdateRule(), n_valid=None, dtype=torch.float3
     leaves = {k: v.detach().to(dtype, copy=True).requires_grad_(grad) for k, v in x.items()}  # fresh leaves
     state = MemoryState(leaves["w1"], leaves["w2"], leaves["s1"], leaves["s2"], None, None, None, None)
     queries = F.normalize(leaves["queries"], dim=-1) if "queries" in leaves else None
+    anchor = (leaves["a1"], leaves["a2"]) if "a1" in leaves else None
     r = step(state, F.normalize(leaves["keys"], dim=-1), leaves["targets"], leaves["eta"], leaves["alpha"], 0.0,
-             erase, rule, queries=queries, n_valid=n_valid)
+             erase, rule, queries=queries, n_valid=n_valid, anchor=anchor)
     if not grad:
         return r, None
     loss = r.w1.pow(2).sum() + r.w2.sin().sum() + r.s1.sum() + r.s2.pow(2).sum()
@@ -114,6 +120,9 @@ def assert_results_close(r, ref, tol):
 CASES = {  # name: (chunk_inputs kwargs, run kwargs)
     "main memory, reads, erase": (dict(), dict()),
     "main memory, reads, no erase": (dict(), dict(erase=False)),
+    "main memory, reads, erase, anchor": (dict(anchor=True), dict()),
+    "projection stack, no reads, anchor": (dict(batch=(2, 2, 3), reads=False, shared_keys_axis=True, anchor=True),
+                                           dict()),
     "projection stack [B,H,P], no reads": (dict(batch=(2, 2, 3), reads=False, shared_keys_axis=True), dict()),
     "projection stack, no reads, no erase": (dict(batch=(2, 2, 3), reads=False, shared_keys_axis=True),
                                              dict(erase=False)),
@@ -137,7 +146,7 @@ def test_kernel_equals_naive_float32(case, interpreted_kernel, one_torch_thread,
         assert (ref.scale < 1).any()  # the step bound is active somewhere: its path is exercised
 
 
-@pytest.mark.parametrize("case", ["main memory, reads, erase", "projection stack [B,H,P], no reads"])
+@pytest.mark.parametrize("case", ["main memory, reads, erase, anchor", "projection stack [B,H,P], no reads"])
 def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread, no_fallback):
     """In bf16 the naive path rounds every intermediate to bf16, the kernel computes in fp32: both are within bf16
     error of the fp32 result, and the kernel no further from it than the naive path (plus one bf16 rounding)."""
@@ -155,11 +164,13 @@ def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread, no_fallback
 
 
 @pytest.mark.parametrize("case", ["main memory, reads, erase", "projection stack [B,H,P], no reads",
-                                  "padded last chunk, reads", "not first-order, tighter bound"])
+                                  "padded last chunk, reads", "not first-order, tighter bound",
+                                  "main memory, reads, erase, anchor", "projection stack, no reads, anchor"])
 def test_kernel_gradients_equal_naive(case, interpreted_kernel, one_torch_thread, no_fallback):
-    """Gradients with respect to the state (w1, w2, s1, s2), keys, targets, queries, eta and alpha (the last two
-    through the coefficients, in PyTorch): the backward kernel's (first-order; the second-order rule recomputes
-    the chunk in PyTorch) match to fp32 rounding. tests/test_model_kernel_backward.py checks every coefficient."""
+    """Gradients with respect to the state (w1, w2, s1, s2), keys, targets, queries, the anchor, eta and alpha (the
+    last two through the coefficients, in PyTorch): the backward kernel's (first-order; the second-order rule
+    recomputes the chunk in PyTorch) match to fp32 rounding. tests/test_model_kernel_backward.py checks every
+    coefficient."""
     inputs, kw = CASES[case]
     x = chunk_inputs(**inputs)
     _, ref = run(chunk_step, x, grad=True, **kw)
@@ -315,12 +326,13 @@ from hope_scale.model.kernels import triton_chunk as tc
 
 assert not tc.INTERPRETED
 out = []
-for kernel, dtype, c, d, h, normalized, bound, erase, reads, precision in json.loads(sys.argv[1]):
+for kernel, dtype, c, d, h, normalized, bound, erase, reads, anchor, precision in json.loads(sys.argv[1]):
     fn = getattr(tc, kernel)
     sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out", "_grad")) else "i32" if n in ("C", "D", "HID", "last")
                else "fp32" if n == "step_bound" else "constexpr") for n in fn.arg_names}
     blocks = dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h))
-    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, PRECISION=precision)
+    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, ANCHOR=anchor,
+                  PRECISION=precision)
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=tc.num_warps(*blocks.values())))
     out.append([kernel.metadata.shared, len(kernel.asm["cubin"])])
@@ -332,16 +344,17 @@ def test_kernel_compiles_for_sm90(tmp_path, interpreted_kernel):
     """The interpreter runs code that the GPU compiler may reject, and does not see shared memory: the kernels are
     compiled for sm_90 (H100/H200; front end to cubin with triton's bundled ptxas, no GPU needed) with every
     branch on and off, and at the largest supported shape (forward: C = d = h = 64, the shipped models'
-    projection memories; backward: BWD_MAX_BLOCK = 32) in bf16, each within the shared memory one block may use
-    there."""
+    projection memories; backward: BWD_MAX_BLOCK = 32; the anchor on, as by default, and for the backward off)
+    in bf16, each within the shared memory one block may use there."""
     import json
 
     fwd, bwd, big = "_chunk_update_kernel", "_chunk_update_bwd_kernel", interpreted_kernel.BWD_MAX_BLOCK
-    configs = [[fwd, "fp32", 16, 16, 16, True, True, True, True, "ieee"],
-               [fwd, "fp32", 8, 8, 12, False, False, False, False, "ieee"],
-               [fwd, "bf16", 64, 64, 64, True, True, True, True, "tf32"],
-               [bwd, "fp32", 8, 8, 12, False, False, False, False, "ieee"],
-               [bwd, "bf16", big, big, big, True, True, True, True, "tf32"]]
+    configs = [[fwd, "fp32", 16, 16, 16, True, True, True, True, False, "ieee"],
+               [fwd, "fp32", 8, 8, 12, False, False, False, False, False, "ieee"],
+               [fwd, "bf16", 64, 64, 64, True, True, True, True, True, "tf32"],
+               [bwd, "fp32", 8, 8, 12, False, False, False, False, False, "ieee"],
+               [bwd, "bf16", big, big, big, True, True, True, True, False, "tf32"],
+               [bwd, "bf16", big, big, big, True, True, True, True, True, "tf32"]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))  # compiled afresh
     proc = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps(configs)], env=env, cwd=REPO,

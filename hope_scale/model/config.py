@@ -21,12 +21,14 @@ EXECUTION_FIELDS = ("compile", "kernel")
 KERNELS = ("naive", "triton")
 CMS_VARIANTS = ("sequential", "independent")
 OVERSHOOTS = ("rayleigh", "aligned")
+RETENTION_TARGETS = ("init", "zero")
 
 
 # The inner update of hope-scale before the stabilization of issue 8 (docs/hope-design.md §6), for ablations:
 # ``ModelConfig(**(cfg | EARLIER_UPDATE))`` or ``hope:...`` model specs with these overrides.
 EARLIER_UPDATE = dict(mem_branch_norm=True, normalize_values=False, per_memory_inputs=False, normalized_eta=False,
-                      inner_step_bound=0.0, first_order=False, inner_momentum=0.9, eta_init=0.1)
+                      inner_step_bound=0.0, first_order=False, inner_momentum=0.9, eta_init=0.1,
+                      retain_toward="zero")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,10 @@ class ModelConfig:
     eta_max: float = 1.0  # eta_t = eta_max * sigmoid(mean(M_eta(x)) + b_eta)
     eta_init: float = 0.3  # initial eta (sets b_eta)
     alpha_init: float = 0.999  # initial retention alpha (sets b_alpha); alpha_t = sigmoid(mean(M_alpha(x)) + b_alpha)
+    # what retention decays the fast weights toward: "init", the meta-learned initial weights W_0
+    # (W <- W_0 + alpha (W - W_0): forgets what the context wrote, never what was meta-learned), or "zero" (the
+    # paper's W <- alpha W); docs/hope-design.md §6.6
+    retain_toward: str = "init"
     conv_width: int = 4  # causal depthwise short convolution before the memories
 
     # --- Continuum Memory System ---------------------------------------------------------------
@@ -115,6 +121,8 @@ class ModelConfig:
              "must be a finite number >= 0 (0 disables the bound)")
         need(0.0 < self.eta_init < self.eta_max, "eta_init", f"must be in (0, eta_max={self.eta_max})")
         need(0.0 < self.alpha_init < 1.0, "alpha_init", "must be in (0, 1)")
+        need(self.retain_toward in RETENTION_TARGETS, "retain_toward",
+             f"{self.retain_toward!r} is not one of {RETENTION_TARGETS}")
         need(self.inner_overshoot in OVERSHOOTS, "inner_overshoot", f"{self.inner_overshoot!r} is not one of {OVERSHOOTS}")
         need(isinstance(self.compile, bool), "compile", f"expected true/false, got {self.compile!r}")
         need(self.kernel in KERNELS, "kernel", f"{self.kernel!r} is not one of {KERNELS}")

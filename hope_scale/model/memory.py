@@ -7,8 +7,12 @@ descent with retention and momentum, paper Eqs. 86-88), with every gradient of a
 chunk-start weights W^g:
 
     S_t  = beta S_{t-1} - s eta_t g_t,          g_t = grad_W L_t(W^g)      (momentum; beta = 0 disables it)
-    W2_t = W2_{t-1} (alpha_t I - eta_t k_t k_t^T) + S2_t                     (erase along k: W2's input is k)
-    W1_t = alpha_t W1_{t-1} + S1_t                                            (plain retention)
+    W2_t = W2_{t-1} (alpha_t I - eta_t k_t k_t^T) + (1 - alpha_t) A2 + S2_t  (erase along k: W2's input is k)
+    W1_t = alpha_t W1_{t-1} + (1 - alpha_t) A1 + S1_t                         (plain retention)
+
+Retention decays the weights toward an anchor A: the meta-learned initial weights (``anchor``; the default
+``retain_toward: init``), so that it forgets what the context wrote and never what was meta-learned, or zero
+(``anchor=None``, the paper's alpha_t W).
 
 **Bounded step** (``step_bound`` = tau > 0; docs/hope-design.md §6). A chunk adds C gradients taken at the
 same weights, amplified by momentum, so its step can overshoot the inner loss by orders of magnitude. With
@@ -21,9 +25,9 @@ and token t reads, and the chunk ends with, the chunk's recurrence with *all* it
 by s_t. That is causal (s_t depends on tokens <= t only) and exactly the paper's update when lambda <= tau.
 
 Chunk-parallel form. With gamma_t = prod_{j<=t} alpha_j, x_t = -eta_t W2_{t-1} k_t (the erase vector), and a
-uniform gradient scale s, the chunk unrolls to
+uniform gradient scale s, the chunk unrolls to (sum_{s<=t} D_ts (1 - alpha_s) = 1 - gamma_t)
 
-    W_t = gamma_t W_0 + c_t S_0 + sum_{s<=t} D_ts x_s k_s^T - s sum_{i<=t} E_ti eta_i u_i r_i^T
+    W_t = gamma_t W_0 + (1 - gamma_t) A + c_t S_0 + sum_{s<=t} D_ts x_s k_s^T - s sum_{i<=t} E_ti eta_i u_i r_i^T
 
 with D_ts = gamma_t / gamma_s, E = D @ B (B_ji = beta^(j-i)), c = D @ (beta^1..beta^C), and u_i r_i^T the
 rank-1 gradient of token i (u_i h_i^T for W1, delta_i k_i^T for W2). The erase vectors solve a unit
@@ -250,6 +254,14 @@ def chunk_overshoot(w1: torch.Tensor, keys: torch.Tensor, u: torch.Tensor, h: to
     return safe_ratio(num, den)
 
 
+def retained(gamma: torch.Tensor, of_state: torch.Tensor, anchor, of_anchor) -> torch.Tensor:
+    """gamma X(W_0) + (1 - gamma) X(A): what retention leaves of a linear function X of the chunk-start weights
+    after decaying them toward the anchor A (gamma X(W_0) without an anchor); ``of_anchor(anchor)`` is X(A)."""
+    if anchor is None:
+        return gamma * of_state
+    return gamma * of_state + (1 - gamma) * of_anchor(anchor)
+
+
 @dataclass
 class ChunkResult:
     """Weights and momentum after the chunk's last valid token, reads, and the step bound's statistics."""
@@ -276,14 +288,15 @@ class UpdateRule:
 
 def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
                  beta: float, rule: UpdateRule, queries: torch.Tensor | None = None,
-                 n_valid: int | None = None) -> ChunkResult:
+                 n_valid: int | None = None, anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> ChunkResult:
     """Apply one whole chunk (all its tokens) from the chunk-start ``state`` and optionally read the memory.
 
     keys [..., C, d] (L2-normalized), targets [..., C, d], ``coef`` from ``chunk_coefficients`` (with
     ``queries`` if reads are wanted, and ``erase`` deciding the DGD erase term). Gradients are taken at
     ``state.w1/w2``, which is also where the recurrence starts (with momentum ``state.s1/s2``). Returns the
     weights after token ``n_valid`` (the rest is padding with eta = 0) and, if ``queries`` [..., C, d] is
-    given, the reads o_t = m_{W_t}(q_t).
+    given, the reads o_t = m_{W_t}(q_t). ``anchor`` (A1, A2), broadcastable to the weights, is what retention
+    decays toward (None: zero).
     """
     momentum = beta > 0  # beta = 0: c = 0, so the carried momentum S_0 enters no weight and no read
     w1g, w2g = state.w1, state.w2
@@ -324,7 +337,7 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     x_state = x_grad = None
     if coef.erase_inverse is not None:  # x_s = -eta_s W2_{s-1} k_s, split into its state and gradient parts
         z_state = keys @ state.w2.transpose(-1, -2) if rule.first_order else z  # differentiable in the state
-        known = coef.gamma_prev[..., None] * z_state  # W2_{s-1} k_s without the chunk's own terms
+        known = retained(coef.gamma_prev[..., None], z_state, anchor, lambda a: keys @ a[1].transpose(-1, -2))
         if momentum:
             known = known + coef.c_prev[..., None] * (keys @ state.s2.transpose(-1, -2))
         x_state = coef.erase_inverse @ (-eta[..., None] * known)
@@ -335,9 +348,10 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     s_end = sc(scale[..., last])
     g_end, c_end = sc(coef.gamma[..., last]), sc(coef.c_vec[..., last])
     e_end, d_end = coef.e_mat[..., last, :, None], coef.d_mat[..., last, :, None]
-    carried = lambda w, s: g_end * w + c_end * s if momentum else g_end * w  # noqa: E731
-    w1 = carried(state.w1, state.s1) - s_end * ((e_end * eta_u).transpose(-1, -2) @ h)
-    w2 = carried(state.w2, state.s2) - s_end * ((e_end * eta_delta).transpose(-1, -2) @ keys)
+    carried = lambda w, s, j: (retained(g_end, w, anchor, lambda a: a[j])  # noqa: E731
+                               + (c_end * s if momentum else 0.0))
+    w1 = carried(state.w1, state.s1, 0) - s_end * ((e_end * eta_u).transpose(-1, -2) @ h)
+    w2 = carried(state.w2, state.s2, 1) - s_end * ((e_end * eta_delta).transpose(-1, -2) @ keys)
     if x_state is not None:
         w2 = w2 + (d_end * x_state).transpose(-1, -2) @ keys + s_end * ((d_end * x_grad).transpose(-1, -2) @ keys)
     beta_c = beta ** (last + 1)
@@ -355,7 +369,8 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
 
     # reads: W2_t q_t and W1_t silu(W2_t q_t) for every t, through the unrolled form, gradient parts scaled by s_t
     s_t = scale[..., None]
-    zq = coef.gamma[..., None] * (queries @ state.w2.transpose(-1, -2))
+    gamma_t = coef.gamma[..., None]
+    zq = retained(gamma_t, queries @ state.w2.transpose(-1, -2), anchor, lambda a: queries @ a[1].transpose(-1, -2))
     if momentum:
         zq = zq + coef.c_vec[..., None] * (queries @ state.s2.transpose(-1, -2))
     zq_grad = -(coef.e_qk @ eta_delta)
@@ -364,7 +379,7 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
         zq_grad = zq_grad + coef.d_qk @ x_grad
     hq = F.silu(zq + s_t * zq_grad)
     hh = hq @ h.transpose(-1, -2)  # h_i . hq_t  [..., C, C]
-    branch = coef.gamma[..., None] * (hq @ state.w1.transpose(-1, -2))
+    branch = retained(gamma_t, hq @ state.w1.transpose(-1, -2), anchor, lambda a: hq @ a[0].transpose(-1, -2))
     if momentum:
         branch = branch + coef.c_vec[..., None] * (hq @ state.s1.transpose(-1, -2))
     else:  # S_0's coefficient c is 0: keep it in the graph with its zero gradient (as in the token recurrence)
@@ -377,11 +392,11 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
 def chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
                alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
                queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
-               n_valid: int | None = None, update=chunk_update) -> ChunkResult:
+               n_valid: int | None = None, update=chunk_update, anchor=None) -> ChunkResult:
     """One chunk of a memory: its state-independent coefficients (unless given, e.g. computed for all chunks at
     once by ``chunk_coefficients`` on a chunk axis) and ``update`` (``chunk_update``, or the Triton kernel's
     ``kernels.chunk_update.kernel_chunk_update`` with the same arguments and result). The unit ``model.compile``
     compiles (``accel.py``)."""
     if coef is None:
         coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
-    return update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+    return update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid, anchor=anchor)

@@ -14,6 +14,7 @@ recurrences, P (no gradient terms) and Q (gradient terms only), so that W = P + 
     s_t = min(1, tau / rho_t)
     for X in (P, Q):  S_X <- beta S_X - r_t g_t [Q only];  W2_X <- W2_X (alpha_t I - eta_t k kᵀ) + S2_X;
                       W1_X <- alpha_t W1_X + S1_X
+                      W_P <- W_P + (1 - alpha_t) A   (retain_toward init: A = the meta-learned initial weights)
     o_t = m_{P + s_t Q}(q_t)                               (main memory only)
     at a chunk end:    committed <- P + s_t Q
 
@@ -55,8 +56,8 @@ def _grad_and_curvature(w1, w2, key, target, branch_norm: bool):
 class _Chunk:
     """One memory during one chunk: W = P + s Q, with lambda, mu of the step bound and the tokens seen."""
 
-    def __init__(self, start: dict, layer: SelfModifyingTitans):
-        self.start, self.layer = start, layer
+    def __init__(self, start: dict, layer: SelfModifyingTitans, anchor: tuple | None):
+        self.start, self.layer, self.anchor = start, layer, anchor
         self.p = dict(start)
         self.q = {n: torch.zeros_like(t) for n, t in start.items()}
         self.scale = torch.ones(())
@@ -85,6 +86,9 @@ class _Chunk:
             else:
                 part["w2"] = a * part["w2"] + part["s2"]
             part["w1"] = a * part["w1"] + part["s1"]
+        if self.anchor is not None:  # retention decays toward the anchor: a gradient-free term (P)
+            self.p["w1"] = self.p["w1"] + (1 - a) * self.anchor[0]
+            self.p["w2"] = self.p["w2"] + (1 - a) * self.anchor[1]
 
     def overshoot(self) -> torch.Tensor:
         """With c_i = E_ti rate_i: sum_i c_i kappa_i (aligned bound), or the Rayleigh quotient
@@ -125,7 +129,7 @@ class _Chunk:
         return _mlp(w["w1"], w["w2"], query, self.layer.cfg.mem_branch_norm)
 
     def next_chunk(self) -> "_Chunk":
-        return _Chunk(self.current(), self.layer)
+        return _Chunk(self.current(), self.layer, self.anchor)
 
 
 def _unstack(st: MemoryState, i: int | None) -> tuple[dict, list]:
@@ -165,7 +169,10 @@ def reference_forward(layer: SelfModifyingTitans, x: torch.Tensor, state: Titans
     def resume(st: MemoryState, i: int | None, chunk_len: int) -> _Chunk:
         """A chunk begun by an earlier call: start from its weights and replay its buffered tokens."""
         start, buffers = _unstack(st, i)
-        chunk = _Chunk(start, layer)
+        anchor = layer.retention_anchor(projection=i is not None)
+        if anchor is not None and i is not None:  # projection memory i of the stack
+            anchor = tuple(a[:, i] for a in anchor)
+        chunk = _Chunk(start, layer, anchor)
         for j in range(state.pos % chunk_len):
             chunk.step(buffers[0][..., j, :], buffers[1][..., j, :], buffers[2][..., j], buffers[3][..., j])
         return chunk

@@ -7,6 +7,7 @@ depthwise short convolution):
     eta_t = eta_max * sigmoid(mean_c M_eta(x_t) + b_eta)   alpha_t = sigmoid(mean_c M_alpha(x_t) + b_alpha)
     v̂_□,t = M_□(v_t)                        self-generated target of memory □ ∈ {k, v, q, eta, alpha, mem}
     M_□ <- delta-GD step on 1/2||M_□(k_t) - v̂_□,t||^2 with retention alpha_t, momentum and a bounded step
+           (retention decays M_□ toward its meta-learned initial weights, ``retain_toward: init``, or zero)
     o_t = M_mem,t(q_t)                       the main memory, read after the updates of tokens <= t
 
 (memory.py has the update and its step bound; ``normalize_values: false`` gives the unnormalized v.)
@@ -167,10 +168,17 @@ class SelfModifyingTitans(nn.Module):
     # computation)
     chunk_step = staticmethod(chunk_step)
 
+    def retention_anchor(self, projection: bool):
+        """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``;
+        [H, (P,) d, h] and [H, (P,) h, d], broadcast over the batch) or zero (None)."""
+        if self.cfg.retain_toward == "zero":
+            return None
+        return (self.proj_w1, self.proj_w2) if projection else (self.mem_w1, self.mem_w2)
+
     def _update(self, mem: MemoryState, keys, targets, eta, alpha, queries=None, coef=None,
-                n_valid: int | None = None) -> ChunkResult:
+                n_valid: int | None = None, projection: bool = False) -> ChunkResult:
         return self.chunk_step(mem, keys, targets, eta, alpha, self.beta, self.erase, self.rule, queries=queries,
-                               coef=coef, n_valid=n_valid)
+                               coef=coef, n_valid=n_valid, anchor=self.retention_anchor(projection))
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: TitansState | None = None):
@@ -200,7 +208,7 @@ class SelfModifyingTitans(nn.Module):
                 if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
                     proj = proj.buffered(p, *new)
                 else:
-                    r = self._update(proj, *proj.with_pending(p, *new))
+                    r = self._update(proj, *proj.with_pending(p, *new), projection=True)
                     note("proj", r)
                     proj = proj.committed(r.w1, r.w2, r.s1, r.s2)
                 pieces.append((k, v, q, eta, alpha))

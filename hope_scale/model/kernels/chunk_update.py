@@ -1,20 +1,22 @@
 """``memory.chunk_update`` with its forward and (first-order) backward fused into Triton kernels (``triton_chunk.py``).
 
 Supported: the default update rule without momentum (beta = 0), no branch norm, Rayleigh step bound or none,
-normalized or plain eta, first-order or not, erase on or off, with or without reads, any n_valid, fp32 / bf16 /
-fp16 inputs of one dtype, C, d and h up to 64 (padded to powers of two >= 16). Anything else
-(``unsupported_reason``) runs ``memory.chunk_update`` itself, with a warning naming the reason, once per reason.
+normalized or plain eta, first-order or not, erase on or off, with or without reads, retention toward an anchor or
+toward zero, any n_valid, fp32 / bf16 / fp16 inputs of one dtype, C, d and h up to 64 (padded to powers of two
+>= 16). Anything else (``unsupported_reason``) runs ``memory.chunk_update`` itself, with a warning naming the reason,
+once per reason.
 
 The backward is fused too, for the first-order rule (the default): ``ChunkUpdate.backward`` launches one Triton
 kernel per chunk (``triton_chunk._chunk_update_bwd_kernel``, one program per batch element) that recomputes the
-chunk's intermediates from the saved inputs (the forward keeps nothing but its inputs) and writes the gradients
-with respect to the state, the keys, targets and queries and every coefficient (which carry the gradients of eta,
-alpha and the keys through ``chunk_coefficients``, in PyTorch). With beta = 0 the carried momentum s1, s2 enters
-nothing (zero gradients) and c_vec, c_prev are unused (None), as in the naive path. Still recomputed in PyTorch
-(``chunk_update`` again and ``torch.autograd.grad``, exact): the second-order rule (``first_order=False``, an
-ablation: by design, without a warning), and, with a warning naming the reason (once), chunks whose padded C, d
-or h exceed ``triton_chunk.BWD_MAX_BLOCK`` (32: the backward's tiles at 64 need more shared memory than an H100
-has) or a GPU that reports the backward out of resources.
+chunk's intermediates from the saved inputs (the forward keeps nothing but its inputs) and writes the gradients with
+respect to the state, the keys, targets and queries, the anchor retention decays toward (``anchor``; its gradient
+per batch element, summed over the batch it is broadcast over by autograd through ``_flat``'s expand) and every
+coefficient (which carry the gradients of eta, alpha and the keys through ``chunk_coefficients``, in PyTorch). With
+beta = 0 the carried momentum s1, s2 enters nothing (zero gradients) and c_vec, c_prev are unused (None), as in the
+naive path. Still recomputed in PyTorch (``chunk_update`` again and ``torch.autograd.grad``, exact): the
+second-order rule (``first_order=False``, an ablation: by design, without a warning), and, with a warning naming the
+reason (once), chunks whose padded C, d or h exceed ``triton_chunk.BWD_MAX_BLOCK`` (32: the backward's tiles at 64
+need more shared memory than an H100 has) or a GPU that reports the backward out of resources.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ MAX_DIM = 64  # triton_chunk.MAX_BLOCK (not imported here: importing triton_chun
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 COEF_FIELDS = ("eta", "gamma", "c_vec", "d_mat", "e_mat", "gamma_prev", "c_prev", "e_kk_prev", "erase_inverse",
                "d_qk", "e_qk")
-INPUTS = ("w1", "w2", "s1", "s2", "keys", "targets", "queries", *COEF_FIELDS)  # ChunkUpdate's tensor inputs
+# ChunkUpdate's tensor inputs (anchor1, anchor2: what retention decays toward, None: zero)
+INPUTS = ("w1", "w2", "s1", "s2", "keys", "targets", "queries", "anchor1", "anchor2", *COEF_FIELDS)
 MATRIX_FIELDS = ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
 
 
@@ -59,12 +62,13 @@ def kernel_mode_unavailable() -> str | None:
 
 
 def unsupported_reason(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
-                       beta: float, rule: UpdateRule, queries: torch.Tensor | None) -> str | None:
+                       beta: float, rule: UpdateRule, queries: torch.Tensor | None,
+                       anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> str | None:
     """Why this call cannot run the kernel (None: it can): the rule, dtypes, device, shapes or autocast."""
     reason = rule_unsupported(beta, rule)
     if reason:
         return reason
-    tensors = [state.w1, state.w2, state.s1, state.s2, keys, targets, queries,
+    tensors = [state.w1, state.w2, state.s1, state.s2, keys, targets, queries, *(anchor or ()),
                *(getattr(coef, f) for f in COEF_FIELDS)]
     tensors = [t for t in tensors if t is not None]
     dtypes = {t.dtype for t in tensors}
@@ -107,19 +111,18 @@ def warn_once(message: str) -> None:
 class ChunkUpdate(torch.autograd.Function):
     """Forward: the fused Triton kernel. Backward: the fused backward kernel (first-order rule, tiles up to
     ``BWD_MAX_BLOCK``), else recompute ``memory.chunk_update`` and differentiate it. Inputs are flat: one leading
-    batch axis N, contiguous; ``tensors`` are (w1, w2, s1, s2, keys, targets, queries, *COEF_FIELDS), None where
-    absent. Outputs: w1, w2, s1, s2, overshoot, scale, then reads if queries are given."""
+    batch axis N, contiguous; ``tensors`` are ``INPUTS``: (w1, w2, s1, s2, keys, targets, queries, anchor1,
+    anchor2, *COEF_FIELDS), None where absent. Outputs: w1, w2, s1, s2, overshoot, scale, then reads if queries
+    are given."""
 
     @staticmethod
     def forward(ctx, beta: float, rule: UpdateRule, n_valid: int | None, *tensors):
-        from .triton_chunk import launch_chunk_update
+        from .triton_chunk import KERNEL_INPUTS, launch_chunk_update
 
-        w1, w2, s1, s2, keys, targets, queries, *coef = tensors
-        c = dict(zip(COEF_FIELDS, coef))
-        last = (n_valid or keys.shape[-2]) - 1
+        x = dict(zip(INPUTS, tensors))
+        last = (n_valid or x["keys"].shape[-2]) - 1
         new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale = launch_chunk_update(
-            w1, w2, keys, targets, queries, c["eta"], c["gamma"], c["d_mat"], c["e_mat"], c["gamma_prev"],
-            c["e_kk_prev"], c["erase_inverse"], c["d_qk"], c["e_qk"], last=last, step_bound=rule.step_bound,
+            *(x[name] for name in KERNEL_INPUTS), last=last, step_bound=rule.step_bound,
             normalized_eta=rule.normalized_eta)
         ctx.save_for_backward(*tensors)
         ctx.beta, ctx.rule, ctx.n_valid = beta, rule, n_valid
@@ -178,11 +181,12 @@ def recompute_backward(ctx, grads) -> tuple:
     needs = ctx.needs_input_grad[3:]
     inputs = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip(ctx.saved_tensors, needs)]
-    w1, w2, s1, s2, keys, targets, queries, *coef = inputs
+    w1, w2, s1, s2, keys, targets, queries, anchor1, anchor2, *coef = inputs
     with torch.enable_grad():
         r = chunk_update(MemoryState(w1, w2, s1, s2, None, None, None, None), keys, targets,
                          ChunkCoefficients(**dict(zip(COEF_FIELDS, coef))), ctx.beta, ctx.rule,
-                         queries=queries, n_valid=ctx.n_valid)
+                         queries=queries, n_valid=ctx.n_valid,
+                         anchor=None if anchor1 is None else (anchor1, anchor2))
     outs = [r.w1, r.w2, r.s1, r.s2, None, None] + ([r.reads] if queries is not None else [])
     pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
     wrt = [t for t in inputs if t is not None and t.requires_grad]
@@ -202,25 +206,28 @@ def _flat(t: torch.Tensor | None, batch: torch.Size, trailing: int) -> torch.Ten
 
 def kernel_chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
                         beta: float, rule: UpdateRule, queries: torch.Tensor | None = None,
-                        n_valid: int | None = None) -> ChunkResult:
+                        n_valid: int | None = None, anchor: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> ChunkResult:
     """``memory.chunk_update`` (same arguments, same result) through the Triton kernel where supported, else
     through ``memory.chunk_update`` with a warning naming the reason (once per reason)."""
-    reason = unsupported_reason(state, keys, targets, coef, beta, rule, queries)
+    reason = unsupported_reason(state, keys, targets, coef, beta, rule, queries, anchor)
     if reason:
         warn_once(f"model.kernel=triton: running the naive chunk update instead: {reason}")
-        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid, anchor=anchor)
     shapes = [state.w1.shape[:-2], state.w2.shape[:-2], state.s1.shape[:-2], state.s2.shape[:-2], keys.shape[:-2],
               targets.shape[:-2]] + ([queries.shape[:-2]] if queries is not None else [])
     shapes += [getattr(coef, f).shape[:-2 if f in MATRIX_FIELDS else -1] for f in COEF_FIELDS
                if getattr(coef, f) is not None]
     batch = torch.broadcast_shapes(*shapes)
-    tensors = [_flat(t, batch, 2) for t in (state.w1, state.w2, state.s1, state.s2, keys, targets, queries)]
+    anchor1, anchor2 = anchor if anchor is not None else (None, None)
+    tensors = [_flat(t, batch, 2) for t in (state.w1, state.w2, state.s1, state.s2, keys, targets, queries,
+                                            anchor1, anchor2)]
     tensors += [_flat(getattr(coef, f), batch, 2 if f in MATRIX_FIELDS else 1) for f in COEF_FIELDS]
     try:
         w1, w2, s1, s2, overshoot, scale, *reads = ChunkUpdate.apply(beta, rule, n_valid, *tensors)
     except triton_out_of_resources() as e:  # a GPU with less shared memory than an H100's: the tiles do not fit
         warn_once(f"model.kernel=triton: running the naive chunk update instead: {e}")
-        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid)
+        return chunk_update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid, anchor=anchor)
     unflat = lambda t: t.view(*batch, *t.shape[1:])  # noqa: E731
     return ChunkResult(unflat(w1), unflat(w2), unflat(s1), unflat(s2), unflat(reads[0]) if reads else None,
                        overshoot.view(batch), scale.view(batch))

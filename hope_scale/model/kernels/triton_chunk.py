@@ -10,27 +10,31 @@ K, V̂, Q: [C, d], W1: [d, h], W2: [h, d]:
     r_i = eta_i / max(kappa_i, KAPPA_MIN)          (or eta_i without ``normalized_eta``)
     rho_t = sum_j c_tj ||J_j dW_t||^2 / ||dW_t||^2,  c_ti = E_ti r_i    (rows t = 0..C-1 with reads, else t = L)
     s_t = tau / max(rho_t, tau)                                        (s = 1 without a step bound)
-    X_state = A^-1 (-eta * gamma_prev * z),  X_grad = A^-1 (eta * ((E_{s-1,i} k_i.k_s) @ (r * delta)))   (erase)
-    W1' = gamma_L W1 - s_L (E_L * r u)^T h
-    W2' = gamma_L W2 - s_L (E_L * r delta)^T K + (D_L * (X_state + s_L X_grad))^T K
+    X_state = A^-1 (-eta * (gamma_prev * z + (1 - gamma_prev) * z_A)),  z_A = K A2^T (0 without an anchor)
+               X_grad = A^-1 (eta * ((E_{s-1,i} k_i.k_s) @ (r * delta)))   (erase)
+    W1' = gamma_L W1 + (1 - gamma_L) A1 - s_L (E_L * r u)^T h
+    W2' = gamma_L W2 + (1 - gamma_L) A2 - s_L (E_L * r delta)^T K + (D_L * (X_state + s_L X_grad))^T K
     S1' = -s_L r_L u_L h_L^T,  S2' = -s_L r_L delta_L k_L^T                (beta = 0: the last token's step)
-    o_t = q_t + gamma_t W1 hq_t - s_t sum_i E_ti (hq_t . h_i) r_i u_i,
-    hq_t = silu(gamma_t W2 q_t + (D_qk X_state)_t + s_t (D_qk X_grad - E_qk (r delta))_t)
+    o_t = q_t + (gamma_t W1 + (1 - gamma_t) A1) hq_t - s_t sum_i E_ti (hq_t . h_i) r_i u_i,
+    hq_t = silu((gamma_t W2 + (1 - gamma_t) A2) q_t + (D_qk X_state)_t + s_t (D_qk X_grad - E_qk (r delta))_t)
 
-(memory.py derives these; L is the last valid token.) The erase system's inverse A^-1 and the other coefficients
-come precomputed (``memory.chunk_coefficients``, computed by the layer for all chunks of a sequence at once).
+(A1, A2: the anchor retention decays toward, ``memory.chunk_update``'s ``anchor``; ANCHOR=False: zero, and the
+(1 - gamma) terms vanish. memory.py derives these; L is the last valid token.) The erase system's inverse A^-1
+and the other coefficients come precomputed (``memory.chunk_coefficients``, computed by the layer for all chunks
+of a sequence at once).
 
 **Backward** (``_chunk_update_bwd_kernel``, first-order rule: W1, W2 inside z, h, u, delta, kappa and rho are
 constants; they carry gradients through gamma_L W, the erase vectors' state part K W2^T and the reads' gamma W1,
-gamma W2 only). One program per batch element again: it recomputes the forward's intermediates from the same
-inputs with the same jit helpers (``_factors``, ``_rate``, ``_overshoots``, ``_erase_vectors``,
+gamma W2 only; the anchor A1, A2 through the (1 - gamma) terms, where gamma_L, gamma_t and gamma_prev then
+multiply W - A). One program per batch element again: it recomputes the forward's intermediates from the same
+inputs with the same jit helpers (``_factors``, ``_rate``, ``_overshoots``, ``_erase_known``, ``_erase_vectors``,
 ``_read_preactivations``; nothing is stored by the forward), then runs the equations above in reverse:
 the reads (``_reads_bwd``), the state after token L (``_end_state_bwd``), the erase vectors (``_erase_bwd``), the
 step scale and overshoot rows (``_overshoots_bwd``: ds_t/drho_t = -tau / rho_t^2 where rho_t > tau, else 0; each
 row's rho_t = num / den differentiated through c_t., the Gram matrices and J_j dW_t by ``_overshoot_row_bwd``,
 0 where den is negligible), the rates (``_rate_bwd``: 0 through kappa where it is clamped to KAPPA_MIN or |g|^2 is
 negligible) and the rank-1 factors (``_factors_bwd``). It writes the gradients of every input of the forward
-kernel: W1, W2, K, V̂, Q, eta, gamma, D (row L), E, gamma_prev, E_kk_prev, A^-1, D_qk, E_qk. Tiles up to
+kernel: W1, W2, K, V̂, Q, A1, A2, eta, gamma, D (row L), E, gamma_prev, E_kk_prev, A^-1, D_qk, E_qk. Tiles up to
 ``BWD_MAX_BLOCK`` (the backward has more live tiles than the forward: see there).
 Tiles are padded to powers of two >= 16 (``tl.dot``'s minimum) with masked loads: padded rows and columns are zero
 and contribute nothing. Everything is computed in fp32 (``tl.dot`` with ``input_precision="ieee"`` for fp32 inputs,
@@ -54,7 +58,8 @@ import triton.language as tl
 from ..memory import KAPPA_MIN, NEGLIGIBLE
 
 # largest padded C, d or h: every tile of a chunk lives in one program. Compiled for sm_90, C = d = h = 64 needs
-# 196 KiB of shared memory (an H100/H200 block may use 227 KiB) and spills some registers; 128 would need more
+# 196 KiB of shared memory (an H100/H200 block may use 227 KiB; 212 KiB with the anchor, loaded where it is used:
+# 244 KiB if held for the whole program) and spills some registers; 128 would need more
 # shared memory than any GPU has (tests/test_model_kernel.py compiles the kernel for sm_90 and checks this)
 MAX_BLOCK = 64
 # largest padded C, d or h of the backward kernel. Compiled for sm_90 at 32 it needs 56 KiB of shared memory; at 64
@@ -234,38 +239,60 @@ def _overshoots(e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bo
 
 
 @triton.jit
-def _erase_vectors(inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, PRECISION: tl.constexpr):
-    """The erase vectors x_s = -eta_s W2_{s-1} k_s = x_state + s x_grad: x_state = A^-1 (-eta * gamma_prev * z),
-    x_grad = A^-1 (eta * ekk_ed), ekk_ed = (E_{s-1,i} k_i.k_s) @ (r delta) (also returned)."""
-    x_state = tl.dot(inverse, -(eta * gamma_prev)[:, None] * z, input_precision=PRECISION)  # [C, h]
+def _erase_known(z, keys, a2, gamma_prev, ANCHOR: tl.constexpr, PRECISION: tl.constexpr):
+    """W2_{s-1} k_s without the chunk's own terms: known = gamma_prev * z + (1 - gamma_prev) * z_A, z_A = K A2^T
+    (0 without an anchor). Returns known and z - z_A (its derivative in gamma_prev)."""
+    if ANCHOR:
+        z_a = tl.dot(keys, tl.trans(a2), input_precision=PRECISION)  # [C, h]
+        known = gamma_prev[:, None] * z + (1.0 - gamma_prev)[:, None] * z_a
+        diff = z - z_a
+    else:
+        known = gamma_prev[:, None] * z
+        diff = z
+    return known, diff
+
+
+@triton.jit
+def _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION: tl.constexpr):
+    """The erase vectors x_s = -eta_s W2_{s-1} k_s = x_state + s x_grad: x_state = A^-1 (-eta * known) (known
+    from ``_erase_known``), x_grad = A^-1 (eta * ekk_ed), ekk_ed = (E_{s-1,i} k_i.k_s) @ (r delta) (also
+    returned)."""
+    x_state = tl.dot(inverse, -eta[:, None] * known, input_precision=PRECISION)  # [C, h]
     ekk_ed = tl.dot(e_kk_prev, eta_delta, input_precision=PRECISION)
     x_grad = tl.dot(inverse, eta[:, None] * ekk_ed, input_precision=PRECISION)
     return x_state, x_grad, ekk_ed
 
 
 @triton.jit
-def _read_preactivations(queries, w2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
-                         ERASE: tl.constexpr, PRECISION: tl.constexpr):
-    """W2_t q_t = zq_state + s_t zq_grad: qw2 = q W2^T, zq_state = gamma * qw2 + D_qk x_state,
-    zq_grad = D_qk x_grad - E_qk (r delta)."""
+def _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
+                         ANCHOR: tl.constexpr, ERASE: tl.constexpr, PRECISION: tl.constexpr):
+    """W2_t q_t = zq_state + s_t zq_grad: zq_state = gamma * q W2^T + (1 - gamma) * q A2^T + D_qk x_state (no
+    anchor term without one), zq_grad = D_qk x_grad - E_qk (r delta). Also returns q_diff = q (W2 - A2)^T (q W2^T
+    without an anchor), zq_state's derivative in gamma."""
     qw2 = tl.dot(queries, tl.trans(w2), input_precision=PRECISION)  # [C, h]
-    zq_state = gamma[:, None] * qw2
+    if ANCHOR:
+        qa2 = tl.dot(queries, tl.trans(a2), input_precision=PRECISION)
+        zq_state = gamma[:, None] * qw2 + (1.0 - gamma)[:, None] * qa2
+        q_diff = qw2 - qa2
+    else:
+        zq_state = gamma[:, None] * qw2
+        q_diff = qw2
     zq_grad = -tl.dot(e_qk, eta_delta, input_precision=PRECISION)
     if ERASE:
         zq_state += tl.dot(d_qk, x_state, input_precision=PRECISION)
         zq_grad += tl.dot(d_qk, x_grad, input_precision=PRECISION)
-    return qw2, zq_state, zq_grad
+    return q_diff, zq_state, zq_grad
 
 
 @triton.jit
 def _chunk_update_kernel(
-    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr,
+    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
     w1_out, w2_out, s1_out, s2_out, reads_out, overshoot_out, scale_out,
     C, D, HID, last, step_bound,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     at_last = tl.arange(0, BC) == last
@@ -287,13 +314,20 @@ def _chunk_update_kernel(
         gamma_prev = _load_vec(gamma_prev_ptr, pid, C, BC)
         inverse = _load_tile(inverse_ptr, pid, C, C, BC, BC)
         e_kk_prev = _load_tile(e_kk_prev_ptr, pid, C, C, BC, BC)
-        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, PRECISION)
+        known, _ = _erase_known(z, keys, _load_tile(a2_ptr, pid, HID, D, BH, BD) if ANCHOR else w2, gamma_prev,
+                                ANCHOR, PRECISION)
+        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
 
     # the state after the last valid token L
     gamma_end = _at(gamma, at_last)
     e_end = _load_row(e_ptr, pid, last, C, BC)
-    new_w1 = gamma_end * w1 - s_end * tl.dot(tl.trans(e_end[:, None] * eta_u), h, input_precision=PRECISION)
-    new_w2 = gamma_end * w2 - s_end * tl.dot(tl.trans(e_end[:, None] * eta_delta), keys, input_precision=PRECISION)
+    if ANCHOR:  # retention decays toward (A1, A2) (loaded where used: fewer live tiles)
+        w1_end = gamma_end * w1 + (1.0 - gamma_end) * _load_tile(a1_ptr, pid, D, HID, BD, BH)
+        w2_end = gamma_end * w2 + (1.0 - gamma_end) * _load_tile(a2_ptr, pid, HID, D, BH, BD)
+    else:
+        w1_end, w2_end = gamma_end * w1, gamma_end * w2
+    new_w1 = w1_end - s_end * tl.dot(tl.trans(e_end[:, None] * eta_u), h, input_precision=PRECISION)
+    new_w2 = w2_end - s_end * tl.dot(tl.trans(e_end[:, None] * eta_delta), keys, input_precision=PRECISION)
     if ERASE:
         d_end = _load_row(d_ptr, pid, last, C, BC)
         new_w2 += tl.dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, input_precision=PRECISION)
@@ -313,34 +347,45 @@ def _chunk_update_kernel(
             d_qk = _load_tile(d_qk_ptr, pid, C, C, BC, BC)
         else:
             d_qk, x_state, x_grad = e_qk, h, h  # unused without erase
-        qw2, zq_state, zq_grad = _read_preactivations(queries, w2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
-                                                      ERASE, PRECISION)
+        a2 = _load_tile(a2_ptr, pid, HID, D, BH, BD) if ANCHOR else w2
+        _, zq_state, zq_grad = _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
+                                                    ANCHOR, ERASE, PRECISION)
         zq = zq_state + scale[:, None] * zq_grad
         hq = zq * _sigmoid(zq)
         e_mat = _load_tile(e_ptr, pid, C, C, BC, BC)
         hq_h = e_mat * tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # E_ti (hq_t . h_i)
         branch = (gamma[:, None] * tl.dot(hq, tl.trans(w1), input_precision=PRECISION)
                   - scale[:, None] * tl.dot(hq_h, eta_u, input_precision=PRECISION))
+        if ANCHOR:
+            a1 = _load_tile(a1_ptr, pid, D, HID, BD, BH)
+            branch += (1.0 - gamma)[:, None] * tl.dot(hq, tl.trans(a1), input_precision=PRECISION)
         _store_tile(reads_out, pid, queries + branch, C, D, BC, BD)
 
 
 # ---- the backward (first order: the chunk-start weights inside the inner gradients are constants)
 
 @triton.jit
-def _reads_bwd(g_o, queries, w1, w2, h, eta_u, eta_delta, gamma, scale, e_mat, d_qk, e_qk, x_state, x_grad,
-               ERASE: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward of o_t = q_t + gamma_t W1 hq_t - s_t sum_i E_ti (hq_t.h_i) r_i u_i, hq = silu(zq),
-    zq = gamma q W2^T + D_qk x_state + s (D_qk x_grad - E_qk (r delta)), given g_o = dLoss/do. Returns the
-    gradients of q, W1, W2, gamma, s, E, h, r u, r delta, D_qk, E_qk, x_state, x_grad."""
-    qw2, zq_state, zq_grad = _read_preactivations(queries, w2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
-                                                  ERASE, PRECISION)
+def _reads_bwd(g_o, queries, w1, w2, a1, a2, h, eta_u, eta_delta, gamma, scale, e_mat, d_qk, e_qk, x_state, x_grad,
+               ANCHOR: tl.constexpr, ERASE: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward of o_t = q_t + (gamma_t W1 + (1 - gamma_t) A1) hq_t - s_t sum_i E_ti (hq_t.h_i) r_i u_i,
+    hq = silu(zq), zq = q (gamma W2 + (1 - gamma) A2)^T + D_qk x_state + s (D_qk x_grad - E_qk (r delta)) (no A
+    terms without an anchor), given g_o = dLoss/do. Returns the gradients of q, W1, W2, A1, A2 (0 without an
+    anchor), gamma, s, E, h, r u, r delta, D_qk, E_qk, x_state, x_grad."""
+    q_diff, zq_state, zq_grad = _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad,
+                                                     eta_delta, ANCHOR, ERASE, PRECISION)
     zq = zq_state + scale[:, None] * zq_grad
     sig = _sigmoid(zq)
     hq = zq * sig
     hq_h = tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # hq_t . h_i
     g_w1 = tl.dot(tl.trans(gamma[:, None] * g_o), hq, input_precision=PRECISION)
-    g_gamma = _sum(g_o * tl.dot(hq, tl.trans(w1), input_precision=PRECISION), axis=1)
     g_hq = gamma[:, None] * tl.dot(g_o, w1, input_precision=PRECISION)
+    if ANCHOR:  # d/dgamma of gamma W1 + (1 - gamma) A1 is W1 - A1
+        g_gamma = _sum(g_o * tl.dot(hq, tl.trans(w1 - a1), input_precision=PRECISION), axis=1)
+        g_a1 = tl.dot(tl.trans((1.0 - gamma)[:, None] * g_o), hq, input_precision=PRECISION)
+        g_hq += (1.0 - gamma)[:, None] * tl.dot(g_o, a1, input_precision=PRECISION)
+    else:
+        g_gamma = _sum(g_o * tl.dot(hq, tl.trans(w1), input_precision=PRECISION), axis=1)
+        g_a1 = g_w1 * 0.0
     g_scale = -_sum(g_o * tl.dot(e_mat * hq_h, eta_u, input_precision=PRECISION), axis=1)
     g_sum = -scale[:, None] * g_o  # dLoss / d(sum_i E_ti (hq_t.h_i) r_i u_i)
     g_hq_h = tl.dot(g_sum, tl.trans(eta_u), input_precision=PRECISION)  # [C, C], then times E
@@ -350,9 +395,14 @@ def _reads_bwd(g_o, queries, w1, w2, h, eta_u, eta_delta, gamma, scale, e_mat, d
     g_hq += tl.dot(g_hq_h, h, input_precision=PRECISION)
     g_h = tl.dot(tl.trans(g_hq_h), hq, input_precision=PRECISION)
     g_zq = g_hq * sig * (1.0 + zq * (1.0 - sig))  # silu'
-    g_gamma += _sum(g_zq * qw2, axis=1)
+    g_gamma += _sum(g_zq * q_diff, axis=1)
     g_q = g_o + tl.dot(gamma[:, None] * g_zq, w2, input_precision=PRECISION)
     g_w2 = tl.dot(tl.trans(gamma[:, None] * g_zq), queries, input_precision=PRECISION)
+    if ANCHOR:
+        g_q += tl.dot((1.0 - gamma)[:, None] * g_zq, a2, input_precision=PRECISION)
+        g_a2 = tl.dot(tl.trans((1.0 - gamma)[:, None] * g_zq), queries, input_precision=PRECISION)
+    else:
+        g_a2 = g_w2 * 0.0
     g_scale += _sum(g_zq * zq_grad, axis=1)
     g_zq_grad = scale[:, None] * g_zq
     g_eqk = -tl.dot(g_zq_grad, tl.trans(eta_delta), input_precision=PRECISION)
@@ -364,20 +414,21 @@ def _reads_bwd(g_o, queries, w1, w2, h, eta_u, eta_delta, gamma, scale, e_mat, d
         g_xg = tl.dot(tl.trans(d_qk), g_zq_grad, input_precision=PRECISION)
     else:
         g_dqk, g_xs, g_xg = g_eqk * 0.0, g_zq * 0.0, g_zq * 0.0
-    return g_q, g_w1, g_w2, g_gamma, g_scale, g_e, g_h, g_eu, g_ed, g_dqk, g_eqk, g_xs, g_xg
+    return g_q, g_w1, g_w2, g_a1, g_a2, g_gamma, g_scale, g_e, g_h, g_eu, g_ed, g_dqk, g_eqk, g_xs, g_xg
 
 
 @triton.jit
-def _end_state_bwd(g_w1, g_w2, g_s1, g_s2, w1, w2, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last,
+def _end_state_bwd(g_w1, g_w2, g_s1, g_s2, w1_d, w2_d, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last,
                    x_state, x_grad, ERASE: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward of W1' = gamma_L W1 - s_L (E_L * r u)^T h, W2' = gamma_L W2 - s_L (E_L * r delta)^T K
-    + (D_L * (x_state + s_L x_grad))^T K, S1' = -s_L r_L u_L h_L^T, S2' = -s_L r_L delta_L k_L^T (row L of E, D:
-    e_end, d_end). Returns the gradients of gamma_L, s_L (scalars), E_L., D_L. (vectors), r u, r delta, h, K,
-    x_state, x_grad; W1's and W2's are gamma_L g_w1 and gamma_L g_w2."""
+    """Backward of W1' = gamma_L W1 + (1 - gamma_L) A1 - s_L (E_L * r u)^T h, W2' = gamma_L W2 + (1 - gamma_L) A2
+    - s_L (E_L * r delta)^T K + (D_L * (x_state + s_L x_grad))^T K, S1' = -s_L r_L u_L h_L^T,
+    S2' = -s_L r_L delta_L k_L^T (row L of E, D: e_end, d_end; w1_d, w2_d: W - A, or W without an anchor).
+    Returns the gradients of gamma_L, s_L (scalars), E_L., D_L. (vectors), r u, r delta, h, K, x_state, x_grad;
+    W1's and W2's are gamma_L g_w1 and gamma_L g_w2, A1's and A2's (1 - gamma_L) g_w1 and (1 - gamma_L) g_w2."""
     hg1 = tl.dot(h, tl.trans(g_w1), input_precision=PRECISION)  # [C, d]: g_W1' h_i
     kg2 = tl.dot(keys, tl.trans(g_w2), input_precision=PRECISION)  # [C, h]: g_W2' k_i
     steps = _sum(eta_u * hg1, axis=1) + _sum(eta_delta * kg2, axis=1)
-    g_gamma_end = _sum(_sum(g_w1 * w1, axis=1), axis=0) + _sum(_sum(g_w2 * w2, axis=1), axis=0)
+    g_gamma_end = _sum(_sum(g_w1 * w1_d, axis=1), axis=0) + _sum(_sum(g_w2 * w2_d, axis=1), axis=0)
     g_e_end = -s_end * steps
     g_s_end = -_sum(e_end * steps, axis=0)
     g_eu = -s_end * e_end[:, None] * hg1
@@ -405,21 +456,19 @@ def _end_state_bwd(g_w1, g_w2, g_s1, g_s2, w1, w2, keys, h, eta_u, eta_delta, e_
 
 
 @triton.jit
-def _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, ekk_ed, PRECISION: tl.constexpr):
-    """Backward of x_state = A^-1 (-eta * gamma_prev * z), x_grad = A^-1 (eta * (E_kk_prev (r delta))): the
-    gradients of A^-1, eta, gamma_prev, z (the state's z = K W2^T), E_kk_prev and r delta."""
-    n_state = -(eta * gamma_prev)[:, None] * z
+def _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, known, eta_delta, ekk_ed, PRECISION: tl.constexpr):
+    """Backward of x_state = A^-1 (-eta * known), x_grad = A^-1 (eta * (E_kk_prev (r delta))): the gradients of
+    A^-1, eta, known (``_erase_known``), E_kk_prev and r delta."""
+    n_state = -eta[:, None] * known
     g_inv = (tl.dot(g_xs, tl.trans(n_state), input_precision=PRECISION)
              + tl.dot(g_xg, tl.trans(eta[:, None] * ekk_ed), input_precision=PRECISION))
     g_n_state = tl.dot(tl.trans(inverse), g_xs, input_precision=PRECISION)
-    g_n_z = _sum(g_n_state * z, axis=1)
     g_n_grad = tl.dot(tl.trans(inverse), g_xg, input_precision=PRECISION)
-    g_eta = -gamma_prev * g_n_z + _sum(g_n_grad * ekk_ed, axis=1)
-    g_z = -(eta * gamma_prev)[:, None] * g_n_state
+    g_eta = -_sum(g_n_state * known, axis=1) + _sum(g_n_grad * ekk_ed, axis=1)
     g_ekk_ed = eta[:, None] * g_n_grad
     g_ekk = tl.dot(g_ekk_ed, tl.trans(eta_delta), input_precision=PRECISION)
     g_ed = tl.dot(tl.trans(e_kk_prev), g_ekk_ed, input_precision=PRECISION)
-    return g_inv, g_eta, -eta * g_n_z, g_z, g_ekk, g_ed
+    return g_inv, g_eta, -eta[:, None] * g_n_state, g_ekk, g_ed
 
 
 @triton.jit
@@ -526,15 +575,15 @@ def _factors_bwd(g_u, g_delta, g_dsilu, g_h, g_z, z, p, dsilu, w1, w2, PRECISION
 
 @triton.jit
 def _chunk_update_bwd_kernel(
-    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr,
+    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
     g_w1_ptr, g_w2_ptr, g_s1_ptr, g_s2_ptr, g_reads_ptr,
-    w1_grad, w2_grad, keys_grad, targets_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad,
+    w1_grad, w2_grad, keys_grad, targets_grad, queries_grad, a1_grad, a2_grad, eta_grad, gamma_grad, d_grad, e_grad,
     gamma_prev_grad, e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad,
     C, D, HID, last, step_bound,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Gradients of the forward kernel's inputs (``*_grad``) from those of its outputs W1', W2', S1', S2' and
     the reads (``g_*_ptr``); the same constexpr branches as the forward."""
@@ -548,6 +597,13 @@ def _chunk_update_bwd_kernel(
     targets = _load_tile(targets_ptr, pid, C, D, BC, BD)
     eta = _load_vec(eta_ptr, pid, C, BC)
     gamma = _load_vec(gamma_ptr, pid, C, BC)
+    if ANCHOR:
+        a1 = _load_tile(a1_ptr, pid, D, HID, BD, BH)
+        a2 = _load_tile(a2_ptr, pid, HID, D, BH, BD)
+        w1_d, w2_d = w1 - a1, w2 - a2  # d/dgamma of gamma W + (1 - gamma) A
+    else:
+        a1, a2 = w1, w2  # unused without an anchor
+        w1_d, w2_d = w1, w2
     z, h, dsilu, u, p, delta = _factors(keys, targets, w1, w2, PRECISION)
     rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
     eta_u = rate[:, None] * u
@@ -560,7 +616,8 @@ def _chunk_update_bwd_kernel(
         gamma_prev = _load_vec(gamma_prev_ptr, pid, C, BC)
         inverse = _load_tile(inverse_ptr, pid, C, C, BC, BC)
         e_kk_prev = _load_tile(e_kk_prev_ptr, pid, C, C, BC, BC)
-        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, gamma_prev, z, eta_delta, PRECISION)
+        known, known_diff = _erase_known(z, keys, a2, gamma_prev, ANCHOR, PRECISION)
+        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
         d_end = _load_row(d_ptr, pid, last, C, BC)
     else:
         x_state, x_grad, d_end = h, h, e_end  # unused without erase
@@ -570,7 +627,9 @@ def _chunk_update_bwd_kernel(
     g_w2 = _load_tile(g_w2_ptr, pid, HID, D, BH, BD)
     g_gamma_end, g_s_end, g_e_end, g_d_end, g_eu, g_ed, g_h, g_k, g_xs, g_xg = _end_state_bwd(
         g_w1, g_w2, _load_tile(g_s1_ptr, pid, D, HID, BD, BH), _load_tile(g_s2_ptr, pid, HID, D, BH, BD),
-        w1, w2, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last, x_state, x_grad, ERASE, PRECISION)
+        w1_d, w2_d, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last, x_state, x_grad, ERASE, PRECISION)
+    g_a1 = (1.0 - _at(gamma, at_last)) * g_w1  # used with an anchor only
+    g_a2 = (1.0 - _at(gamma, at_last)) * g_w2
     g_w1 = _at(gamma, at_last) * g_w1
     g_w2 = _at(gamma, at_last) * g_w2
     g_gamma = tl.where(at_last, g_gamma_end, 0.0)
@@ -585,15 +644,18 @@ def _chunk_update_bwd_kernel(
             d_qk = _load_tile(d_qk_ptr, pid, C, C, BC, BC)
         else:
             d_qk = e_qk  # unused without erase
-        g_q, g_w1_r, g_w2_r, g_gamma_r, g_scale_r, g_e_r, g_h_r, g_eu_r, g_ed_r, g_dqk, g_eqk, g_xs_r, g_xg_r = \
-            _reads_bwd(_load_tile(g_reads_ptr, pid, C, D, BC, BD), queries, w1, w2, h, eta_u, eta_delta, gamma,
-                       scale, _load_tile(e_ptr, pid, C, C, BC, BC), d_qk, e_qk, x_state, x_grad, ERASE, PRECISION)
+        (g_q, g_w1_r, g_w2_r, g_a1_r, g_a2_r, g_gamma_r, g_scale_r, g_e_r, g_h_r, g_eu_r, g_ed_r, g_dqk, g_eqk,
+         g_xs_r, g_xg_r) = _reads_bwd(_load_tile(g_reads_ptr, pid, C, D, BC, BD), queries, w1, w2, a1, a2, h, eta_u,
+                                      eta_delta, gamma, scale, _load_tile(e_ptr, pid, C, C, BC, BC), d_qk, e_qk,
+                                      x_state, x_grad, ANCHOR, ERASE, PRECISION)
         _store_tile(queries_grad, pid, g_q, C, D, BC, BD)
         _store_tile(e_qk_grad, pid, g_eqk, C, C, BC, BC)
         if ERASE:
             _store_tile(d_qk_grad, pid, g_dqk, C, C, BC, BC)
         g_w1 += g_w1_r
         g_w2 += g_w2_r
+        g_a1 += g_a1_r
+        g_a2 += g_a2_r
         g_gamma += g_gamma_r
         g_scale += g_scale_r
         g_e += g_e_r
@@ -608,14 +670,23 @@ def _chunk_update_bwd_kernel(
     g_eta = eta * 0.0
     g_z = z * 0.0  # through the erase vectors' state part, K W2^T with W2 the state (not a constant)
     if ERASE:
-        g_inv, g_eta, g_gamma_prev, g_z, g_ekk, g_ed_x = _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, gamma_prev,
-                                                                    z, eta_delta, ekk_ed, PRECISION)
+        g_inv, g_eta, g_known, g_ekk, g_ed_x = _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, known, eta_delta,
+                                                          ekk_ed, PRECISION)
         g_ed += g_ed_x
         _store_tile(inverse_grad, pid, g_inv, C, C, BC, BC)
-        _store_vec(gamma_prev_grad, pid, g_gamma_prev, C, BC)
+        # known = gamma_prev * z + (1 - gamma_prev) * K A2^T
+        _store_vec(gamma_prev_grad, pid, _sum(g_known * known_diff, axis=1), C, BC)
         _store_tile(e_kk_prev_grad, pid, g_ekk, C, C, BC, BC)
+        g_z = gamma_prev[:, None] * g_known
         g_w2 += tl.dot(tl.trans(g_z), keys, input_precision=PRECISION)
+        if ANCHOR:
+            g_z_a = (1.0 - gamma_prev)[:, None] * g_known
+            g_a2 += tl.dot(tl.trans(g_z_a), keys, input_precision=PRECISION)
+            g_k += tl.dot(g_z_a, a2, input_precision=PRECISION)
     _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
+    if ANCHOR:
+        _store_tile(a1_grad, pid, g_a1, D, HID, BD, BH)
+        _store_tile(a2_grad, pid, g_a2, HID, D, BH, BD)
 
     # the step bound, then r u and r delta, the rate and the rank-1 factors
     g_u = rate[:, None] * g_eu
@@ -654,10 +725,11 @@ def num_warps(*blocks: int) -> int:
     return 4 if max(blocks) <= 32 else 8
 
 
-def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat, gamma_prev, e_kk_prev, inverse,
-                        d_qk, e_qk, *, last: int, step_bound: float, normalized_eta: bool):
-    """Run the kernel on flat contiguous inputs (leading axis N: one program each); returns new (w1, w2, s1, s2),
-    reads (None without queries), overshoot [N] and scale [N]. ``inverse`` None: no erase term."""
+def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, gamma, d_mat, e_mat, gamma_prev,
+                        e_kk_prev, inverse, d_qk, e_qk, *, last: int, step_bound: float, normalized_eta: bool):
+    """Run the kernel on flat contiguous inputs (``KERNEL_INPUTS``; leading axis N: one program each); returns new
+    (w1, w2, s1, s2), reads (None without queries), overshoot [N] and scale [N]. ``inverse`` None: no erase term;
+    ``anchor1/2`` None: retention toward zero."""
     n, c, d = keys.shape
     hid = w1.shape[-1]
     new_w1, new_w2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -672,6 +744,7 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
     with device:  # launch on the inputs' GPU, whichever is current
         _chunk_update_kernel[(n,)](
             w1, w2, keys, targets, queries if queries is not None else dummy,
+            anchor1 if anchor1 is not None else dummy, anchor2 if anchor2 is not None else dummy,
             eta, gamma, d_mat, e_mat, gamma_prev if erase else dummy, e_kk_prev if erase else dummy,
             inverse if erase else dummy, d_qk if queries is not None and erase else dummy,
             e_qk if queries is not None else dummy,
@@ -679,14 +752,14 @@ def launch_chunk_update(w1, w2, keys, targets, queries, eta, gamma, d_mat, e_mat
             c, d, hid, last, float(step_bound),
             BC=block(c), BD=block(d), BH=block(hid),
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
-            PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
+            ANCHOR=anchor1 is not None, PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
         )
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
 
 
 # the forward kernel's tensor inputs, in its (and the backward's) argument order
-KERNEL_INPUTS = ("w1", "w2", "keys", "targets", "queries", "eta", "gamma", "d_mat", "e_mat", "gamma_prev",
-                 "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
+KERNEL_INPUTS = ("w1", "w2", "keys", "targets", "queries", "anchor1", "anchor2", "eta", "gamma", "d_mat", "e_mat",
+                 "gamma_prev", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
 
 
 def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, normalized_eta: bool):
@@ -714,6 +787,6 @@ def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, norm
             c, d, hid, last, float(step_bound),
             BC=block(c), BD=block(d), BH=block(hid),
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=reads,
-            PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
+            ANCHOR=x["anchor1"] is not None, PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
         )
     return tuple(out)
