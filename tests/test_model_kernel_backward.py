@@ -1,8 +1,9 @@
 """The fused backward kernel of ``model.kernel: triton`` (``triton_chunk._chunk_update_bwd_kernel``): the gradients
-of one chunk with respect to every tensor input of ``ChunkUpdate`` (the state, keys, targets, queries and each
-coefficient, here leaves of their own) equal the naive path's (``memory.chunk_update`` and autograd) for every
-branch the kernel has, and it is the kernel that computed them (not the recomputing fallback). Run in Triton's CPU
-interpreter, as tests/test_model_kernel.py (whose fixtures this module uses); shapes are tiny.
+of one chunk with respect to every tensor input of ``ChunkUpdate`` (the state, keys, targets, queries, the anchor
+retention decays toward and each coefficient, here leaves of their own) equal the naive path's
+(``memory.chunk_update`` and autograd) for every branch the kernel has, and it is the kernel that computed them (not
+the recomputing fallback). Run in Triton's CPU interpreter, as tests/test_model_kernel.py (whose fixtures this
+module uses); shapes are tiny.
 """
 
 import pytest
@@ -20,11 +21,12 @@ STATE = ("w1", "w2", "s1", "s2")
 
 
 def chunk_leaves(batch=(1, 2), c=16, d=16, hid=16, reads=True, erase=True, shared_keys_axis=False, n_valid=None,
-                 seed=0):
+                 anchor=False, seed=0):
     """One chunk's inputs as ``ChunkUpdate`` sees them: state, keys, targets, queries and the coefficients
     (``chunk_coefficients`` of random keys, eta, alpha), each a tensor of its own; with ``shared_keys_axis`` the
     keys and coefficients have a singleton last batch axis that the state's broadcasts over (the projection
-    memories)."""
+    memories); with ``anchor`` the weights retention decays toward (a1, a2) without the leading batch axis
+    (broadcast over it, as the layer's meta-learned initial weights are: their gradients sum over it)."""
     g = torch.Generator().manual_seed(seed)
     rand = lambda *s, scale=1.0: scale * torch.randn(*s, generator=g)  # noqa: E731
     key_batch = (*batch[:-1], 1) if shared_keys_axis else batch
@@ -39,6 +41,8 @@ def chunk_leaves(batch=(1, 2), c=16, d=16, hid=16, reads=True, erase=True, share
     x = dict(w1=rand(*batch, d, hid, scale=0.5 / hid**0.5), w2=rand(*batch, hid, d, scale=1 / d**0.5),
              s1=rand(*batch, d, hid, scale=0.1), s2=rand(*batch, hid, d, scale=0.1), keys=keys,
              targets=rand(*batch, c, d), queries=queries)
+    if anchor:
+        x["a1"], x["a2"] = rand(*batch[1:], d, hid, scale=0.5 / hid**0.5), rand(*batch[1:], hid, d, scale=1 / d**0.5)
     return {**x, **{k: v for k, v in coef.__dict__.items()}}
 
 
@@ -50,7 +54,9 @@ def update_with_grads(update, x, rule, n_valid=None, dtype=torch.float32, seed=1
               for k, v in x.items()}
     state = MemoryState(*(leaves[k] for k in STATE), None, None, None, None)
     coef = ChunkCoefficients(**{k: leaves[k] for k in kernel_module.COEF_FIELDS})
-    r = update(state, leaves["keys"], leaves["targets"], coef, 0.0, rule, queries=leaves["queries"], n_valid=n_valid)
+    anchor = (leaves["a1"], leaves["a2"]) if "a1" in leaves else None
+    r = update(state, leaves["keys"], leaves["targets"], coef, 0.0, rule, queries=leaves["queries"], n_valid=n_valid,
+               anchor=anchor)
     g = torch.Generator().manual_seed(seed)
     weight = lambda t: torch.randn(t.shape, generator=g).to(dtype)  # noqa: E731
     loss = (r.w1 * weight(r.w1)).sum() + r.w2.sin().sum() + (r.s1 * weight(r.s1)).sum() + r.s2.pow(2).sum()
@@ -75,6 +81,12 @@ CASES = {  # name: (chunk_leaves kwargs, rule, n_valid)
     "padded last chunk, no reads": (dict(reads=False, n_valid=5), BOUND, 5),
     "padded tiles (C=8, d=8, h=12)": (dict(c=8, d=8, hid=12), BOUND, None),
     "C=32, d=16, h=32 (largest backward tile)": (dict(batch=(1, 1), c=32, hid=32), BOUND, None),
+    # retention toward an anchor (broadcast over the leading batch axis)
+    "anchor, reads, erase": (dict(batch=(2, 2), anchor=True), BOUND, None),
+    "anchor, reads, no erase": (dict(batch=(2, 2), erase=False, anchor=True), BOUND, None),
+    "anchor, no reads, erase, broadcast keys": (dict(batch=(2, 3), reads=False, shared_keys_axis=True, anchor=True),
+                                                BOUND, None),
+    "anchor, padded last chunk, reads": (dict(batch=(2, 2), n_valid=11, anchor=True), BOUND, 11),
 }
 
 
@@ -98,6 +110,7 @@ def test_fused_backward_equals_naive_float32(case, interpreted_kernel, one_torch
 
 @pytest.mark.parametrize("case, dtype", [("reads, erase", torch.bfloat16),
                                          ("no reads, erase, broadcast keys", torch.bfloat16),
+                                         ("anchor, reads, erase", torch.bfloat16),
                                          ("padded last chunk, reads", torch.float16)])
 def test_fused_backward_16_bit(case, dtype, interpreted_kernel, one_torch_thread, no_fallback):
     """In 16 bits the naive path rounds every intermediate, the kernel computes in fp32: against the fp32
@@ -128,15 +141,18 @@ def counting(monkeypatch, module, name):
 
 
 def test_backward_runs_the_kernel(interpreted_kernel, one_torch_thread, no_fallback, monkeypatch):
-    """First-order (the default): one backward kernel launch per chunk and no PyTorch recomputation;
-    first_order=False recomputes (documented, no warning) and launches no backward kernel."""
+    """First-order (the default): one backward kernel launch per chunk and no PyTorch recomputation, with an
+    anchor or without; first_order=False recomputes (documented, no warning) and launches no backward kernel."""
     launches = counting(monkeypatch, interpreted_kernel, "launch_chunk_update_bwd")
     recomputes = counting(monkeypatch, kernel_module, "recompute_backward")
     x = chunk_leaves(batch=(1, 2), c=8, d=8, hid=8)
     update_with_grads(kernel_module.kernel_chunk_update, x, UpdateRule())
     assert (launches[0], recomputes[0]) == (1, 0)
+    update_with_grads(kernel_module.kernel_chunk_update, chunk_leaves(batch=(2, 2), c=8, d=8, hid=8, anchor=True),
+                      UpdateRule())
+    assert (launches[0], recomputes[0]) == (2, 0)
     update_with_grads(kernel_module.kernel_chunk_update, x, UpdateRule(first_order=False))
-    assert (launches[0], recomputes[0]) == (1, 1)
+    assert (launches[0], recomputes[0]) == (2, 1)
 
 
 def test_backward_beyond_its_tiles_recomputes_with_a_warning(interpreted_kernel, one_torch_thread, monkeypatch):
