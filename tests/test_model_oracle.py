@@ -173,3 +173,27 @@ def test_oracle_detects_a_non_causal_step_bound(monkeypatch):
 
     monkeypatch.setattr(memory, "chunk_overshoot", whole_chunk)
     assert rel_err(layer(x)[0], y_ref) > 1e-4
+
+
+@pytest.mark.parametrize("retain_toward", ["init", "zero"])
+@pytest.mark.parametrize("self_modifying", [True, False])
+def test_retention_decays_toward_its_target(retain_toward, self_modifying, monkeypatch):
+    """With no writes (eta = 0) and alpha < 1, 64 tokens of retention take every memory from a state away from its
+    meta-learned initial weights A to A + 0.9^64 (W - A) (``retain_toward: init``) or to 0.9^64 W (``zero``): the
+    semantics the oracle and the chunk-parallel layer share, checked directly."""
+    shape = (2, 64, 16, 2, 16, 32, True, 0.0, True)
+    layer = make_layer(shape, self_modifying, variant="default")
+    layer.cfg.retain_toward = retain_toward
+    monkeypatch.setattr(layer, "eta_alpha", lambda e, a: (torch.zeros_like(e), torch.full_like(a, 0.9)))
+    state = perturbed_state(layer, 2, 0)
+    x = torch.randn(2, 64, 16, dtype=torch.float64)
+    _, end = layer(x, state)
+    decay = 0.9 ** 64
+    pairs = [(state.mem, end.mem, (layer.mem_w1, layer.mem_w2))]
+    if self_modifying:
+        pairs.append((state.proj, end.proj, (layer.proj_w1, layer.proj_w2)))
+    for start, final, anchor in pairs:
+        for w0, w, a in ((start.w1, final.w1, anchor[0]), (start.w2, final.w2, anchor[1])):
+            a = a.detach() if retain_toward == "init" else torch.zeros_like(a)
+            expected = a + decay * (w0.detach() - a)
+            assert rel_err(w.detach(), expected) < 1e-10

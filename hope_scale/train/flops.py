@@ -113,9 +113,15 @@ def _update(cfg: ModelConfig, d: int, h: int, c: int, erase: bool, read: bool) -
     elif cfg.inner_step_bound > 0:  # the Rayleigh overshoot of R rows (every token's when the memory is read)
         rows = c if read else 1
         n += 2 * c * d + 4 * c * h + 2 * rows * c + 2 * rows * c * (d + h) + 2 * rows * h * d  # (+ k.k: _shared)
-    if erase:  # erase vectors (state and gradient parts: W2_0 k, S2_0 k) and their end-state terms
+    if erase:  # erase vectors (state and gradient parts: W2_0 k, S2_0 k, A2 k) and their end-state terms
         n += (2 if cfg.first_order else 0) * d * h + (2 if momentum else 0) * d * h + 4 * d * h + 6 * c * h
+        n += 2 * d * h if anchored(cfg) else 0
     return n
+
+
+def anchored(cfg: ModelConfig) -> bool:
+    """Retention decays toward the initial weights A (memory.retained): the reads and erase vectors add A q, A k."""
+    return cfg.retain_toward == "init"
 
 
 def _shared(cfg: ModelConfig, d: int, c: int, erase: bool) -> float:
@@ -124,9 +130,9 @@ def _shared(cfg: ModelConfig, d: int, c: int, erase: bool) -> float:
     return 2 * c * d + 2 * c * c + 2 * c + (c * c if erase else 0) + rayleigh_kk
 
 
-def _read(d: int, h: int, c: int, erase: bool, momentum: bool) -> float:
+def _read(d: int, h: int, c: int, erase: bool, momentum: bool, anchor: bool) -> float:
     """Per token: the main memory's reads W2_t q_t and W1_t silu(W2_t q_t) in the unrolled form."""
-    return (8 if momentum else 4) * d * h + 4 * c * d + 4 * c * h + (4 * c * h if erase else 0)
+    return (8 if momentum else 4) * d * h + (4 * d * h if anchor else 0) + 4 * c * d + 4 * c * h + (4 * c * h if erase else 0)
 
 
 def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
@@ -139,9 +145,9 @@ def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
         erase = cfg.dgd_erase
         n_proj = 5 if cfg.adaptive_q else 4
         per_head = (n_proj * (2 * mlp + _update(cfg, d, h, cp, erase, False)) + _shared(cfg, d, cp, erase)
-                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase, momentum))
+                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase, momentum, anchored(cfg)))
     else:
-        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False, momentum)
+        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False, momentum, anchored(cfg))
     return float(per_head * cfg.n_heads * cfg.n_layers)
 
 
