@@ -11,7 +11,7 @@ K, V̂, Q: [C, d], W1: [d, h], W2: [h, d]:
     rho_t = sum_j c_tj ||J_j dW_t||^2 / ||dW_t||^2,  c_ti = E_ti r_i    (rows t = 0..C-1 with reads, else t = L)
     s_t = tau / max(rho_t, tau)                                        (s = 1 without a step bound)
     X_state = A^-1 (-eta * (gamma_prev * z + (1 - gamma_prev) * z_A)),  z_A = K A2^T (0 without an anchor)
-               X_grad = A^-1 (eta * ((E_{s-1,i} k_i.k_s) @ (r * delta)))   (erase)
+    X_grad = A^-1 (eta * ((E_{s-1,i} k_i.k_s) @ (r * delta)))   (erase)
     W1' = gamma_L W1 + (1 - gamma_L) A1 - s_L (E_L * r u)^T h
     W2' = gamma_L W2 + (1 - gamma_L) A2 - s_L (E_L * r delta)^T K + (D_L * (X_state + s_L X_grad))^T K
     S1' = -s_L r_L u_L h_L^T,  S2' = -s_L r_L delta_L k_L^T                (beta = 0: the last token's step)
