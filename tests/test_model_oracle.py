@@ -25,6 +25,7 @@ VARIANTS = {
     "aligned-second-order": dict(inner_overshoot="aligned", first_order=False, normalized_eta=False,
                                  per_memory_inputs=False, inner_step_bound=0.05),
     "earlier": EARLIER_UPDATE,  # the earlier unbounded form with the normalized branch
+    "init-projections": dict(retain_toward="init_projections"),  # the main memory decays toward zero
 }
 
 
@@ -78,7 +79,8 @@ def state_tensors(st: TitansState) -> dict[str, torch.Tensor]:
 
 CASES = ([(shape, "default") for shape in SHAPES]
          + [(SHAPES[0], "bound-active"), (SHAPES[4], "bound-active"), (SHAPES[0], "aligned-second-order"),
-            (SHAPES[1], "aligned-second-order"), (SHAPES[0], "earlier"), (SHAPES[1], "earlier")])
+            (SHAPES[1], "aligned-second-order"), (SHAPES[0], "earlier"), (SHAPES[1], "earlier"),
+            (SHAPES[0], "init-projections")])
 
 
 @pytest.mark.parametrize("self_modifying", [True, False], ids=["hope", "titans"])
@@ -175,12 +177,12 @@ def test_oracle_detects_a_non_causal_step_bound(monkeypatch):
     assert rel_err(layer(x)[0], y_ref) > 1e-4
 
 
-@pytest.mark.parametrize("retain_toward", ["init", "zero"])
+@pytest.mark.parametrize("retain_toward", ["init", "zero", "init_projections"])
 @pytest.mark.parametrize("self_modifying", [True, False])
 def test_retention_decays_toward_its_target(retain_toward, self_modifying, monkeypatch):
     """With no writes (eta = 0) and alpha < 1, 64 tokens of retention take every memory from a state away from its
-    meta-learned initial weights A to A + 0.9^64 (W - A) (``retain_toward: init``) or to 0.9^64 W (``zero``): the
-    semantics the oracle and the chunk-parallel layer share, checked directly."""
+    meta-learned initial weights A to A + 0.9^64 (W - A) (``retain_toward: init``) or to 0.9^64 W (``zero``; and
+    the main memory under ``init_projections``): the semantics the oracle and the chunk-parallel layer share."""
     shape = (2, 64, 16, 2, 16, 32, True, 0.0, True)
     layer = make_layer(shape, self_modifying, variant="default")
     layer.cfg.retain_toward = retain_toward
@@ -189,11 +191,11 @@ def test_retention_decays_toward_its_target(retain_toward, self_modifying, monke
     x = torch.randn(2, 64, 16, dtype=torch.float64)
     _, end = layer(x, state)
     decay = 0.9 ** 64
-    pairs = [(state.mem, end.mem, (layer.mem_w1, layer.mem_w2))]
+    pairs = [(state.mem, end.mem, (layer.mem_w1, layer.mem_w2), retain_toward == "init")]
     if self_modifying:
-        pairs.append((state.proj, end.proj, (layer.proj_w1, layer.proj_w2)))
-    for start, final, anchor in pairs:
+        pairs.append((state.proj, end.proj, (layer.proj_w1, layer.proj_w2), retain_toward != "zero"))
+    for start, final, anchor, toward_init in pairs:
         for w0, w, a in ((start.w1, final.w1, anchor[0]), (start.w2, final.w2, anchor[1])):
-            a = a.detach() if retain_toward == "init" else torch.zeros_like(a)
+            a = a.detach() if toward_init else torch.zeros_like(a)
             expected = a + decay * (w0.detach() - a)
             assert rel_err(w.detach(), expected) < 1e-10

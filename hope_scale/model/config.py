@@ -21,7 +21,7 @@ EXECUTION_FIELDS = ("compile", "kernel")
 KERNELS = ("naive", "triton")
 CMS_VARIANTS = ("sequential", "independent")
 OVERSHOOTS = ("rayleigh", "aligned")
-RETENTION_TARGETS = ("init", "zero")
+RETENTION_TARGETS = ("init", "zero", "init_projections")
 
 
 # The inner update of hope-scale before the stabilization of issue 8 (docs/hope-design.md §6), for ablations:
@@ -76,7 +76,8 @@ class ModelConfig:
     alpha_init: float = 0.999  # initial retention alpha (sets b_alpha); alpha_t = sigmoid(mean(M_alpha(x)) + b_alpha)
     # what retention decays the fast weights toward: "init", the meta-learned initial weights W_0
     # (W <- W_0 + alpha (W - W_0): forgets what the context wrote, never what was meta-learned), or "zero" (the
-    # paper's W <- alpha W); docs/hope-design.md §6.6
+    # paper's W <- alpha W), or "init_projections" (the projection memories toward W_0, the main memory toward
+    # zero); docs/hope-design.md §6.6
     retain_toward: str = "init"
     conv_width: int = 4  # causal depthwise short convolution before the memories
 

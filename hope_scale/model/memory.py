@@ -348,8 +348,11 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     s_end = sc(scale[..., last])
     g_end, c_end = sc(coef.gamma[..., last]), sc(coef.c_vec[..., last])
     e_end, d_end = coef.e_mat[..., last, :, None], coef.d_mat[..., last, :, None]
-    carried = lambda w, s, j: (retained(g_end, w, anchor, lambda a: a[j])  # noqa: E731
-                               + (c_end * s if momentum else 0.0))
+
+    def carried(w0, s0, j):  # what the chunk-start weights and momentum leave: gamma W_0 + (1 - gamma) A + c S_0
+        kept = retained(g_end, w0, anchor, lambda a: a[j])
+        return kept + c_end * s0 if momentum else kept
+
     w1 = carried(state.w1, state.s1, 0) - s_end * ((e_end * eta_u).transpose(-1, -2) @ h)
     w2 = carried(state.w2, state.s2, 1) - s_end * ((e_end * eta_delta).transpose(-1, -2) @ keys)
     if x_state is not None:

@@ -169,9 +169,11 @@ class SelfModifyingTitans(nn.Module):
     chunk_step = staticmethod(chunk_step)
 
     def retention_anchor(self, projection: bool):
-        """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``;
-        [H, (P,) d, h] and [H, (P,) h, d], broadcast over the batch) or zero (None)."""
-        if self.cfg.retain_toward == "zero":
+        """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``, or
+        ``init_projections`` for the projection memories; [H, (P,) d, h] and [H, (P,) h, d], broadcast over the
+        batch) or zero (None)."""
+        toward = self.cfg.retain_toward
+        if toward == "zero" or (toward == "init_projections" and not projection):
             return None
         return (self.proj_w1, self.proj_w2) if projection else (self.mem_w1, self.mem_w2)
 
