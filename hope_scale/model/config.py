@@ -102,6 +102,10 @@ class ModelConfig:
     def d_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
+    def retains_toward_init(self, projection: bool) -> bool:
+        """Whether retention decays a memory (a projection memory, or the main memory) toward its initial weights."""
+        return self.retain_toward == "init" or (projection and self.retain_toward == "init_projections")
+
     @property
     def d_mem_hidden(self) -> int:
         return max(1, int(round(self.mem_hidden_mult * self.d_head)))

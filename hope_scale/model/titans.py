@@ -172,8 +172,7 @@ class SelfModifyingTitans(nn.Module):
         """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``, or
         ``init_projections`` for the projection memories; [H, (P,) d, h] and [H, (P,) h, d], broadcast over the
         batch) or zero (None)."""
-        toward = self.cfg.retain_toward
-        if toward == "zero" or (toward == "init_projections" and not projection):
+        if not self.cfg.retains_toward_init(projection):
             return None
         return (self.proj_w1, self.proj_w2) if projection else (self.mem_w1, self.mem_w2)
 

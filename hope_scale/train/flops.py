@@ -115,13 +115,9 @@ def _update(cfg: ModelConfig, d: int, h: int, c: int, erase: bool, read: bool) -
         n += 2 * c * d + 4 * c * h + 2 * rows * c + 2 * rows * c * (d + h) + 2 * rows * h * d  # (+ k.k: _shared)
     if erase:  # erase vectors (state and gradient parts: W2_0 k, S2_0 k, A2 k) and their end-state terms
         n += (2 if cfg.first_order else 0) * d * h + (2 if momentum else 0) * d * h + 4 * d * h + 6 * c * h
-        n += 2 * d * h if anchored(cfg, projection=not read) else 0
+        # retention toward the initial weights A (memory.retained) adds A2 k; only the main memory is read
+        n += 2 * d * h if cfg.retains_toward_init(projection=not read) else 0
     return n
-
-
-def anchored(cfg: ModelConfig, projection: bool) -> bool:
-    """Retention decays toward the initial weights A (memory.retained): the reads and erase vectors add A q, A k."""
-    return cfg.retain_toward == "init" or (projection and cfg.retain_toward == "init_projections")
 
 
 def _shared(cfg: ModelConfig, d: int, c: int, erase: bool) -> float:
@@ -145,9 +141,9 @@ def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
         erase = cfg.dgd_erase
         n_proj = 5 if cfg.adaptive_q else 4
         per_head = (n_proj * (2 * mlp + _update(cfg, d, h, cp, erase, False)) + _shared(cfg, d, cp, erase)
-                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase, momentum, anchored(cfg, False)))
+                    + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase, momentum, cfg.retains_toward_init(projection=False)))
     else:
-        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False, momentum, anchored(cfg, False))
+        per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False, momentum, cfg.retains_toward_init(projection=False))
     return float(per_head * cfg.n_heads * cfg.n_layers)
 
 
