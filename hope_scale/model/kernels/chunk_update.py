@@ -15,8 +15,8 @@ coefficient (which carry the gradients of eta, alpha and the keys through ``chun
 beta = 0 the carried momentum s1, s2 enters nothing (zero gradients) and c_vec, c_prev are unused (None), as in the
 naive path. Still recomputed in PyTorch (``chunk_update`` again and ``torch.autograd.grad``, exact): the
 second-order rule (``first_order=False``, an ablation: by design, without a warning), and, with a warning naming the
-reason (once), chunks whose padded C, d or h exceed ``triton_chunk.BWD_MAX_BLOCK`` (32: the backward's tiles at 64
-need more shared memory than an H100 has) or a GPU that reports the backward out of resources.
+reason (once), chunks whose padded C, d or h exceed ``triton_chunk.BWD_MAX_BLOCK`` (64 for bf16 / fp16 inputs, 32
+for fp32, the largest fp32 size compiled for sm_90) or a GPU that reports the backward out of resources.
 """
 
 from __future__ import annotations
@@ -153,9 +153,10 @@ def fused_backward_unsupported(ctx) -> str | None:
 
     saved = dict(zip(INPUTS, ctx.saved_tensors))
     c, d, hid = saved["keys"].shape[-2], saved["keys"].shape[-1], saved["w1"].shape[-1]
-    if max(block(c), block(d), block(hid)) > BWD_MAX_BLOCK:
-        return (f"C={c}, d={d}, h={hid}: the backward kernel keeps a chunk on chip in tiles up to {BWD_MAX_BLOCK} "
-                f"(at 64 it needs more shared memory than an H100 has)")
+    largest = BWD_MAX_BLOCK[saved["keys"].dtype]
+    if max(block(c), block(d), block(hid)) > largest:
+        return (f"C={c}, d={d}, h={hid}: the backward kernel keeps a chunk on chip in tiles up to {largest} in "
+                f"{saved['keys'].dtype} (triton_chunk.BWD_MAX_BLOCK)")
     return None
 
 

@@ -35,10 +35,12 @@ row's rho_t = num / den differentiated through c_t., the Gram matrices and J_j d
 0 where den is negligible), the rates (``_rate_bwd``: 0 through kappa where it is clamped to KAPPA_MIN or |g|^2 is
 negligible) and the rank-1 factors (``_factors_bwd``). It writes the gradients of every input of the forward
 kernel: W1, W2, K, V̂, Q, A1, A2, eta, gamma, D (row L), E, gamma_prev, E_kk_prev, A^-1, D_qk, E_qk. Tiles up to
-``BWD_MAX_BLOCK`` (the backward has more live tiles than the forward: see there).
+``BWD_MAX_BLOCK`` (per dtype: the backward has more live tiles than the forward, see there).
 Tiles are padded to powers of two >= 16 (``tl.dot``'s minimum) with masked loads: padded rows and columns are zero
-and contribute nothing. Everything is computed in fp32 (``tl.dot`` with ``input_precision="ieee"`` for fp32 inputs,
-TF32 for 16-bit inputs, whose reference computes in 16 bits) and stored in the inputs' dtype.
+and contribute nothing. Everything is computed and accumulated in fp32 and stored in the inputs' dtype; the
+operands of the matrix products (``_dot``) are fp32 for fp32 inputs and rounded to the inputs' dtype for 16-bit
+inputs (as flash-linear-attention's kernels do; their reference, the naive path in 16 bits, rounds every
+intermediate).
 
 This module decorates its kernels when imported: set ``TRITON_INTERPRET=1`` before importing it to run them on
 CPU (numpy interpreter; for tests). ``INTERPRETED`` says which mode it was imported in. The kernels call only
@@ -57,19 +59,24 @@ import triton.language as tl
 
 from ..memory import KAPPA_MIN, NEGLIGIBLE
 
-# largest padded C, d or h: every tile of a chunk lives in one program. Compiled for sm_90, C = d = h = 64 needs
-# 196 KiB of shared memory (an H100/H200 block may use 227 KiB; 212 KiB with the anchor, loaded where it is used:
-# 244 KiB if held for the whole program) and spills some registers; 128 would need more
-# shared memory than any GPU has (tests/test_model_kernel.py compiles the kernel for sm_90 and checks this)
+# dot-product operands by input dtype (``_dot``): fp32 inputs keep fp32 (IEEE), 16-bit inputs round the operands to
+# their own dtype and accumulate in fp32
+PRECISION = {torch.float32: "ieee", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# largest padded C, d or h: every tile of a chunk lives in one program (128 would hold four times the tiles of 64,
+# more than the shared memory of a GPU block). What each kernel needs, compiled for sm_90:
+# ``python benchmarks/kernel_shared_memory.py`` (tests/test_model_kernel.py checks the largest shapes fit)
 MAX_BLOCK = 64
-# largest padded C, d or h of the backward kernel. Compiled for sm_90 at 32 it needs 56 KiB of shared memory; at 64
-# it would need 464 KiB (Hopper's wgmma keeps the B operand of every dot of a 64-row tile in shared memory, about
-# 29 such 16 KiB tiles are live at once; compiled for sm_80, 224 KiB: above an A100's 163 KiB), so larger chunks
-# recompute their backward in PyTorch (chunk_update.ChunkUpdate.backward)
-BWD_MAX_BLOCK = 32
+# largest padded C, d or h of the backward kernel, by input dtype. 16-bit: 64, the shipped models' head size and
+# projection chunks (at 64 with every branch on it needs 176 KiB; with TF32 operands, before ``_dot`` rounded them
+# to 16 bits, 528 KiB: Hopper's wgmma keeps the B operand of every dot in shared memory, and the backward has many
+# live tiles). fp32: 32, the largest size compiled for sm_90 (at 64 its IEEE fp32 products did not finish compiling
+# in 10 minutes); larger fp32 chunks recompute their backward in PyTorch (ChunkUpdate.backward)
+BWD_MAX_BLOCK = {torch.float32: 32, torch.bfloat16: 64, torch.float16: 64}
 SM90_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 _NEGLIGIBLE = tl.constexpr(NEGLIGIBLE)
 _KAPPA_MIN = tl.constexpr(KAPPA_MIN)
+# whether triton.jit decorates this module's kernels for the CPU interpreter (as it reads it at decoration)
+_INTERPRET = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 @triton.jit
@@ -82,6 +89,32 @@ def _sum(x, axis: tl.constexpr):
     """sum over ``axis`` (tl.reduce with this module's own combine function: the interpreter runs it whenever
     this module was imported, unlike triton.language's jit functions such as tl.sum, decorated at its import)."""
     return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _round_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), kept in fp32: what a GPU's x.to(bfloat16) gives. For the
+    interpreter, whose bfloat16 conversion truncates and whose bfloat16 dot products are wrong (triton 3.8)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32. PRECISION "ieee": fp32 operands (fp32 inputs); "bf16" / "fp16": the operands
+    rounded to the inputs' 16-bit dtype, as tensor cores take them (Hopper's wgmma keeps a dot's B operand in
+    shared memory: 16-bit operands halve it, which is what fits the backward's 64-tiles, see BWD_MAX_BLOCK). The
+    interpreter computes the bf16 products in fp32 from operands rounded as the GPU rounds them (the same
+    numbers: a product of two bfloat16 values is exact in fp32)."""
+    if PRECISION == "ieee":
+        return tl.dot(a, b, input_precision="ieee")
+    elif PRECISION == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif _INTERPRET:
+        return tl.dot(_round_bf16(a), _round_bf16(b), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
 @triton.jit
@@ -144,12 +177,12 @@ def _load_row(ptr, pid, t, C, BC: tl.constexpr):
 def _factors(keys, targets, w1, w2, PRECISION: tl.constexpr):
     """Rank-1 factors of each token's inner gradient at the chunk-start weights: z = K W2^T, h = silu(z),
     silu'(z), u = K + h W1^T - V̂, p = u W1, delta = p * silu'(z)."""
-    z = tl.dot(keys, tl.trans(w2), input_precision=PRECISION)  # [C, h]
+    z = _dot(keys, tl.trans(w2), PRECISION)  # [C, h]
     sig = _sigmoid(z)
     h = z * sig
     dsilu = sig * (1.0 + z * (1.0 - sig))
-    u = keys + tl.dot(h, tl.trans(w1), input_precision=PRECISION) - targets  # [C, d]
-    p = tl.dot(u, w1, input_precision=PRECISION)  # [C, h]
+    u = keys + _dot(h, tl.trans(w1), PRECISION) - targets  # [C, d]
+    p = _dot(u, w1, PRECISION)  # [C, h]
     return z, h, dsilu, u, p, p * dsilu
 
 
@@ -159,7 +192,7 @@ def _curvature_terms(keys, h, u, delta, dsilu, w1, PRECISION: tl.constexpr):
     J_i g_i = ||h_i||^2 u_i + ||k_i||^2 m_i and ||g_i||^2 = ||u_i||^2 ||h_i||^2 + ||delta_i||^2 ||k_i||^2."""
     hh = _sum(h * h, axis=1)
     kk = _sum(keys * keys, axis=1)
-    m = tl.dot(dsilu * delta, tl.trans(w1), input_precision=PRECISION)  # [C, d]
+    m = _dot(dsilu * delta, tl.trans(w1), PRECISION)  # [C, d]
     jg = hh[:, None] * u + kk[:, None] * m
     gg = _sum(u * u, axis=1) * hh + _sum(delta * delta, axis=1) * kk
     return hh, kk, m, jg, gg
@@ -179,10 +212,10 @@ def _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED: tl.constexpr, PRECISION
 @triton.jit
 def _grams(keys, h, u, delta, PRECISION: tl.constexpr):
     """Gram matrices of the chunk's tokens: h_j.h_i, k_j.k_i and g_j.g_i = (u_j.u_i)(h_j.h_i) + (d_j.d_i)(k_j.k_i)."""
-    hh_gram = tl.dot(h, tl.trans(h), input_precision=PRECISION)
-    kk_gram = tl.dot(keys, tl.trans(keys), input_precision=PRECISION)
-    gram = (tl.dot(u, tl.trans(u), input_precision=PRECISION) * hh_gram
-            + tl.dot(delta, tl.trans(delta), input_precision=PRECISION) * kk_gram)
+    hh_gram = _dot(h, tl.trans(h), PRECISION)
+    kk_gram = _dot(keys, tl.trans(keys), PRECISION)
+    gram = (_dot(u, tl.trans(u), PRECISION) * hh_gram
+            + _dot(delta, tl.trans(delta), PRECISION) * kk_gram)
     return hh_gram, kk_gram, gram
 
 
@@ -190,9 +223,9 @@ def _grams(keys, h, u, delta, PRECISION: tl.constexpr):
 def _row_jacobians(rows, hh_gram, kk_gram, u, delta, dsilu, w1, PRECISION: tl.constexpr):
     """J_j dW_t for every token j, dW_t = sum_i c_ti g_i (one row c_t. of the accumulated step):
     jd_j = sum_i c_ti (h_j.h_i) u_i + W1 (silu'(z_j) * dw2k_j), dw2k_j = sum_i c_ti (k_j.k_i) delta_i."""
-    j_w1 = tl.dot(hh_gram * rows[None, :], u, input_precision=PRECISION)  # [C, d]
-    dw2_k = tl.dot(kk_gram * rows[None, :], delta, input_precision=PRECISION)  # [C, h]
-    return j_w1 + tl.dot(dsilu * dw2_k, tl.trans(w1), input_precision=PRECISION), dw2_k
+    j_w1 = _dot(hh_gram * rows[None, :], u, PRECISION)  # [C, d]
+    dw2_k = _dot(kk_gram * rows[None, :], delta, PRECISION)  # [C, h]
+    return j_w1 + _dot(dsilu * dw2_k, tl.trans(w1), PRECISION), dw2_k
 
 
 @triton.jit
@@ -243,7 +276,7 @@ def _erase_known(z, keys, a2, gamma_prev, ANCHOR: tl.constexpr, PRECISION: tl.co
     """W2_{s-1} k_s without the chunk's own terms: known = gamma_prev * z + (1 - gamma_prev) * z_A, z_A = K A2^T
     (0 without an anchor). Returns known and z - z_A (its derivative in gamma_prev)."""
     if ANCHOR:
-        z_a = tl.dot(keys, tl.trans(a2), input_precision=PRECISION)  # [C, h]
+        z_a = _dot(keys, tl.trans(a2), PRECISION)  # [C, h]
         known = gamma_prev[:, None] * z + (1.0 - gamma_prev)[:, None] * z_a
         diff = z - z_a
     else:
@@ -257,9 +290,9 @@ def _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION: tl.cons
     """The erase vectors x_s = -eta_s W2_{s-1} k_s = x_state + s x_grad: x_state = A^-1 (-eta * known) (known
     from ``_erase_known``), x_grad = A^-1 (eta * ekk_ed), ekk_ed = (E_{s-1,i} k_i.k_s) @ (r delta) (also
     returned)."""
-    x_state = tl.dot(inverse, -eta[:, None] * known, input_precision=PRECISION)  # [C, h]
-    ekk_ed = tl.dot(e_kk_prev, eta_delta, input_precision=PRECISION)
-    x_grad = tl.dot(inverse, eta[:, None] * ekk_ed, input_precision=PRECISION)
+    x_state = _dot(inverse, -eta[:, None] * known, PRECISION)  # [C, h]
+    ekk_ed = _dot(e_kk_prev, eta_delta, PRECISION)
+    x_grad = _dot(inverse, eta[:, None] * ekk_ed, PRECISION)
     return x_state, x_grad, ekk_ed
 
 
@@ -269,18 +302,18 @@ def _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, et
     """W2_t q_t = zq_state + s_t zq_grad: zq_state = gamma * q W2^T + (1 - gamma) * q A2^T + D_qk x_state (no
     anchor term without one), zq_grad = D_qk x_grad - E_qk (r delta). Also returns q_diff = q (W2 - A2)^T (q W2^T
     without an anchor), zq_state's derivative in gamma."""
-    qw2 = tl.dot(queries, tl.trans(w2), input_precision=PRECISION)  # [C, h]
+    qw2 = _dot(queries, tl.trans(w2), PRECISION)  # [C, h]
     if ANCHOR:
-        qa2 = tl.dot(queries, tl.trans(a2), input_precision=PRECISION)
+        qa2 = _dot(queries, tl.trans(a2), PRECISION)
         zq_state = gamma[:, None] * qw2 + (1.0 - gamma)[:, None] * qa2
         q_diff = qw2 - qa2
     else:
         zq_state = gamma[:, None] * qw2
         q_diff = qw2
-    zq_grad = -tl.dot(e_qk, eta_delta, input_precision=PRECISION)
+    zq_grad = -_dot(e_qk, eta_delta, PRECISION)
     if ERASE:
-        zq_state += tl.dot(d_qk, x_state, input_precision=PRECISION)
-        zq_grad += tl.dot(d_qk, x_grad, input_precision=PRECISION)
+        zq_state += _dot(d_qk, x_state, PRECISION)
+        zq_grad += _dot(d_qk, x_grad, PRECISION)
     return q_diff, zq_state, zq_grad
 
 
@@ -326,13 +359,13 @@ def _chunk_update_kernel(
         w2_end = gamma_end * w2 + (1.0 - gamma_end) * _load_tile(a2_ptr, pid, HID, D, BH, BD)
     else:
         w1_end, w2_end = gamma_end * w1, gamma_end * w2
-    new_w1 = w1_end - s_end * tl.dot(tl.trans(e_end[:, None] * eta_u), h, input_precision=PRECISION)
-    new_w2 = w2_end - s_end * tl.dot(tl.trans(e_end[:, None] * eta_delta), keys, input_precision=PRECISION)
+    new_w1 = w1_end - s_end * _dot(tl.trans(e_end[:, None] * eta_u), h, PRECISION)
+    new_w2 = w2_end - s_end * _dot(tl.trans(e_end[:, None] * eta_delta), keys, PRECISION)
     if ERASE:
         d_end = _load_row(d_ptr, pid, last, C, BC)
-        new_w2 += tl.dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, input_precision=PRECISION)
-    new_s1 = -s_end * tl.dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, input_precision=PRECISION)
-    new_s2 = -s_end * tl.dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, input_precision=PRECISION)
+        new_w2 += _dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, PRECISION)
+    new_s1 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, PRECISION)
+    new_s2 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, PRECISION)
     _store_tile(w1_out, pid, new_w1, D, HID, BD, BH)
     _store_tile(w2_out, pid, new_w2, HID, D, BH, BD)
     _store_tile(s1_out, pid, new_s1, D, HID, BD, BH)
@@ -353,12 +386,12 @@ def _chunk_update_kernel(
         zq = zq_state + scale[:, None] * zq_grad
         hq = zq * _sigmoid(zq)
         e_mat = _load_tile(e_ptr, pid, C, C, BC, BC)
-        hq_h = e_mat * tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # E_ti (hq_t . h_i)
-        branch = (gamma[:, None] * tl.dot(hq, tl.trans(w1), input_precision=PRECISION)
-                  - scale[:, None] * tl.dot(hq_h, eta_u, input_precision=PRECISION))
+        hq_h = e_mat * _dot(hq, tl.trans(h), PRECISION)  # E_ti (hq_t . h_i)
+        branch = (gamma[:, None] * _dot(hq, tl.trans(w1), PRECISION)
+                  - scale[:, None] * _dot(hq_h, eta_u, PRECISION))
         if ANCHOR:
             a1 = _load_tile(a1_ptr, pid, D, HID, BD, BH)
-            branch += (1.0 - gamma)[:, None] * tl.dot(hq, tl.trans(a1), input_precision=PRECISION)
+            branch += (1.0 - gamma)[:, None] * _dot(hq, tl.trans(a1), PRECISION)
         _store_tile(reads_out, pid, queries + branch, C, D, BC, BD)
 
 
@@ -376,42 +409,42 @@ def _reads_bwd(g_o, queries, w1, w2, a1, a2, h, eta_u, eta_delta, gamma, scale, 
     zq = zq_state + scale[:, None] * zq_grad
     sig = _sigmoid(zq)
     hq = zq * sig
-    hq_h = tl.dot(hq, tl.trans(h), input_precision=PRECISION)  # hq_t . h_i
-    g_w1 = tl.dot(tl.trans(gamma[:, None] * g_o), hq, input_precision=PRECISION)
-    g_hq = gamma[:, None] * tl.dot(g_o, w1, input_precision=PRECISION)
+    hq_h = _dot(hq, tl.trans(h), PRECISION)  # hq_t . h_i
+    g_w1 = _dot(tl.trans(gamma[:, None] * g_o), hq, PRECISION)
+    g_hq = gamma[:, None] * _dot(g_o, w1, PRECISION)
     if ANCHOR:  # d/dgamma of gamma W1 + (1 - gamma) A1 is W1 - A1
-        g_gamma = _sum(g_o * tl.dot(hq, tl.trans(w1 - a1), input_precision=PRECISION), axis=1)
-        g_a1 = tl.dot(tl.trans((1.0 - gamma)[:, None] * g_o), hq, input_precision=PRECISION)
-        g_hq += (1.0 - gamma)[:, None] * tl.dot(g_o, a1, input_precision=PRECISION)
+        g_gamma = _sum(g_o * _dot(hq, tl.trans(w1 - a1), PRECISION), axis=1)
+        g_a1 = _dot(tl.trans((1.0 - gamma)[:, None] * g_o), hq, PRECISION)
+        g_hq += (1.0 - gamma)[:, None] * _dot(g_o, a1, PRECISION)
     else:
-        g_gamma = _sum(g_o * tl.dot(hq, tl.trans(w1), input_precision=PRECISION), axis=1)
+        g_gamma = _sum(g_o * _dot(hq, tl.trans(w1), PRECISION), axis=1)
         g_a1 = g_w1 * 0.0
-    g_scale = -_sum(g_o * tl.dot(e_mat * hq_h, eta_u, input_precision=PRECISION), axis=1)
+    g_scale = -_sum(g_o * _dot(e_mat * hq_h, eta_u, PRECISION), axis=1)
     g_sum = -scale[:, None] * g_o  # dLoss / d(sum_i E_ti (hq_t.h_i) r_i u_i)
-    g_hq_h = tl.dot(g_sum, tl.trans(eta_u), input_precision=PRECISION)  # [C, C], then times E
-    g_eu = tl.dot(tl.trans(e_mat * hq_h), g_sum, input_precision=PRECISION)
+    g_hq_h = _dot(g_sum, tl.trans(eta_u), PRECISION)  # [C, C], then times E
+    g_eu = _dot(tl.trans(e_mat * hq_h), g_sum, PRECISION)
     g_e = g_hq_h * hq_h
     g_hq_h = g_hq_h * e_mat
-    g_hq += tl.dot(g_hq_h, h, input_precision=PRECISION)
-    g_h = tl.dot(tl.trans(g_hq_h), hq, input_precision=PRECISION)
+    g_hq += _dot(g_hq_h, h, PRECISION)
+    g_h = _dot(tl.trans(g_hq_h), hq, PRECISION)
     g_zq = g_hq * sig * (1.0 + zq * (1.0 - sig))  # silu'
     g_gamma += _sum(g_zq * q_diff, axis=1)
-    g_q = g_o + tl.dot(gamma[:, None] * g_zq, w2, input_precision=PRECISION)
-    g_w2 = tl.dot(tl.trans(gamma[:, None] * g_zq), queries, input_precision=PRECISION)
+    g_q = g_o + _dot(gamma[:, None] * g_zq, w2, PRECISION)
+    g_w2 = _dot(tl.trans(gamma[:, None] * g_zq), queries, PRECISION)
     if ANCHOR:
-        g_q += tl.dot((1.0 - gamma)[:, None] * g_zq, a2, input_precision=PRECISION)
-        g_a2 = tl.dot(tl.trans((1.0 - gamma)[:, None] * g_zq), queries, input_precision=PRECISION)
+        g_q += _dot((1.0 - gamma)[:, None] * g_zq, a2, PRECISION)
+        g_a2 = _dot(tl.trans((1.0 - gamma)[:, None] * g_zq), queries, PRECISION)
     else:
         g_a2 = g_w2 * 0.0
     g_scale += _sum(g_zq * zq_grad, axis=1)
     g_zq_grad = scale[:, None] * g_zq
-    g_eqk = -tl.dot(g_zq_grad, tl.trans(eta_delta), input_precision=PRECISION)
-    g_ed = -tl.dot(tl.trans(e_qk), g_zq_grad, input_precision=PRECISION)
+    g_eqk = -_dot(g_zq_grad, tl.trans(eta_delta), PRECISION)
+    g_ed = -_dot(tl.trans(e_qk), g_zq_grad, PRECISION)
     if ERASE:
-        g_dqk = (tl.dot(g_zq, tl.trans(x_state), input_precision=PRECISION)
-                 + tl.dot(g_zq_grad, tl.trans(x_grad), input_precision=PRECISION))
-        g_xs = tl.dot(tl.trans(d_qk), g_zq, input_precision=PRECISION)
-        g_xg = tl.dot(tl.trans(d_qk), g_zq_grad, input_precision=PRECISION)
+        g_dqk = (_dot(g_zq, tl.trans(x_state), PRECISION)
+                 + _dot(g_zq_grad, tl.trans(x_grad), PRECISION))
+        g_xs = _dot(tl.trans(d_qk), g_zq, PRECISION)
+        g_xg = _dot(tl.trans(d_qk), g_zq_grad, PRECISION)
     else:
         g_dqk, g_xs, g_xg = g_eqk * 0.0, g_zq * 0.0, g_zq * 0.0
     return g_q, g_w1, g_w2, g_a1, g_a2, g_gamma, g_scale, g_e, g_h, g_eu, g_ed, g_dqk, g_eqk, g_xs, g_xg
@@ -425,31 +458,31 @@ def _end_state_bwd(g_w1, g_w2, g_s1, g_s2, w1_d, w2_d, keys, h, eta_u, eta_delta
     S2' = -s_L r_L delta_L k_L^T (row L of E, D: e_end, d_end; w1_d, w2_d: W - A, or W without an anchor).
     Returns the gradients of gamma_L, s_L (scalars), E_L., D_L. (vectors), r u, r delta, h, K, x_state, x_grad;
     W1's and W2's are gamma_L g_w1 and gamma_L g_w2, A1's and A2's (1 - gamma_L) g_w1 and (1 - gamma_L) g_w2."""
-    hg1 = tl.dot(h, tl.trans(g_w1), input_precision=PRECISION)  # [C, d]: g_W1' h_i
-    kg2 = tl.dot(keys, tl.trans(g_w2), input_precision=PRECISION)  # [C, h]: g_W2' k_i
+    hg1 = _dot(h, tl.trans(g_w1), PRECISION)  # [C, d]: g_W1' h_i
+    kg2 = _dot(keys, tl.trans(g_w2), PRECISION)  # [C, h]: g_W2' k_i
     steps = _sum(eta_u * hg1, axis=1) + _sum(eta_delta * kg2, axis=1)
     g_gamma_end = _sum(_sum(g_w1 * w1_d, axis=1), axis=0) + _sum(_sum(g_w2 * w2_d, axis=1), axis=0)
     g_e_end = -s_end * steps
     g_s_end = -_sum(e_end * steps, axis=0)
     g_eu = -s_end * e_end[:, None] * hg1
     g_ed = -s_end * e_end[:, None] * kg2
-    g_h = -s_end * tl.dot(e_end[:, None] * eta_u, g_w1, input_precision=PRECISION)
-    g_k = -s_end * tl.dot(e_end[:, None] * eta_delta, g_w2, input_precision=PRECISION)
+    g_h = -s_end * _dot(e_end[:, None] * eta_u, g_w1, PRECISION)
+    g_k = -s_end * _dot(e_end[:, None] * eta_delta, g_w2, PRECISION)
     # the momentum after the chunk: token L's step
-    hs1 = tl.where(at_last[:, None], tl.dot(h, tl.trans(g_s1), input_precision=PRECISION), 0.0)
-    ks2 = tl.where(at_last[:, None], tl.dot(keys, tl.trans(g_s2), input_precision=PRECISION), 0.0)
+    hs1 = tl.where(at_last[:, None], _dot(h, tl.trans(g_s1), PRECISION), 0.0)
+    ks2 = tl.where(at_last[:, None], _dot(keys, tl.trans(g_s2), PRECISION), 0.0)
     g_s_end -= _sum(_sum(eta_u * hs1, axis=1) + _sum(eta_delta * ks2, axis=1), axis=0)
     g_eu -= s_end * hs1
     g_ed -= s_end * ks2
-    g_h -= s_end * tl.where(at_last[:, None], tl.dot(eta_u, g_s1, input_precision=PRECISION), 0.0)
-    g_k -= s_end * tl.where(at_last[:, None], tl.dot(eta_delta, g_s2, input_precision=PRECISION), 0.0)
+    g_h -= s_end * tl.where(at_last[:, None], _dot(eta_u, g_s1, PRECISION), 0.0)
+    g_k -= s_end * tl.where(at_last[:, None], _dot(eta_delta, g_s2, PRECISION), 0.0)
     if ERASE:
         x_end = x_state + s_end * x_grad
         g_d_end = _sum(x_end * kg2, axis=1)
         g_xs = d_end[:, None] * kg2
         g_xg = s_end * g_xs
         g_s_end += _sum(d_end * _sum(x_grad * kg2, axis=1), axis=0)
-        g_k += tl.dot(d_end[:, None] * x_end, g_w2, input_precision=PRECISION)
+        g_k += _dot(d_end[:, None] * x_end, g_w2, PRECISION)
     else:
         g_d_end, g_xs, g_xg = e_end * 0.0, g_ed * 0.0, g_ed * 0.0
     return g_gamma_end, g_s_end, g_e_end, g_d_end, g_eu, g_ed, g_h, g_k, g_xs, g_xg
@@ -460,14 +493,14 @@ def _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, known, eta_delta, ekk_ed, PR
     """Backward of x_state = A^-1 (-eta * known), x_grad = A^-1 (eta * (E_kk_prev (r delta))): the gradients of
     A^-1, eta, known (``_erase_known``), E_kk_prev and r delta."""
     n_state = -eta[:, None] * known
-    g_inv = (tl.dot(g_xs, tl.trans(n_state), input_precision=PRECISION)
-             + tl.dot(g_xg, tl.trans(eta[:, None] * ekk_ed), input_precision=PRECISION))
-    g_n_state = tl.dot(tl.trans(inverse), g_xs, input_precision=PRECISION)
-    g_n_grad = tl.dot(tl.trans(inverse), g_xg, input_precision=PRECISION)
+    g_inv = (_dot(g_xs, tl.trans(n_state), PRECISION)
+             + _dot(g_xg, tl.trans(eta[:, None] * ekk_ed), PRECISION))
+    g_n_state = _dot(tl.trans(inverse), g_xs, PRECISION)
+    g_n_grad = _dot(tl.trans(inverse), g_xg, PRECISION)
     g_eta = -_sum(g_n_state * known, axis=1) + _sum(g_n_grad * ekk_ed, axis=1)
     g_ekk_ed = eta[:, None] * g_n_grad
-    g_ekk = tl.dot(g_ekk_ed, tl.trans(eta_delta), input_precision=PRECISION)
-    g_ed = tl.dot(tl.trans(e_kk_prev), g_ekk_ed, input_precision=PRECISION)
+    g_ekk = _dot(g_ekk_ed, tl.trans(eta_delta), PRECISION)
+    g_ed = _dot(tl.trans(e_kk_prev), g_ekk_ed, PRECISION)
     return g_inv, g_eta, -eta[:, None] * g_n_state, g_ekk, g_ed
 
 
@@ -488,15 +521,15 @@ def _overshoot_row_bwd(g_rho, rows, gram, hh_gram, kk_gram, u, delta, dsilu, w1,
     g_c = 2.0 * g_den * g_c_gram + g_num * jj
     g_gram += g_den * rows[:, None] * rows[None, :]
     g_jd = (2.0 * g_num * rows)[:, None] * jd
-    g_t = tl.dot(g_jd, w1, input_precision=PRECISION)  # [C, h]
+    g_t = _dot(g_jd, w1, PRECISION)  # [C, h]
     g_dsilu += g_t * dw2_k
     g_dw2_k = g_t * dsilu
-    g_hh_c = tl.dot(g_jd, tl.trans(u), input_precision=PRECISION)  # [C, C]: of HH * c
+    g_hh_c = _dot(g_jd, tl.trans(u), PRECISION)  # [C, C]: of HH * c
     g_hh += g_hh_c * rows[None, :]
-    g_u += tl.dot(tl.trans(hh_gram * rows[None, :]), g_jd, input_precision=PRECISION)
-    g_kk_c = tl.dot(g_dw2_k, tl.trans(delta), input_precision=PRECISION)
+    g_u += _dot(tl.trans(hh_gram * rows[None, :]), g_jd, PRECISION)
+    g_kk_c = _dot(g_dw2_k, tl.trans(delta), PRECISION)
     g_kk += g_kk_c * rows[None, :]
-    g_delta += tl.dot(tl.trans(kk_gram * rows[None, :]), g_dw2_k, input_precision=PRECISION)
+    g_delta += _dot(tl.trans(kk_gram * rows[None, :]), g_dw2_k, PRECISION)
     g_c += _sum(g_hh_c * hh_gram, axis=0) + _sum(g_kk_c * kk_gram, axis=0)
     return g_c, g_gram, g_hh, g_kk, g_u, g_delta, g_dsilu
 
@@ -522,12 +555,12 @@ def _overshoots_bwd(g_scale, lam, e_ptr, pid, C, last, rate, keys, h, u, delta, 
         g_e = tl.where((rc == t)[:, None], g_e + (g_c * rate)[None, :], g_e)
         g_rate += g_c * e_row
     # G = (U U^T) * HH + (delta delta^T) * KK, HH = h h^T, KK = K K^T (G, HH, KK symmetric; g_gram too)
-    g_hh += g_gram * tl.dot(u, tl.trans(u), input_precision=PRECISION)
-    g_kk += g_gram * tl.dot(delta, tl.trans(delta), input_precision=PRECISION)
-    g_u += 2.0 * tl.dot(g_gram * hh_gram, u, input_precision=PRECISION)
-    g_delta += 2.0 * tl.dot(g_gram * kk_gram, delta, input_precision=PRECISION)
-    g_h = tl.dot(g_hh + tl.trans(g_hh), h, input_precision=PRECISION)
-    g_k = tl.dot(g_kk + tl.trans(g_kk), keys, input_precision=PRECISION)
+    g_hh += g_gram * _dot(u, tl.trans(u), PRECISION)
+    g_kk += g_gram * _dot(delta, tl.trans(delta), PRECISION)
+    g_u += 2.0 * _dot(g_gram * hh_gram, u, PRECISION)
+    g_delta += 2.0 * _dot(g_gram * kk_gram, delta, PRECISION)
+    g_h = _dot(g_hh + tl.trans(g_hh), h, PRECISION)
+    g_k = _dot(g_kk + tl.trans(g_kk), keys, PRECISION)
     return g_rate, g_e, g_u, g_delta, g_dsilu, g_h, g_k
 
 
@@ -548,7 +581,7 @@ def _rate_bwd(g_rate, eta, keys, h, u, delta, dsilu, w1, NORMALIZED: tl.constexp
         g_hh = _sum(g_jg * u, axis=1) + g_gg * _sum(u * u, axis=1)
         g_kk = _sum(g_jg * m, axis=1) + g_gg * _sum(delta * delta, axis=1)
         g_u = hh[:, None] * g_jg + (2.0 * g_gg * hh)[:, None] * u
-        g_m = tl.dot(kk[:, None] * g_jg, w1, input_precision=PRECISION)  # of silu' * delta
+        g_m = _dot(kk[:, None] * g_jg, w1, PRECISION)  # of silu' * delta
         g_dsilu = g_m * delta
         g_delta = g_m * dsilu + (2.0 * g_gg * kk)[:, None] * delta
         g_h = (2.0 * g_hh)[:, None] * h
@@ -566,11 +599,11 @@ def _factors_bwd(g_u, g_delta, g_dsilu, g_h, g_z, z, p, dsilu, w1, w2, PRECISION
     (first order); g_z: the gradient of z from elsewhere (the erase vectors' state part). Returns the gradients of
     K and V̂."""
     g_dsilu += g_delta * p
-    g_u += tl.dot(g_delta * dsilu, tl.trans(w1), input_precision=PRECISION)
-    g_h += tl.dot(g_u, w1, input_precision=PRECISION)
+    g_u += _dot(g_delta * dsilu, tl.trans(w1), PRECISION)
+    g_h += _dot(g_u, w1, PRECISION)
     sig = _sigmoid(z)
     g_z += g_h * dsilu + g_dsilu * sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig))  # silu''
-    return g_u + tl.dot(g_z, w2, input_precision=PRECISION), -g_u
+    return g_u + _dot(g_z, w2, PRECISION), -g_u
 
 
 @triton.jit
@@ -678,11 +711,11 @@ def _chunk_update_bwd_kernel(
         _store_vec(gamma_prev_grad, pid, _sum(g_known * known_diff, axis=1), C, BC)
         _store_tile(e_kk_prev_grad, pid, g_ekk, C, C, BC, BC)
         g_z = gamma_prev[:, None] * g_known
-        g_w2 += tl.dot(tl.trans(g_z), keys, input_precision=PRECISION)
+        g_w2 += _dot(tl.trans(g_z), keys, PRECISION)
         if ANCHOR:
             g_z_a = (1.0 - gamma_prev)[:, None] * g_known
-            g_a2 += tl.dot(tl.trans(g_z_a), keys, input_precision=PRECISION)
-            g_k += tl.dot(g_z_a, a2, input_precision=PRECISION)
+            g_a2 += _dot(tl.trans(g_z_a), keys, PRECISION)
+            g_k += _dot(g_z_a, a2, PRECISION)
     _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
     if ANCHOR:
         _store_tile(a1_grad, pid, g_a1, D, HID, BD, BH)
@@ -738,7 +771,7 @@ def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, g
     overshoot = eta.new_empty(n)
     scale = eta.new_empty(n)
     erase = inverse is not None
-    precision = "ieee" if w1.dtype == torch.float32 else "tf32"
+    precision = PRECISION[w1.dtype]
     dummy = eta  # pointer arguments that a constexpr branch never reads
     device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
     with device:  # launch on the inputs' GPU, whichever is current
@@ -778,7 +811,7 @@ def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, norm
         for g, like in zip(grads, (w1, x["w2"], w1, x["w2"], x["queries"])))
     present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
     out = [torch.empty_like(t) if ok else None for t, ok in zip(inputs, present)]
-    precision = "ieee" if w1.dtype == torch.float32 else "tf32"
+    precision = PRECISION[w1.dtype]
     device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
     with device:
         _chunk_update_bwd_kernel[(n,)](

@@ -1,0 +1,72 @@
+"""Shared memory the fused chunk-update kernels need on an H100/H200, compiled for sm_90 on this machine (no GPU).
+
+    python benchmarks/kernel_shared_memory.py [--models hope-760m hope-1.3b] [--dtypes bf16 fp16 fp32]
+
+A Triton program of ``model.kernel: triton`` keeps one memory's whole chunk on chip, so its tiles (C, d, h padded
+to powers of two >= 16) must fit the 227 KiB of shared memory one block may use on sm_90; the interpreter the
+kernel tests run in cannot see this. For each shipped model's two memory shapes -- the main memory (C =
+chunk_size_memory, with reads) and the stacked projection memories (C = chunk_size_projection, no reads), head
+size d and memory hidden width h -- and each dtype, both kernels are compiled with the default rule's branches
+(normalized eta, step bound, erase, retention toward the initial weights) through
+``hope_scale.model.kernels.sm90.compile_sm90`` (triton's front end and bundled ptxas), and the table gives the
+shared memory per program, whether it fits, and whether the layer would run the kernel (the backward's tile
+limit, ``triton_chunk.BWD_MAX_BLOCK``, is per dtype: where it is exceeded the backward recomputes in PyTorch).
+Compiling takes about 10-60 s per row on a CPU (fp32 backward at 64 tiles: many minutes; it is skipped where the
+layer would not run it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("unset TRITON_INTERPRET: this compiles the kernels for sm_90, the interpreter cannot")
+
+import torch  # noqa: E402
+
+from hope_scale.model import ModelConfig  # noqa: E402
+from hope_scale.model.kernels import sm90  # noqa: E402
+from hope_scale.model.kernels import triton_chunk as tc  # noqa: E402
+
+KIB = 1024
+
+
+def memory_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, int, bool]]:
+    """(C, d, h, reads) of the main memory and of the projection memories of a Hope model."""
+    d, h = cfg.d_head, cfg.d_mem_hidden
+    return {"main": (cfg.chunk_size_memory, d, h, True), "projection": (cfg.chunk_size_projection, d, h, False)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["hope-760m", "hope-1.3b"], help="names from configs/model")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(sm90.DTYPES))
+    args = ap.parse_args(argv)
+
+    shapes = {}  # the same shapes across models are compiled once
+    for name in args.models:
+        for memory, shape in memory_shapes(ModelConfig.named(name)).items():
+            shapes.setdefault(shape, []).append(f"{name} {memory}")
+    print(f"| memories | C, d, h | dtype | kernel | shared memory (KiB, of {tc.SM90_SHARED_BYTES // KIB}) | fits | "
+          "runs |")
+    print("|---|---|---|---|---|---|---|")
+    for (c, d, h, reads), users in shapes.items():
+        tiles = max(tc.block(c), tc.block(d), tc.block(h))
+        for dtype in args.dtypes:
+            largest = {"forward": tc.MAX_BLOCK, "backward": tc.BWD_MAX_BLOCK[getattr(torch, sm90.DTYPES[dtype])]}
+            for kernel in ("forward", "backward"):
+                if tiles > largest[kernel]:
+                    size, fits, runs = "not compiled", "-", f"no: tiles {tiles} > {largest[kernel]}, PyTorch"
+                else:
+                    compiled = sm90.compile_sm90(kernel, dtype, c, d, h, reads=reads)
+                    size, fits = f"{compiled.shared_bytes / KIB:.0f}", "yes" if compiled.fits() else "**no**"
+                    runs = "yes" if compiled.fits() else "no: out of resources, PyTorch"
+                print(f"| {', '.join(users)} | {c}, {d}, {h} | {dtype} | {kernel} | {size} | {fits} | {runs} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
