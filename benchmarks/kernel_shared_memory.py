@@ -11,8 +11,8 @@ size d and memory hidden width h -- and each dtype, both kernels are compiled wi
 ``hope_scale.model.kernels.sm90.compile_sm90`` (triton's front end and bundled ptxas), and the table gives the
 shared memory per program, whether it fits, and whether the layer would run the kernel (the backward's tile
 limit, ``triton_chunk.BWD_MAX_BLOCK``, is per dtype: where it is exceeded the backward recomputes in PyTorch).
-Compiling takes about 10-60 s per row on a CPU (fp32 backward at 64 tiles: many minutes; it is skipped where the
-layer would not run it).
+Compiling takes about 10-60 s per row on a CPU in 16 bits; fp32 at 64 tiles takes many minutes (its IEEE
+products unroll into scalar code), and rows the layer would not run (the fp32 backward beyond 32) are skipped.
 """
 
 from __future__ import annotations
