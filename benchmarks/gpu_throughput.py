@@ -15,8 +15,8 @@ Modes: ``eager``; ``compiled`` (``model.compile: true``: the memory layers' chun
 CMS / MLP and attention through ``torch.compile``, hope_scale/model/accel.py); ``triton`` (``model.kernel: triton``:
 the memory chunk update's forward and first-order backward as fused Triton kernels, which in bf16 cover the
 760m/1.3b shapes, hope_scale/model/kernels; the rest eager); ``compiled+triton`` (both: the kernel replaces the
-compiled chunk step, the blocks stay compiled). Per mode: ``--warmup`` untimed steps (the first compiles), then ``--steps`` timed steps
-between CUDA synchronizations. The Triton rows have not been timed by this repository's authors (no GPU where the
+compiled chunk step, the blocks stay compiled). Per mode: ``--warmup`` untimed steps (the first compiles), then
+``--steps`` timed steps between CUDA synchronizations. The Triton rows have not been timed by this repository's authors (no GPU where the
 kernel was written): docs/training.md section 7.
 
 FLOPs per token are ``hope_scale/train/flops.py``'s (6N + attention + memory update/read terms, the same count
