@@ -18,17 +18,12 @@ products unroll into scalar code), and rows the layer would not run (the fp32 ba
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("unset TRITON_INTERPRET: this compiles the kernels for sm_90, the interpreter cannot")
+import torch
 
-import torch  # noqa: E402
-
-from hope_scale.model import ModelConfig  # noqa: E402
-from hope_scale.model.kernels import sm90  # noqa: E402
-from hope_scale.model.kernels import triton_chunk as tc  # noqa: E402
+from hope_scale.model import ModelConfig
+from hope_scale.model.kernels import sm90
+from hope_scale.model.kernels import triton_chunk as tc
 
 KIB = 1024
 
@@ -50,7 +45,7 @@ def main(argv=None) -> None:
     for name in args.models:
         for memory, shape in memory_shapes(ModelConfig.named(name)).items():
             shapes.setdefault(shape, []).append(f"{name} {memory}")
-    print(f"| memories | C, d, h | dtype | kernel | shared memory (KiB, of {tc.SM90_SHARED_BYTES // KIB}) | fits | "
+    print(f"| memories | C, d, h | dtype | kernel | shared memory (KiB, of {sm90.SHARED_BYTES // KIB}) | fits | "
           "runs |")
     print("|---|---|---|---|---|---|---|")
     for (c, d, h, reads), users in shapes.items():

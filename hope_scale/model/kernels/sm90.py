@@ -12,6 +12,7 @@ from dataclasses import dataclass
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
 KERNELS = {"forward": "_chunk_update_kernel", "backward": "_chunk_update_bwd_kernel"}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 
 
 @dataclass(frozen=True)
@@ -20,9 +21,7 @@ class Compiled:
     cubin_bytes: int
 
     def fits(self) -> bool:
-        from .triton_chunk import SM90_SHARED_BYTES
-
-        return 0 < self.shared_bytes <= SM90_SHARED_BYTES
+        return 0 < self.shared_bytes <= SHARED_BYTES
 
 
 def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized: bool = True, bound: bool = True,

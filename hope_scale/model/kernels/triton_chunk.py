@@ -72,11 +72,8 @@ MAX_BLOCK = 64
 # live tiles). fp32: 32, the largest size compiled for sm_90 (at 64 its IEEE fp32 products did not finish compiling
 # in 10 minutes); larger fp32 chunks recompute their backward in PyTorch (ChunkUpdate.backward)
 BWD_MAX_BLOCK = {torch.float32: 32, torch.bfloat16: 64, torch.float16: 64}
-SM90_SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 _NEGLIGIBLE = tl.constexpr(NEGLIGIBLE)
 _KAPPA_MIN = tl.constexpr(KAPPA_MIN)
-# whether triton.jit decorates this module's kernels for the CPU interpreter (as it reads it at decoration)
-_INTERPRET = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 
 @triton.jit
@@ -746,6 +743,7 @@ def _chunk_update_bwd_kernel(
 
 
 INTERPRETED = not isinstance(_chunk_update_kernel, triton.runtime.JITFunction)
+_INTERPRET = tl.constexpr(INTERPRETED)  # for ``_dot`` (jit functions read module globals when they run or compile)
 
 
 def block(n: int) -> int:
