@@ -6,8 +6,8 @@ Several data-parallel ranks are simulated in one process by giving each rank its
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-
 from pathlib import Path
 
 import pytest
@@ -35,15 +35,16 @@ def test_round_trip_text_to_batches(tmp_path, shakespeare):
     write_docs(tmp_path / "in", docs)
     prepare_dataset(PrepareConfig(out=tmp_path / "data", inputs=[str(tmp_path / "in")], seq_len=SEQ,
                                   val_fraction=0.0, shard_size_mb=0.004, workers=1, quiet=True))
-    loader = build_train_loader({"path": str(tmp_path / "data"), "shuffle": False, "num_workers": 0,
-                                 "cache_dir": str(tmp_path / "cache")}, seq_len=SEQ, micro_batch_size=4)
     tokens = []
-    for _ in range(loader.batches_per_epoch):
-        input_ids, labels = next(loader)
-        assert input_ids.shape == labels.shape == (4, SEQ) and str(input_ids.dtype) == "torch.int64"
-        assert (input_ids[:, 1:] == labels[:, :-1]).all()  # labels are the inputs shifted by one
-        for x, y in zip(input_ids, labels):
-            tokens += (x.tolist() + [int(y[-1])]) if not tokens else y.tolist()
+    with build_train_loader({"path": str(tmp_path / "data"), "shuffle": False, "num_workers": 0,
+                             "cache_dir": str(tmp_path / "cache")}, seq_len=SEQ, micro_batch_size=4) as loader:
+        for _ in range(loader.batches_per_epoch):
+            input_ids, labels = next(loader)
+            assert input_ids.shape == labels.shape == (4, SEQ) and str(input_ids.dtype) == "torch.int64"
+            assert (input_ids[:, 1:] == labels[:, :-1]).all()  # labels are the inputs shifted by one
+            for x, y in zip(input_ids, labels):
+                tokens += (x.tolist() + [int(y[-1])]) if not tokens else y.tolist()
+    assert loader.dataset is None  # closed on leaving the block
     tok = load_tokenizer("byte")
     texts = tok.decode(tokens, skip_special_tokens=False).split("<|endoftext|>")
     assert texts[:-1] == docs[: len(texts) - 1] and docs[len(texts) - 1].startswith(texts[-1])
@@ -99,12 +100,12 @@ def test_mixture_follows_proportions(tmp_path, shakespeare):
                                       val_fraction=0.0, workers=1, quiet=True))
     cfg = {"streams": [{"path": str(tmp_path / "data-lower"), "proportion": 3}, {"path": str(tmp_path / "data-upper"), "proportion": 1}],
            "epoch_size": 400, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}
-    loader = build_train_loader(cfg, seq_len=SEQ, micro_batch_size=8, seed=3)
-    assert loader.samples_per_epoch == 400 and loader.batches_per_epoch == 50
     upper = 0
-    for _ in range(50):
-        input_ids, _ = next(loader)
-        upper += sum(1 for row in input_ids if not any(97 <= t <= 122 for t in row.tolist()))
+    with build_train_loader(cfg, seq_len=SEQ, micro_batch_size=8, seed=3) as loader:
+        assert loader.samples_per_epoch == 400 and loader.batches_per_epoch == 50
+        for _ in range(50):
+            input_ids, _ = next(loader)
+            upper += sum(1 for row in input_ids if not any(97 <= t <= 122 for t in row.tolist()))
     assert upper == 100  # 1/4 of the epoch from the upper-case stream
 
 
@@ -121,9 +122,9 @@ def test_val_loader_is_finite_fixed_and_split_over_ranks(tmp_path, shakespeare):
         passes.append(first)
         val.close()
     assert not set(passes[0]) & set(passes[1])
-    limited = build_val_loader({"path": str(tmp_path / "data"), "num_workers": 0, "cache_dir": str(tmp_path / "c9")},
-                               seq_len=SEQ, micro_batch_size=4, max_batches=2)
-    assert len(limited) == 2 and len(list(limited)) == 2
+    with build_val_loader({"path": str(tmp_path / "data"), "num_workers": 0, "cache_dir": str(tmp_path / "c9")},
+                          seq_len=SEQ, micro_batch_size=4, max_batches=2) as limited:
+        assert len(limited) == 2 and len(list(limited)) == 2
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -196,6 +197,36 @@ def test_corrupted_cache_copy_is_verified_and_fetched_again(small_dataset, tmp_p
     assert f"{cached[1]}: cached copy fails its xxh64 check (corrupted); removed" in capsys.readouterr().out
 
 
+def _open_shared_memory() -> set[str]:
+    """Names of the shared-memory segments this process holds a file descriptor to (Linux: /proc/self/fd)."""
+    names = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed while listing (the listing's own descriptor)
+            continue
+        if target.startswith("/dev/shm/"):
+            names.add(target.removeprefix("/dev/shm/").removesuffix(" (deleted)"))
+    return names
+
+
+def test_close_frees_the_datasets_shared_memory_at_once(small_dataset, tmp_path):
+    """streaming frees a dataset's shared memory only at process exit (one file descriptor per segment): a process
+    that builds many loaders ran out of descriptors. ``close()`` stops the download threads, closes every segment
+    and unlinks those it created, so its registration is gone from /dev/shm and a new loader can take its place."""
+    from hope_scale.data.loader import _shared_segments
+
+    cfg = {"path": str(small_dataset), "num_workers": 0, "cache_dir": str(tmp_path / "cache")}
+    with build_train_loader(cfg, seq_len=SEQ, micro_batch_size=4) as loader:
+        next(loader)  # download threads running, mid-epoch
+        ours = {segment.shm.name.lstrip("/") for segment in _shared_segments(loader.dataset)}
+        assert len(ours) >= 6 and ours <= _open_shared_memory()  # locals, barrier, shard states, ...
+    assert not ours & _open_shared_memory()
+    assert not [name for name in ours if (Path("/dev/shm") / name).exists()]
+    with build_train_loader(cfg, seq_len=SEQ, micro_batch_size=4) as again:  # same cache folder, same process
+        assert len(sample_keys(*next(again))) == 4
+
+
 _HOLD_A_LOADER = """
 import signal, sys, time
 from hope_scale.data.loader import build_train_loader
@@ -210,7 +241,6 @@ def test_cache_is_one_jobs_and_a_killed_jobs_shared_memory_is_cleaned(small_data
     """While a job runs, a second job on its cache folder is refused naming data.cache_dir; once its process
     group is killed with SIGKILL (its shared memory left behind), a new job on that folder starts; another job running on its
     own cache folder the whole time is not disturbed."""
-    import os
     import signal
     import subprocess
     import sys

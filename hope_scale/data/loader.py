@@ -41,6 +41,7 @@ same epoch with the samples not consumed yet, none repeated or skipped.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import os
@@ -218,6 +219,21 @@ class TokenDataset(StreamingDataset):
         if hasattr(self, "_shard_error"):
             raise self._shard_failure()
 
+    def close(self) -> None:
+        """Stop the download threads and free this dataset's shared memory now.
+
+        streaming frees its segments only at process exit (``atexit`` holds them), each with an open file
+        descriptor, and a new dataset attaches to every live registration while it looks for a free one: a
+        process that builds many datasets (evaluation, the tests) would run out of descriptors. Segments this
+        process created are unlinked, so the registration is gone; attached ones are only closed."""
+        if hasattr(self, "_iterator"):
+            self._iterator.exit()  # signals the threads and waits for them
+        if hasattr(self, "_executor"):
+            self._executor.shutdown(wait=True)
+        for segment in _shared_segments(self):
+            atexit.unregister(segment.cleanup)
+            segment.cleanup()
+
     def _shard_failure(self) -> ShardError:
         shard_id, cause = self._shard_error
         stream = self.streams[self.stream_per_shard[shard_id]]
@@ -226,6 +242,18 @@ class TokenDataset(StreamingDataset):
             f"shard {(zipped or raw).basename} of {os.path.join(stream.remote, stream.split)} is unusable: {cause}. "
             "A checksum failure means the shard is corrupt (it differs from what prepare-data wrote)."
         )
+
+
+def _shared_segments(obj: Any, depth: int = 3) -> Iterator[Any]:
+    """streaming's shared-memory segments held by ``obj``: directly, or inside its shared arrays, scalars and
+    barriers (``streaming.base.shared``), up to ``depth`` attributes down."""
+    from streaming.base.shared import SharedMemory
+
+    for value in vars(obj).values():
+        if isinstance(value, SharedMemory):
+            yield value
+        elif depth > 1 and type(value).__module__.startswith("streaming.base.shared"):
+            yield from _shared_segments(value, depth - 1)
 
 
 def _make_dataset(
@@ -353,7 +381,28 @@ def _data_loader(dataset: TokenDataset, micro_batch_size: int, cfg: DataConfig) 
     )
 
 
-class TrainLoader:
+class _Loader:
+    """What both loaders share: ``close()`` (also as a context manager) frees the dataset's threads, shared
+    memory and cache folder at once, instead of at process exit."""
+
+    dataset: TokenDataset | None
+    _loader: Any
+
+    def close(self) -> None:
+        self._loader = None
+        if self.dataset is not None:
+            self.dataset.close()
+            self.dataset.release_cache()
+        self.dataset = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class TrainLoader(_Loader):
     """Endless iterator of training micro-batches with checkpointable position (see module docstring)."""
 
     def __init__(self, dataset: TokenDataset, micro_batch_size: int, dp_world_size: int, cfg: DataConfig):
@@ -406,15 +455,11 @@ class TrainLoader:
         self.dataset.load_state_dict(dict(state))
 
     def close(self) -> None:
-        """Stop workers and release the shared memory and cache folder of the underlying StreamingDataset."""
-        self._batches = None
-        self._loader = None  # type: ignore[assignment]
-        if self.dataset is not None:
-            self.dataset.release_cache()
-        self.dataset = None
+        self._batches = None  # closes the suspended epoch first
+        super().close()
 
 
-class ValLoader:
+class ValLoader(_Loader):
     """Finite loader over the validation split: each ``iter()`` is one pass, in the same order."""
 
     def __init__(self, dataset: TokenDataset, micro_batch_size: int, cfg: DataConfig, max_batches: int | None):
@@ -431,12 +476,6 @@ class ValLoader:
             if i >= len(self):
                 break
             yield batch
-
-    def close(self) -> None:
-        self._loader = None  # type: ignore[assignment]
-        if self.dataset is not None:
-            self.dataset.release_cache()
-        self.dataset = None
 
 
 def build_train_loader(
