@@ -170,6 +170,22 @@ MQAR_LRS = (3e-3,)  # the lr of every other section; add rates to sweep (the sum
 # every model stays at chance, and at 256 tokens it is at 10% after 4000 steps (docs/hope-design.md §6.5)
 PASSKEY_STEPS, PASSKEY_CELL = 5000, 8
 
+def interleave(batches, other, every: int):
+    """Step ``i`` draws from ``other`` when ``i % every == every - 1``, else from ``batches``."""
+    return lambda step: other(step) if step % every == every - 1 else batches(step)
+
+
+def length_schedule(text: str) -> tuple[int, int]:
+    """``LEN:EVERY`` -> (LEN, EVERY), both positive."""
+    try:
+        long_len, every = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LEN:EVERY (e.g. 512:4), got {text!r}") from None
+    if long_len < 1 or every < 1:
+        raise argparse.ArgumentTypeError(f"LEN and EVERY must be positive, got {text!r}")
+    return long_len, every
+
+
 def section_c(corpus: str, seed: int, args, tok) -> dict:
     from hope_scale.eval.niah import NIAHGenerator, accuracy_grid, evaluate_samples, get_task
     from hope_scale.eval.trainer import niah_batches
@@ -183,7 +199,12 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
         cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
-        tr = Trainer(model, niah_batches(gen, batch, train_len, seed=seed, pad_id=tok.pad_id), cfg, name)
+        batches = niah_batches(gen, batch, train_len, seed=seed, pad_id=tok.pad_id)
+        if args.passkey_mix:  # a schedule of training lengths: every `every`-th step a batch at `long_len` tokens
+            long_len, every = args.passkey_mix
+            longer = niah_batches(gen, batch, long_len, seed=10_000 + seed, pad_id=tok.pad_id)
+            batches = interleave(batches, longer, every)
+        tr = Trainer(model, batches, cfg, name)
         tr.run(log=None)
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, depths)
         by_len = [float(np.mean(line)) for line in grid]
@@ -192,7 +213,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         log(f"(c) s{seed} {name:16s} loss {tr.result()['final_loss']:.3f}  accuracy by length "
             + "  ".join(f"{L}:{a:.0f}%" for L, a in zip(lengths, by_len)))
     return {"seed": seed, "train_length": train_len, "lengths": lengths, "depths": depths,
-            "samples_per_cell": PASSKEY_CELL,
+            "samples_per_cell": PASSKEY_CELL, "mixed_in": args.passkey_mix,
             "steps": n_steps, "batch": batch, "models": models}
 
 
@@ -289,7 +310,9 @@ def summary(out: Path) -> str:
         lines.append("")
     for _, runs in load_runs(out, "c").items():
         c0 = runs[0]
-        lines += [f"## (c) passkey NIAH accuracy % ({len(runs)} seeds; trained at {c0['train_length']} tokens, "
+        mix = c0.get("mixed_in")
+        mixed = f", every {mix[1]}th step at {mix[0]} tokens" if mix else ""
+        lines += [f"## (c) passkey NIAH accuracy % ({len(runs)} seeds; trained at {c0['train_length']} tokens{mixed}, "
                   f"{c0['steps']} steps)", "",
                   "| model | " + " | ".join(f"{L} ({L // c0['train_length']}x)" for L in c0["lengths"]) + " |",
                   "|---" * (len(c0["lengths"]) + 1) + "|"]
@@ -334,6 +357,9 @@ def main() -> int:
                          "tables use the whole 1.1 MB file)")
     ap.add_argument("--seq-len", type=int, default=512, help="training/evaluation length of (a) and (d)")
     ap.add_argument("--passkey-len", type=int, default=128, help="training length of (c)")
+    ap.add_argument("--passkey-mix", type=length_schedule, default=None, metavar="LEN:EVERY",
+                    help="(c): every EVERY-th training step uses a batch at LEN tokens instead (a schedule of "
+                         "training lengths; evaluation lengths stay 1x/4x/16x of --passkey-len)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
