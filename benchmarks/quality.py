@@ -147,7 +147,7 @@ def section_b(corpus: str, seed: int, args, tok) -> dict:
     seq_lens, kvs = [64, 128, 256], [2, 4, 8, 16]
     models = []
     for lr in MQAR_LRS:
-        for name, spec in ARCHS.items():
+        for name, spec in selected(args.models).items():
             model = make(seed, vocab_size=vocab, **spec)  # as in Zoology, the model's vocabulary is the task's
             cfg = TrainConfig(steps=n_steps, lr=lr, warmup_steps=20, log_every=0)
             tr = Trainer(model, lambda s: mixed_batch(train_specs, batch, vocab, seed=s + 100_003 * seed), cfg, name)
@@ -175,36 +175,55 @@ def interleave(batches, other, every: int):
     return lambda step: other(step) if step % every == every - 1 else batches(step)
 
 
-def length_schedule(text: str) -> tuple[int, int]:
-    """``LEN:EVERY`` -> (LEN, EVERY), both positive."""
+def length_schedule(text: str) -> tuple[int, ...]:
+    """``LEN:EVERY[:BATCH]`` -> (LEN, EVERY[, BATCH]), all positive; BATCH is the long steps' batch size."""
     try:
-        long_len, every = (int(v) for v in text.split(":"))
+        values = tuple(int(v) for v in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LEN:EVERY (e.g. 512:4), got {text!r}") from None
-    if long_len < 1 or every < 1:
-        raise argparse.ArgumentTypeError(f"LEN and EVERY must be positive, got {text!r}")
-    return long_len, every
+        values = ()
+    if len(values) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected LEN:EVERY or LEN:EVERY:BATCH (e.g. 512:4:2), got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"LEN, EVERY and BATCH must be positive, got {text!r}")
+    return values
+
+
+def selected(names: str | None) -> dict:
+    """The architectures of ``ARCHS`` named in ``names`` (comma-separated; all when None)."""
+    if names is None:
+        return ARCHS
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in ARCHS]
+    if unknown or not chosen:
+        raise SystemExit(f"--models: unknown {unknown or names!r}; choose from {', '.join(ARCHS)}")
+    return {n: ARCHS[n] for n in chosen}
+
+
+def passkey_batches(gen, batch: int, length: int, seed: int, pad_id: int, mix: tuple[int, ...] | None = None):
+    """(c)'s training batches: ``batch`` x ``length`` tokens, or with ``mix`` = (LEN, EVERY[, BATCH]) every
+    EVERY-th step BATCH (default ``batch``) x LEN tokens instead (a schedule of training lengths)."""
+    from hope_scale.eval.trainer import niah_batches
+
+    batches = niah_batches(gen, batch, length, seed=seed, pad_id=pad_id)
+    if not mix:
+        return batches
+    long_len, every, long_batch = (*mix, batch)[:3]
+    return interleave(batches, niah_batches(gen, long_batch, long_len, seed=10_000 + seed, pad_id=pad_id), every)
 
 
 def section_c(corpus: str, seed: int, args, tok) -> dict:
     from hope_scale.eval.niah import NIAHGenerator, accuracy_grid, evaluate_samples, get_task
-    from hope_scale.eval.trainer import niah_batches
 
     train_len, n_steps, batch = args.passkey_len, steps(PASSKEY_STEPS, args.scale), 8
     lengths, depths = [train_len, 4 * train_len, 16 * train_len], [0.0, 0.25, 0.5, 0.75, 1.0]
     task = get_task("passkey", template="short", num_digits=5)
     test = NIAHGenerator(task, tok, seed=777, name="passkey").grid(lengths, depths, samples_per_cell=PASSKEY_CELL)
     models = []
-    for name, spec in ARCHS.items():
+    for name, spec in selected(args.models).items():
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
         cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
-        batches = niah_batches(gen, batch, train_len, seed=seed, pad_id=tok.pad_id)
-        if args.passkey_mix:  # a schedule of training lengths: every `every`-th step a batch at `long_len` tokens
-            long_len, every = args.passkey_mix
-            longer = niah_batches(gen, batch, long_len, seed=10_000 + seed, pad_id=tok.pad_id)
-            batches = interleave(batches, longer, every)
-        tr = Trainer(model, batches, cfg, name)
+        tr = Trainer(model, passkey_batches(gen, batch, train_len, seed, tok.pad_id, args.passkey_mix), cfg, name)
         tr.run(log=None)
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, depths)
         by_len = [float(np.mean(line)) for line in grid]
@@ -311,7 +330,8 @@ def summary(out: Path) -> str:
     for _, runs in load_runs(out, "c").items():
         c0 = runs[0]
         mix = c0.get("mixed_in")
-        mixed = f", every {mix[1]}th step at {mix[0]} tokens" if mix else ""
+        mixed = (f", every {mix[1]}th step {mix[2] if len(mix) > 2 else c0['batch']} x {mix[0]} tokens"
+                 if mix else "")
         lines += [f"## (c) passkey NIAH accuracy % ({len(runs)} seeds; trained at {c0['train_length']} tokens{mixed}, "
                   f"{c0['steps']} steps)", "",
                   "| model | " + " | ".join(f"{L} ({L // c0['train_length']}x)" for L in c0["lengths"]) + " |",
@@ -357,9 +377,12 @@ def main() -> int:
                          "tables use the whole 1.1 MB file)")
     ap.add_argument("--seq-len", type=int, default=512, help="training/evaluation length of (a) and (d)")
     ap.add_argument("--passkey-len", type=int, default=128, help="training length of (c)")
-    ap.add_argument("--passkey-mix", type=length_schedule, default=None, metavar="LEN:EVERY",
-                    help="(c): every EVERY-th training step uses a batch at LEN tokens instead (a schedule of "
-                         "training lengths; evaluation lengths stay 1x/4x/16x of --passkey-len)")
+    ap.add_argument("--passkey-mix", type=length_schedule, default=None, metavar="LEN:EVERY[:BATCH]",
+                    help="(c): every EVERY-th training step uses a batch of BATCH (default: the usual 8) sequences "
+                         "at LEN tokens instead (a schedule of training lengths; 512:4:2 keeps the tokens per step "
+                         "equal; evaluation lengths stay 1x/4x/16x of --passkey-len)")
+    ap.add_argument("--models", default=None, help="(b), (c): only these architectures, comma-separated "
+                                                    f"(default: all of {', '.join(ARCHS)})")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
@@ -367,6 +390,7 @@ def main() -> int:
     if not Path(args.shakespeare).is_file():
         ap.error(f"--shakespeare: no such file {args.shakespeare}")
     CORPORA["shakespeare"] = args.shakespeare
+    selected(args.models)  # an unknown name is an error before any run starts
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

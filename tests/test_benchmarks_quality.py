@@ -1,0 +1,51 @@
+"""benchmarks/quality.py's options of section (c): the schedule of training lengths and the choice of models."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_length_schedule_parses_and_rejects(quality):
+    assert quality.length_schedule("512:4") == (512, 4)
+    assert quality.length_schedule("512:4:2") == (512, 4, 2)
+    for bad in ("512", "512:4:2:1", "512:x", "0:4", "512:4:0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            quality.length_schedule(bad)
+
+
+def test_selected_models(quality):
+    assert list(quality.selected(None)) == list(quality.ARCHS)
+    assert list(quality.selected("Titans, Hope")) == ["Titans", "Hope"]
+    with pytest.raises(SystemExit, match="Hop"):
+        quality.selected("Hop")
+
+
+def test_passkey_batches_follow_the_schedule(quality):
+    """Every 4th step is 2 x 512 tokens (as many tokens as 8 x 128), the others 8 x 128; the long batches are
+    passkey prompts with their answer labelled, and the schedule does not change the short batches."""
+    from hope_scale.data.tokenizer import load_tokenizer
+    from hope_scale.eval.niah import NIAHGenerator, get_task
+
+    tok = load_tokenizer("byte")
+    gen = NIAHGenerator(get_task("passkey", template="short", num_digits=5), tok, seed=1, name="passkey-train")
+    plain = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id)
+    mixed = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, mix=(512, 4, 2))
+    shapes = [tuple(mixed(step)[0].shape) for step in range(8)]
+    assert shapes == [(8, 128)] * 3 + [(2, 512)] + [(8, 128)] * 3 + [(2, 512)]
+    x_long, y_long = mixed(3)
+    assert ((y_long != -100).sum(dim=1) > 0).all() and (x_long != tok.pad_id).sum(dim=1).min() > 128
+    for step in (0, 5):
+        assert all((a == b).all() for a, b in zip(plain(step), mixed(step)))
+    assert tuple(quality.passkey_batches(gen, 8, 128, 0, tok.pad_id, mix=(512, 4))(3)[0].shape) == (8, 512)
