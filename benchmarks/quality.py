@@ -170,9 +170,9 @@ MQAR_LRS = (3e-3,)  # the lr of every other section; add rates to sweep (the sum
 # every model stays at chance, and at 256 tokens it is at 10% after 4000 steps (docs/hope-design.md §6.5)
 PASSKEY_STEPS, PASSKEY_CELL = 5000, 8
 
-def interleave(batches, other, every: int):
-    """Step ``i`` draws from ``other`` when ``i % every == every - 1``, else from ``batches``."""
-    return lambda step: other(step) if step % every == every - 1 else batches(step)
+def interleave(batches, other, every: int, start: int = 0):
+    """Step ``i`` draws from ``other`` when ``i >= start`` and ``i % every == every - 1``, else from ``batches``."""
+    return lambda step: other(step) if step >= start and step % every == every - 1 else batches(step)
 
 
 def length_schedule(text: str) -> tuple[int, ...]:
@@ -199,16 +199,19 @@ def selected(names: str | None) -> dict:
     return {n: ARCHS[n] for n in chosen}
 
 
-def passkey_batches(gen, batch: int, length: int, seed: int, pad_id: int, mix: tuple[int, ...] | None = None):
-    """(c)'s training batches: ``batch`` x ``length`` tokens, or with ``mix`` = (LEN, EVERY[, BATCH]) every
-    EVERY-th step BATCH (default ``batch``) x LEN tokens instead (a schedule of training lengths)."""
+def passkey_batches(gen, batch: int, length: int, seed: int, pad_id: int, mix: tuple[int, ...] | None = None,
+                    mix_from: int = 0):
+    """(c)'s training batches: ``batch`` x ``length`` tokens, or with ``mix`` = (LEN, EVERY[, BATCH]) from step
+    ``mix_from`` on every EVERY-th step BATCH (default ``batch``) x LEN tokens instead (a schedule of training
+    lengths)."""
     from hope_scale.eval.trainer import niah_batches
 
     batches = niah_batches(gen, batch, length, seed=seed, pad_id=pad_id)
     if not mix:
         return batches
     long_len, every, long_batch = (*mix, batch)[:3]
-    return interleave(batches, niah_batches(gen, long_batch, long_len, seed=10_000 + seed, pad_id=pad_id), every)
+    longer = niah_batches(gen, long_batch, long_len, seed=10_000 + seed, pad_id=pad_id)
+    return interleave(batches, longer, every, mix_from)
 
 
 def section_c(corpus: str, seed: int, args, tok) -> dict:
@@ -223,7 +226,8 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
         cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
-        tr = Trainer(model, passkey_batches(gen, batch, train_len, seed, tok.pad_id, args.passkey_mix), cfg, name)
+        tr = Trainer(model, passkey_batches(gen, batch, train_len, seed, tok.pad_id, args.passkey_mix,
+                                                     args.passkey_mix_from), cfg, name)
         tr.run(log=None)
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, depths)
         by_len = [float(np.mean(line)) for line in grid]
@@ -233,6 +237,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
             + "  ".join(f"{L}:{a:.0f}%" for L, a in zip(lengths, by_len)))
     return {"seed": seed, "train_length": train_len, "lengths": lengths, "depths": depths,
             "samples_per_cell": PASSKEY_CELL, "mixed_in": args.passkey_mix,
+            "mixed_from_step": args.passkey_mix_from if args.passkey_mix else None,
             "steps": n_steps, "batch": batch, "models": models}
 
 
@@ -331,7 +336,7 @@ def summary(out: Path) -> str:
         c0 = runs[0]
         mix = c0.get("mixed_in")
         mixed = (f", every {mix[1]}th step {mix[2] if len(mix) > 2 else c0['batch']} x {mix[0]} tokens"
-                 if mix else "")
+                 + (f" from step {c0['mixed_from_step']}" if c0.get("mixed_from_step") else "") if mix else "")
         lines += [f"## (c) passkey NIAH accuracy % ({len(runs)} seeds; trained at {c0['train_length']} tokens{mixed}, "
                   f"{c0['steps']} steps)", "",
                   "| model | " + " | ".join(f"{L} ({L // c0['train_length']}x)" for L in c0["lengths"]) + " |",
@@ -381,6 +386,9 @@ def main() -> int:
                     help="(c): every EVERY-th training step uses a batch of BATCH (default: the usual 8) sequences "
                          "at LEN tokens instead (a schedule of training lengths; 512:4:2 keeps the tokens per step "
                          "equal; evaluation lengths stay 1x/4x/16x of --passkey-len)")
+    ap.add_argument("--passkey-mix-from", type=int, default=0, metavar="STEP",
+                    help="(c): the --passkey-mix schedule starts at this step (before it, every step is at "
+                         "--passkey-len: a short-to-long curriculum)")
     ap.add_argument("--models", default=None, help="(b), (c): only these architectures, comma-separated "
                                                     f"(default: all of {', '.join(ARCHS)})")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")

@@ -49,3 +49,14 @@ def test_passkey_batches_follow_the_schedule(quality):
     for step in (0, 5):
         assert all((a == b).all() for a, b in zip(plain(step), mixed(step)))
     assert tuple(quality.passkey_batches(gen, 8, 128, 0, tok.pad_id, mix=(512, 4))(3)[0].shape) == (8, 512)
+
+
+def test_passkey_schedule_can_start_late(quality):
+    """With ``mix_from`` the first steps are all short (a short-to-long curriculum), then the schedule runs."""
+    from hope_scale.data.tokenizer import load_tokenizer
+    from hope_scale.eval.niah import NIAHGenerator, get_task
+
+    tok = load_tokenizer("byte")
+    gen = NIAHGenerator(get_task("passkey", template="short", num_digits=5), tok, seed=1, name="passkey-train")
+    late = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, mix=(512, 4, 2), mix_from=6)
+    assert [late(step)[0].shape[1] for step in range(12)] == [128] * 7 + [512] + [128] * 3 + [512]
