@@ -246,7 +246,8 @@ def test_engine_with_model_compile_equals_eager(monkeypatch):
     """``model.compile: true`` in the engine (the chunk steps compiled; aot_eager backend, see
     tests/test_model_compile.py): in fp64 the same losses, norms and parameters as without, for hope and titans."""
     monkeypatch.setenv("HOPE_SCALE_COMPILE_BACKEND", "aot_eager")
-    batches = make_batches(steps=2, n_micro=1, seq=40)  # a partial last main-memory and projection chunk
+    # a partial last main-memory and projection chunk; one sequence, since the interpreter runs a program at a time
+    batches = make_batches(steps=2, n_micro=1, batch=1, seq=40)
     for arch in ("hope", "titans"):
         eager, compiled = run_jobs(1, [job(tiny_cfg(arch, compile=c), ParallelLayout(), batches, gas=1,
                                            precision="fp64") for c in (False, True)])
@@ -265,7 +266,8 @@ def test_engine_with_model_kernel_equals_naive(monkeypatch):
     gradient norms equal the naive engine's."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    batches = make_batches(steps=2, n_micro=1, seq=40)  # a partial last main-memory and projection chunk
+    # a partial last main-memory and projection chunk; one sequence, since the interpreter runs a program at a time
+    batches = make_batches(steps=2, n_micro=1, batch=1, seq=40)
     naive, kernel = run_jobs(1, [job(tiny_cfg(kernel=k), ParallelLayout(), batches, gas=1)
                                  for k in ("naive", "triton")])
     assert kernel[0]["chunk_steps"] == ["kernel_chunk_step"] * 2 and naive[0]["chunk_steps"] == ["chunk_step"] * 2
