@@ -16,7 +16,7 @@ SHAPES = [
     (1, 17, 24, 3, 5, 3, False, 0.9, True),  # static q, C_proj < C_mem
     (3, 9, 16, 4, 16, 16, True, 0.0, True),  # chunks longer than the sequence, no momentum
     (2, 11, 16, 1, 1, 2, True, 0.5, False),  # token-level chunks, plain GD (no erase)
-    (1, 150, 16, 2, 16, 64, True, 0.9, True),  # the production chunk sizes, a partial last chunk of each
+    (1, 90, 16, 2, 16, 64, True, 0.9, True),  # the production chunk sizes, a partial last chunk of each
 ]
 # inner-update variants (ModelConfig overrides); the default is the stabilized rule
 VARIANTS = {

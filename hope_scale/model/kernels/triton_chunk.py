@@ -64,7 +64,7 @@ from ..memory import KAPPA_MIN, NEGLIGIBLE
 PRECISION = {torch.float32: "ieee", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # largest padded C, d or h: every tile of a chunk lives in one program (128 would hold four times the tiles of 64,
 # more than the shared memory of a GPU block). What each kernel needs, compiled for sm_90:
-# ``python benchmarks/kernel_shared_memory.py`` (tests/test_model_kernel.py checks the largest shapes fit)
+# ``python benchmarks/kernel_shared_memory.py`` (tests/test_model_kernel.py checks the largest 16-bit shapes fit)
 MAX_BLOCK = 64
 # largest padded C, d or h of the backward kernel, by input dtype. 16-bit: 64, the shipped models' head size and
 # projection chunks (at 64 with every branch on it needs 176 KiB; with TF32 operands, before ``_dot`` rounded them
