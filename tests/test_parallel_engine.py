@@ -246,8 +246,7 @@ def test_engine_with_model_compile_equals_eager(monkeypatch):
     """``model.compile: true`` in the engine (the chunk steps compiled; aot_eager backend, see
     tests/test_model_compile.py): in fp64 the same losses, norms and parameters as without, for hope and titans."""
     monkeypatch.setenv("HOPE_SCALE_COMPILE_BACKEND", "aot_eager")
-    # a partial last main-memory and projection chunk; one sequence, since the interpreter runs a program at a time
-    batches = make_batches(steps=2, n_micro=1, batch=1, seq=40)
+    batches = make_batches(steps=2, n_micro=1, seq=40)  # a partial last main-memory and projection chunk
     for arch in ("hope", "titans"):
         eager, compiled = run_jobs(1, [job(tiny_cfg(arch, compile=c), ParallelLayout(), batches, gas=1,
                                            precision="fp64") for c in (False, True)])

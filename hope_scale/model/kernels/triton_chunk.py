@@ -86,8 +86,7 @@ def _sum(x, axis: tl.constexpr):
     """sum over ``axis``. Compiled: tl.reduce with this module's own combine function. Interpreted: tl.reduce with
     triton's ``_sum_combine``, which the interpreter recognizes by identity and sums in numpy without calling it (so
     it works even where triton.language was decorated for the compiler, before ``TRITON_INTERPRET`` was set); any
-    other combine function the interpreter applies element by element in Python, about 30x slower for the whole
-    kernel."""
+    other combine function the interpreter applies element by element in Python (the whole kernel 4-6x slower)."""
     if _INTERPRET:
         return tl.reduce(x, axis, tl.standard._sum_combine)
     else:
