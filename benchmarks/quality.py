@@ -243,18 +243,22 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
 
 # -- (d) continual learning -------------------------------------------------------------------------------
 
+def continual_models(seed: int) -> list[tuple[str, torch.nn.Module]]:
+    """(d)'s models: Hope with 1, 2, 3 CMS levels (the CMS width split over the levels) and Transformer++,
+    all at 130K parameters within 3%."""
+    p = (1024, 4096, 16384)
+    return [("Hope, 1 level", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 3)))),
+            ("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
+            ("Hope, 3 levels", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
+            ("Transformer++", make(seed, **ARCHS["Transformer++"]))]
+
+
 def section_d(corpus: str, seed: int, args, tok) -> dict:
     from hope_scale.eval.continual import ContinualConfig, ModelEntry, run_continual
 
     dom_a = load_domain(CORPORA["shakespeare"], tok, 0.1, max_chars=600_000, name="shakespeare")
     dom_b = load_domain("builtin:pydoc", tok, 0.1, max_chars=600_000, name="python-docs")
-    p = (1024, 4096, 16384)
-    entries = [
-        ModelEntry("Hope, 1 level", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 3)))),
-        ModelEntry("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
-        ModelEntry("Hope, 3 levels", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
-        ModelEntry("Transformer++", make(seed, arch="transformer")),
-    ]
+    entries = [ModelEntry(name, model) for name, model in continual_models(seed)]
     cfg = ContinualConfig(mode="both", seq_len=args.seq_len, batch_size=8, steps_a=steps(100, args.scale),
                           steps_b=steps(60, args.scale), lr=3e-3, warmup_steps=10, eval_tokens=8192, eval_points=4,
                           stream_tokens=max(2048, int(32768 * min(1.0, args.scale * 2))), stream_lr=0.3,

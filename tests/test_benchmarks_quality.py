@@ -1,4 +1,5 @@
-"""benchmarks/quality.py's options of section (c): the schedule of training lengths and the choice of models."""
+"""benchmarks/quality.py: section (c)'s options (the schedule of training lengths, the choice of models) and equal
+parameters in every section."""
 
 import argparse
 import importlib.util
@@ -60,3 +61,13 @@ def test_passkey_schedule_can_start_late(quality):
     gen = NIAHGenerator(get_task("passkey", template="short", num_digits=5), tok, seed=1, name="passkey-train")
     late = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, mix=(512, 4, 2), mix_from=6)
     assert [late(step)[0].shape[1] for step in range(12)] == [128] * 7 + [512] + [128] * 3 + [512]
+
+
+def test_every_section_compares_models_at_equal_parameters(quality):
+    """(a)-(c)'s architectures and (d)'s models each have the same parameter count within 3%."""
+    def spread(models):
+        counts = [sum(p.numel() for p in m.parameters()) for m in models]
+        return max(counts) / min(counts) - 1
+
+    assert spread(quality.make(0, **arch) for arch in quality.ARCHS.values()) <= 0.03
+    assert spread(model for _, model in quality.continual_models(0)) <= 0.03
