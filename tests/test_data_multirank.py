@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from hope_scale.parallel.launch import free_port
 from tests.test_data_support import (  # noqa: F401
     N_SAMPLES,
     SEQ,
@@ -56,12 +56,6 @@ def rank_main(out_dir: str, data: str) -> None:
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)  # skip interpreter teardown (gloo threads, DataLoader workers)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
