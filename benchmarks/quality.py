@@ -112,7 +112,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
             probe = Trainer(make(seed, **spec), text_batches(dom.train, batch, seq, seed=seed), config(10), name)
             probe.run(log=None)
             cfg = config(max(n_steps, int(hope_cpu / (probe.cpu_seconds / probe.step))))
-        tr = Trainer(model, text_batches(dom.train, batch, seq, seed=seed), cfg, name).run(log=None)
+        tr = Trainer(model, text_batches(dom.train, batch, seq, seed=seed), cfg, name).run(log=None, progress=True)
         res = tr.result(keep_history=True)
         if name == "Hope":
             hope_cpu = res["cpu_seconds"]
@@ -151,7 +151,7 @@ def section_b(corpus: str, seed: int, args, tok) -> dict:
             model = make(seed, vocab_size=vocab, **spec)  # as in Zoology, the model's vocabulary is the task's
             cfg = TrainConfig(steps=n_steps, lr=lr, warmup_steps=20, log_every=0)
             tr = Trainer(model, lambda s: mixed_batch(train_specs, batch, vocab, seed=s + 100_003 * seed), cfg, name)
-            tr.run(log=None)
+            tr.run(log=None, progress=True)
             rows = evaluate_grid(model, seq_lens, kvs, vocab, num_examples=128, seed=12345)
             models.append({"label": name, "lr": lr, "parameters": model.num_parameters(),
                            "train": tr.result(keep_history=False), "rows": rows})
@@ -228,7 +228,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
         tr = Trainer(model, passkey_batches(gen, batch, train_len, seed, tok.pad_id, args.passkey_mix,
                                                      args.passkey_mix_from), cfg, name)
-        tr.run(log=None)
+        tr.run(log=None, progress=True)
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, depths)
         by_len = [float(np.mean(line)) for line in grid]
         models.append({"label": name, "parameters": model.num_parameters(), "train": tr.result(keep_history=False),

@@ -43,9 +43,9 @@ def test_clip_counter():
     assert not off.add(1e9) and off.fraction == 0.0 and ClipCounter(1.0).fraction == 0.0
 
 
-def test_eval_trainer_runs_the_shared_step_and_reports_the_clipped_fraction():
+def test_eval_trainer_runs_the_shared_step_and_reports_the_clipped_fraction(capsys):
     """hope_scale.eval.trainer keeps its interface (TrainConfig, Trainer(...).run(n).result()) and runs TrainStep:
-    the same losses as driving TrainStep directly, in pieces or not."""
+    the same losses as driving TrainStep directly, in pieces or not, with or without a progress bar."""
     from hope_scale.eval.trainer import TrainConfig, Trainer
 
     cfg = tiny_cfg("hope")
@@ -53,7 +53,9 @@ def test_eval_trainer_runs_the_shared_step_and_reports_the_clipped_fraction():
     tcfg = TrainConfig(steps=6, lr=1e-2, warmup_steps=2, grad_clip=0.5, log_every=0)
     torch.manual_seed(0)
     trainer = Trainer(build_model(ModelConfig.from_dict(cfg)), lambda s: batches[s], tcfg, "t")
-    trainer.run(4, log=None).run(log=None)
+    trainer.run(4, log=None, progress=True).run(log=None)
+    bar = capsys.readouterr().err
+    assert "4/4" in bar and "loss=" in bar and "6/6" not in bar  # only the piece that asked for it
     torch.manual_seed(0)
     direct = TrainStep(build_model(ModelConfig.from_dict(cfg)), {"lr": 1e-2, "weight_decay": 0.1},
                        LRSchedule("cosine", 1e-2, 6, 2, 0.1), 0.5)

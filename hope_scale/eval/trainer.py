@@ -12,12 +12,14 @@ Batches come from a ``batch_fn(step) -> (inputs [B, T], labels [B, T])`` (labels
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from hope_scale.train.schedules import LRSchedule
 from hope_scale.train.step import OptimizerSettings, TrainStep
@@ -61,10 +63,14 @@ class Trainer:
         self.step, self.tokens, self.seconds, self.cpu_seconds = 0, 0, 0.0, 0.0
         self.history: list[float] = []
 
-    def run(self, n_steps: int | None = None, log: Callable[[str], None] | None = print) -> "Trainer":
-        """Run ``n_steps`` more steps (default: to the end), stopping early at the time budget."""
+    def run(self, n_steps: int | None = None, log: Callable[[str], None] | None = print,
+            progress: bool = False) -> "Trainer":
+        """Run ``n_steps`` more steps (default: to the end), stopping early at the time budget; ``progress``
+        shows a progress bar (steps, loss) on stderr."""
         cfg, model = self.cfg, self.model
         end = cfg.steps if n_steps is None else min(cfg.steps, self.step + n_steps)
+        bar = tqdm(total=end - self.step, desc=self.name or "train", unit="step", disable=not progress,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         while self.step < end:
@@ -79,6 +85,9 @@ class Trainer:
                 log(f"[train {self.name}] step {self.step:5d}  loss {np.mean(self.history[-cfg.log_every:]):.4f}  "
                     f"lr {out['lr']:.2e}  tokens {self.tokens}  {self.seconds + time.perf_counter() - t0:.1f}s")
             self.step += 1
+            bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
+            bar.update()
+        bar.close()
         self.seconds += time.perf_counter() - t0
         self.cpu_seconds += time.process_time() - c0
         model.eval()
