@@ -243,24 +243,32 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
 
 # -- (d) continual learning -------------------------------------------------------------------------------
 
-def continual_models(seed: int) -> list[tuple[str, torch.nn.Module]]:
-    """(d)'s models: Hope with 1, 2, 3 CMS levels (the CMS width split over the levels) and Transformer++,
-    all at 130K parameters within 3%."""
-    p = (1024, 4096, 16384)
-    return [("Hope, 1 level", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 3)))),
-            ("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
-            ("Hope, 3 levels", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
-            ("Transformer++", make(seed, **ARCHS["Transformer++"]))]
+# (d)'s CMS level periods; at test time Transformer++'s MLP steps as often as the fastest level
+CONTINUAL_PERIODS = (1024, 4096, 16384)
+
+
+def continual_models(seed: int, names: str | None = None) -> list[tuple[str, torch.nn.Module]]:
+    """(d)'s models of the architectures ``names`` (as ``--models``; all when None): Hope with 1, 2, 3 CMS levels
+    (the CMS width split over the levels) and Transformer++, all at 130K parameters within 3%."""
+    chosen, p = selected(names), CONTINUAL_PERIODS
+    entries = [("Hope, 1 level", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 3)))),
+               ("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
+               ("Hope, 3 levels", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
+               ("Transformer++", make(seed, **ARCHS["Transformer++"]))]
+    return [(name, model) for name, model in entries if name.split(",")[0] in chosen]
 
 
 def section_d(corpus: str, seed: int, args, tok) -> dict:
     from hope_scale.eval.continual import ContinualConfig, ModelEntry, run_continual
 
+    entries = [ModelEntry(name, model) for name, model in continual_models(seed, args.models)]
+    if not entries:
+        raise SystemExit(f"--models: section (d) has only Hope and Transformer++, not {args.models}")
     dom_a = load_domain(CORPORA["shakespeare"], tok, 0.1, max_chars=600_000, name="shakespeare")
     dom_b = load_domain("builtin:pydoc", tok, 0.1, max_chars=600_000, name="python-docs")
-    entries = [ModelEntry(name, model) for name, model in continual_models(seed)]
     cfg = ContinualConfig(mode="both", seq_len=args.seq_len, batch_size=8, steps_a=steps(100, args.scale),
-                          steps_b=steps(60, args.scale), lr=3e-3, warmup_steps=10, eval_tokens=8192, eval_points=4,
+                          steps_b=steps(60, args.scale), baseline_period=CONTINUAL_PERIODS[0], lr=3e-3,
+                          warmup_steps=10, eval_tokens=8192, eval_points=4,
                           stream_tokens=max(2048, int(32768 * min(1.0, args.scale * 2))), stream_lr=0.3,
                           stream_segment_len=args.seq_len, stream_max_grad_norm=1.0, seed=seed)
     res = run_continual(entries, dom_a, dom_b, cfg, log=log)
@@ -393,8 +401,9 @@ def main() -> int:
     ap.add_argument("--passkey-mix-from", type=int, default=0, metavar="STEP",
                     help="(c): the --passkey-mix schedule starts at this step (before it, every step is at "
                          "--passkey-len: a short-to-long curriculum)")
-    ap.add_argument("--models", default=None, help="(b), (c): only these architectures, comma-separated "
-                                                    f"(default: all of {', '.join(ARCHS)})")
+    ap.add_argument("--models", default=None, help="(b), (c), (d): only these architectures, comma-separated "
+                                                    f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
+                                                    "Transformer++)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
