@@ -245,29 +245,40 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
 
 # (d)'s CMS level periods; at test time Transformer++'s MLP steps as often as the fastest level
 CONTINUAL_PERIODS = (1024, 4096, 16384)
+CONTINUAL_STEPS_A, CONTINUAL_STEPS_B = 100, 60
+# the control row: Transformer++ trained longer on A, to about Hope's loss on A after CONTINUAL_STEPS_A (forgetting
+# grows with how well A was learned, so equal steps alone compare a model that learned A less)
+LONGER_ON_A = 3
 
 
-def continual_models(seed: int, names: str | None = None) -> list[tuple[str, torch.nn.Module]]:
-    """(d)'s models of the architectures ``names`` (as ``--models``; all when None): Hope with 1, 2, 3 CMS levels
-    (the CMS width split over the levels) and Transformer++, all at 130K parameters within 3%."""
+def continual_models(seed: int, names: str | None = None, steps_a: int = CONTINUAL_STEPS_A):
+    """(d)'s model entries of the architectures ``names`` (as ``--models``; all when None): Hope with 1, 2, 3 CMS
+    levels (the CMS width split over the levels) and Transformer++, all at 130K parameters within 3% and trained
+    ``steps_a`` steps on A, plus Transformer++ trained LONGER_ON_A times as long on A."""
+    from hope_scale.eval.continual import ModelEntry
+
     chosen, p = selected(names), CONTINUAL_PERIODS
-    entries = [("Hope, 1 level", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 3)))),
-               ("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
-               ("Hope, 3 levels", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
-               ("Transformer++", make(seed, **ARCHS["Transformer++"]))]
-    return [(name, model) for name, model in entries if name.split(",")[0] in chosen]
+    entries = [ModelEntry("Hope, 1 level", make(seed, arch="hope", cms_levels=lv((p[0], 2 / 3)))),
+               ModelEntry("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
+               ModelEntry("Hope, 3 levels",
+                          make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
+               ModelEntry("Transformer++", make(seed, **ARCHS["Transformer++"])),
+               ModelEntry(f"Transformer++, {LONGER_ON_A}x steps on A", make(seed, **ARCHS["Transformer++"]),
+                          steps_a=LONGER_ON_A * steps_a)]
+    return [e for e in entries if e.name.split(",")[0] in chosen]
 
 
 def section_d(corpus: str, seed: int, args, tok) -> dict:
-    from hope_scale.eval.continual import ContinualConfig, ModelEntry, run_continual
+    from hope_scale.eval.continual import ContinualConfig, run_continual
 
-    entries = [ModelEntry(name, model) for name, model in continual_models(seed, args.models)]
+    steps_a = steps(CONTINUAL_STEPS_A, args.scale)
+    entries = continual_models(seed, args.models, steps_a)
     if not entries:
         raise SystemExit(f"--models: section (d) has only Hope and Transformer++, not {args.models}")
     dom_a = load_domain(CORPORA["shakespeare"], tok, 0.1, max_chars=600_000, name="shakespeare")
     dom_b = load_domain("builtin:pydoc", tok, 0.1, max_chars=600_000, name="python-docs")
-    cfg = ContinualConfig(mode="both", seq_len=args.seq_len, batch_size=8, steps_a=steps(100, args.scale),
-                          steps_b=steps(60, args.scale), baseline_period=CONTINUAL_PERIODS[0], lr=3e-3,
+    cfg = ContinualConfig(mode="both", seq_len=args.seq_len, batch_size=8, steps_a=steps_a,
+                          steps_b=steps(CONTINUAL_STEPS_B, args.scale), baseline_period=CONTINUAL_PERIODS[0], lr=3e-3,
                           warmup_steps=10, eval_tokens=8192, eval_points=4,
                           stream_tokens=max(2048, int(32768 * min(1.0, args.scale * 2))), stream_lr=0.3,
                           stream_segment_len=args.seq_len, stream_max_grad_norm=1.0, seed=seed)
@@ -360,11 +371,12 @@ def summary(out: Path) -> str:
     for _, runs in load_runs(out, "d").items():
         lines += [f"## (d) continual learning: shakespeare -> python-docs ({len(runs)} seeds; nats/token, forgetting = "
                   "loss on A after B - after A)", "",
-                  "| model | CMS periods | loss A after A | train: forgetting | train: learning | "
-                  "test-time: forgetting | test-time: learning |", "|---" * 7 + "|"]
+                  "| model | CMS periods | steps on A | loss A after A | train: forgetting | train: learning | "
+                  "test-time: forgetting | test-time: learning |", "|---" * 8 + "|"]
         for n in [m["name"] for m in runs[0]["models"]]:
             rs = [next(m for m in run["models"] if m["name"] == n) for run in runs]
-            lines.append(f"| {n} | {rs[0]['cms_periods'] or '-'} | {ms([r['after_a']['loss_a'] for r in rs])} | "
+            steps_a = rs[0].get("steps_a", runs[0]["config"]["steps_a"])
+            lines.append(f"| {n} | {rs[0]['cms_periods'] or '-'} | {steps_a} | {ms([r['after_a']['loss_a'] for r in rs])} | "
                          f"{ms([r['train']['forgetting'] for r in rs], '+.3f')} | {ms([r['train']['learning'] for r in rs], '+.3f')} | "
                          f"{ms([r['test_time']['forgetting'] for r in rs], '+.4f')} | "
                          f"{ms([r['test_time']['learning'] for r in rs], '+.4f')} |")

@@ -70,16 +70,19 @@ def test_every_section_compares_models_at_equal_parameters(quality):
         return max(counts) / min(counts) - 1
 
     assert spread(quality.make(0, **arch) for arch in quality.ARCHS.values()) <= 0.03
-    assert spread(model for _, model in quality.continual_models(0)) <= 0.03
+    assert spread(e.model for e in quality.continual_models(0)) <= 0.03
 
 
 def test_continual_section_takes_the_model_choice(quality):
     """``--models`` picks (d)'s entries by architecture ("Hope" = its three CMS variants); a choice with none of
     (d)'s architectures is refused before any data is loaded."""
-    assert [n for n, _ in quality.continual_models(0)] == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels",
-                                                            "Transformer++"]
-    assert [n for n, _ in quality.continual_models(0, "Transformer++")] == ["Transformer++"]
-    assert [n for n, _ in quality.continual_models(0, "Hope, Titans")] == ["Hope, 1 level", "Hope, 2 levels",
-                                                                           "Hope, 3 levels"]
+    def names(models=None):
+        return [e.name for e in quality.continual_models(0, models)]
+
+    assert names() == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels", "Transformer++",
+                       "Transformer++, 3x steps on A"]
+    assert names("Transformer++") == ["Transformer++", "Transformer++, 3x steps on A"]
+    assert names("Hope, Titans") == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels"]
+    assert [e.steps_a for e in quality.continual_models(0, "Transformer++", steps_a=40)] == [None, 120]
     with pytest.raises(SystemExit, match="only Hope and Transformer"):
-        quality.section_d("shakespeare-pydoc", 0, argparse.Namespace(models="Titans,Hope-Attention"), tok=None)
+        quality.section_d("shakespeare-pydoc", 0, argparse.Namespace(models="Titans,Hope-Attention", scale=1.0), tok=None)

@@ -1,5 +1,6 @@
 """Continual-learning benchmark and test-time CMS learning (hope_scale.eval.continual)."""
 
+import copy
 import math
 
 import numpy as np
@@ -65,6 +66,25 @@ def test_pipeline_end_to_end_on_tiny_models(domains):
         assert row["cms_levels"] == 2 and row["cms_periods"] == [32, 128]
     assert res["models"][2]["test_time"]["updates"] == {"0": 256 // 32}
     assert res["models"][2]["test_time"]["learner"] == "MLPStreamLearner"
+
+
+def test_an_entry_can_train_longer_on_a(domains):
+    """``ModelEntry.steps_a`` overrides the config's phase-A steps for that model only: the same model trained
+    through an override and through the config ends in the same place; the other entry keeps the config's."""
+    a, b = domains
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(arch="transformer", **TINY))
+    copies = [copy.deepcopy(model) for _ in range(3)]
+    cfg = dict(mode="train", seq_len=32, batch_size=4, steps_b=2, lr=1e-2, warmup_steps=1, eval_tokens=330,
+               eval_points=1)
+    res = run_continual([ModelEntry("short", copies[0]), ModelEntry("long", copies[1], steps_a=6)], a, b,
+                        ContinualConfig(steps_a=2, **cfg), log=None)
+    direct = run_continual([ModelEntry("long", copies[2])], a, b, ContinualConfig(steps_a=6, **cfg), log=None)
+    short, long = res["models"]
+    assert (short["steps_a"], short["phase_a_train"]["steps"]) == (2, 2)
+    assert (long["steps_a"], long["phase_a_train"]["steps"]) == (6, 6)
+    assert long["after_a"] == direct["models"][0]["after_a"]
+    assert long["after_a"]["loss_a"] != short["after_a"]["loss_a"]
 
 
 def test_test_time_learning_changes_only_the_trainable_levels(domains):

@@ -119,6 +119,8 @@ class ModelEntry:
     name: str
     model: nn.Module
     info: dict = field(default_factory=dict)
+    steps_a: int | None = None  # this model's phase-A steps (None: the config's ``steps_a``); a control trained
+    # longer on A shows how forgetting depends on how well A was learned
 
 
 def heldout_loss(model: nn.Module, domain: TokenDomain, tokens: int, context_len: int, batch_size: int = 8) -> float:
@@ -169,9 +171,10 @@ def run_continual(entries: list[ModelEntry], domain_a: TokenDomain, domain_b: To
                      **_levels_info(e.model), **e.info}
         seed = cfg.seed * 1000 + 17
         model = e.model
-        if cfg.steps_a > 0:
-            log(f"[continual] {e.name}: phase A ({domain_a.name}), {cfg.steps_a} steps")
-            tcfg = TrainConfig(steps=cfg.steps_a, lr=cfg.lr, warmup_steps=cfg.warmup_steps, log_every=0)
+        steps_a = row["steps_a"] = cfg.steps_a if e.steps_a is None else e.steps_a
+        if steps_a > 0:
+            log(f"[continual] {e.name}: phase A ({domain_a.name}), {steps_a} steps")
+            tcfg = TrainConfig(steps=steps_a, lr=cfg.lr, warmup_steps=cfg.warmup_steps, log_every=0)
             trainer = Trainer(model, text_batches(domain_a.train, cfg.batch_size, ctx, seed), tcfg, e.name)
             row["phase_a_train"] = trainer.run(log=None).result(keep_history=False)
             if on_phase_end:
