@@ -357,16 +357,21 @@ def summary(out: Path) -> str:
         lines.append("")
     for _, runs in load_runs(out, "c").items():
         c0 = runs[0]
+        recipe = ("train_length", "lengths", "steps", "batch", "mixed_in", "mixed_from_step")
+        differ = [k for k in recipe if any(run.get(k) != c0.get(k) for run in runs)]
+        if differ:
+            raise SystemExit(f"{out}: the (c) runs differ in {differ}; summarize each recipe from its own --out")
         mix = c0.get("mixed_in")
         mixed = (f", every {mix[1]}th step {mix[2] if len(mix) > 2 else c0['batch']} x {mix[0]} tokens"
                  + (f" from step {c0['mixed_from_step']}" if c0.get("mixed_from_step") else "") if mix else "")
         lines += [f"## (c) passkey NIAH accuracy % ({len(runs)} seeds; trained at {c0['train_length']} tokens{mixed}, "
                   f"{c0['steps']} steps)", "",
-                  "| model | " + " | ".join(f"{L} ({L // c0['train_length']}x)" for L in c0["lengths"]) + " |",
-                  "|---" * (len(c0["lengths"]) + 1) + "|"]
-        for n in [m["label"] for m in c0["models"]]:
-            accs = [next(m for m in run["models"] if m["label"] == n)["accuracy_by_length"] for run in runs]
-            lines.append(f"| {n} | " + " | ".join(ms([a[i] for a in accs], ".1f") for i in range(len(c0["lengths"]))) + " |")
+                  "| model | seeds | " + " | ".join(f"{L} ({L // c0['train_length']}x)" for L in c0["lengths"]) + " |",
+                  "|---" * (len(c0["lengths"]) + 2) + "|"]
+        for n in dict.fromkeys(m["label"] for run in runs for m in run["models"]):  # a model may skip seeds
+            accs = [m["accuracy_by_length"] for run in runs for m in run["models"] if m["label"] == n]
+            lines.append(f"| {n} | {len(accs)} | "
+                         + " | ".join(ms([a[i] for a in accs], ".1f") for i in range(len(c0["lengths"]))) + " |")
         lines.append("")
     for _, runs in load_runs(out, "d").items():
         lines += [f"## (d) continual learning: shakespeare -> python-docs ({len(runs)} seeds; nats/token, forgetting = "

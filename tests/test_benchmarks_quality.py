@@ -86,3 +86,25 @@ def test_continual_section_takes_the_model_choice(quality):
     assert [e.steps_a for e in quality.continual_models(0, "Transformer++", steps_a=40)] == [None, 120]
     with pytest.raises(SystemExit, match="only Hope and Transformer"):
         quality.section_d("shakespeare-pydoc", 0, argparse.Namespace(models="Titans,Hope-Attention", scale=1.0), tok=None)
+
+
+def test_passkey_summary_takes_models_run_on_some_seeds(quality, tmp_path):
+    """(c)'s table lists every model with the number of seeds it ran on (baselines may run on seed 0 only), and
+    refuses to average runs of different recipes."""
+    import json
+
+    def run(seed, accuracies, mix=(512, 4, 2)):
+        return {"seed": seed, "train_length": 128, "lengths": [128, 512, 2048], "steps": 5000, "batch": 8,
+                "mixed_in": list(mix), "mixed_from_step": 2500,
+                "models": [{"label": n, "accuracy_by_length": a} for n, a in accuracies.items()]}
+
+    runs = [run(0, {"Hope": [100, 100, 90], "Titans": [5, 5, 5]}), run(1, {"Hope": [100, 90, 80]})]
+    for r in runs:
+        (tmp_path / f"c-passkey-s{r['seed']}.json").write_text(json.dumps(r))
+    text = quality.summary(tmp_path)
+    assert "| Hope | 2 | 100.0 ± 0.0 | 95.0 ± 7.1 | 85.0 ± 7.1 |" in text
+    assert "| Titans | 1 | 5.0 | 5.0 | 5.0 |" in text
+    assert "every 4th step 2 x 512 tokens from step 2500" in text
+    (tmp_path / "c-passkey-s1.json").write_text(json.dumps(run(1, {"Hope": [1, 2, 3]}, mix=(512, 4))))
+    with pytest.raises(SystemExit, match="mixed_in"):
+        quality.summary(tmp_path)
