@@ -357,8 +357,11 @@ def summary(out: Path) -> str:
         lines.append("")
     for _, runs in load_runs(out, "c").items():
         c0 = runs[0]
-        recipe = ("train_length", "lengths", "steps", "batch", "mixed_in", "mixed_from_step")
-        differ = [k for k in recipe if any(run.get(k) != c0.get(k) for run in runs)]
+        def recipe(run):  # runs from before --passkey-mix-from have no mixed_from_step: they mixed from step 0
+            return {k: run.get(k) for k in ("train_length", "lengths", "steps", "batch", "mixed_in")} | {
+                "mixed_from_step": run.get("mixed_from_step") or 0}
+
+        differ = [k for k, v in recipe(c0).items() if any(recipe(run)[k] != v for run in runs)]
         if differ:
             raise SystemExit(f"{out}: the (c) runs differ in {differ}; summarize each recipe from its own --out")
         mix = c0.get("mixed_in")

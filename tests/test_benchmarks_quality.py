@@ -108,3 +108,9 @@ def test_passkey_summary_takes_models_run_on_some_seeds(quality, tmp_path):
     (tmp_path / "c-passkey-s1.json").write_text(json.dumps(run(1, {"Hope": [1, 2, 3]}, mix=(512, 4))))
     with pytest.raises(SystemExit, match="mixed_in"):
         quality.summary(tmp_path)
+    older, newer = run(0, {"Hope": [1, 2, 3]}), run(1, {"Hope": [3, 4, 5]})  # no mixed_from_step = from step 0
+    del older["mixed_from_step"]
+    newer["mixed_from_step"] = 0
+    for r in (older, newer):
+        (tmp_path / f"c-passkey-s{r['seed']}.json").write_text(json.dumps(r))
+    assert "| Hope | 2 | 2.0 ± 1.4 | 3.0 ± 1.4 | 4.0 ± 1.4 |" in quality.summary(tmp_path)
