@@ -96,6 +96,16 @@ def window_profile(model, tok, stream: np.ndarray, seq_len: int, n_windows: int)
 
 # -- (a) perplexity and memory use ---------------------------------------------------------------------------
 
+def section_a_runs(names: str | None) -> list[tuple[str, dict, str | None]]:
+    """(a)'s (label, spec, budget) runs for ``--models``: each architecture at equal steps, and Transformer++ for
+    Hope's CPU time when both are chosen (budget "time")."""
+    chosen = selected(names)
+    runs = [(n, spec, None) for n, spec in chosen.items()]
+    if {"Hope", "Transformer++"} <= set(chosen):
+        runs.append(("Transformer++ (Hope's compute)", chosen["Transformer++"], "time"))
+    return runs
+
+
 def section_a(corpus: str, seed: int, args, tok) -> dict:
     dom = load_domain(CORPORA[corpus], tok, holdout_fraction=0.1)
     held_text = dom.heldout_text[:16384]
@@ -105,7 +115,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
     def config(n: int) -> TrainConfig:
         return TrainConfig(steps=n, lr=3e-3, warmup_steps=10, log_every=0)
 
-    runs = [(n, ARCHS[n], None) for n in ARCHS] + [("Transformer++ (Hope's compute)", ARCHS["Transformer++"], "time")]
+    runs = section_a_runs(args.models)
     for name, spec, budget in runs:
         model, cfg = make(seed, **spec), config(n_steps)
         if budget == "time":  # as many steps as fit in Hope's CPU time, measured on a short probe run
@@ -313,8 +323,8 @@ def load_runs(out: Path, section: str) -> dict[str, list[dict]]:
 def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
-        names = [r["model"] for r in runs[0]["rows"]]
-        by = {n: [next(r for r in run["rows"] if r["model"] == n) for run in runs] for n in names}
+        names = dict.fromkeys(r["model"] for run in runs for r in run["rows"])  # a model may skip seeds
+        by = {n: [r for run in runs for r in run["rows"] if r["model"] == n] for n in names}
         lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {runs[0]['seq_len']} tokens)", "",
                   "| model | params | steps | train CPU s | clipped steps | held-out loss | perplexity | "
                   "memory off: loss | streaming ppl |", "|---|---|---|---|---|---|---|---|---|"]
@@ -325,7 +335,7 @@ def summary(out: Path) -> str:
                          f"{ms([r['fixed']['token_perplexity'] for r in rs], '.3f')} | {ms(off, '.4f')} | "
                          f"{ms([r['streaming']['token_perplexity'] for r in rs], '.3f')} |")
         lines.append("")
-        prof = by["Hope"][0]["profile"]
+        prof = next(iter(by.values()))[0]["profile"]
         edges = [f"{a + 1}-{b}" for a, b in zip(prof["bucket_start"], prof["bucket_end"])]
         lines += [f"Loss by position in the {runs[0]['seq_len']}-token window ({corpus}, mean over seeds; 'off': "
                   "memory switched off at evaluation):", "", "| model | " + " | ".join(edges) + " |",
@@ -421,7 +431,7 @@ def main() -> int:
     ap.add_argument("--passkey-mix-from", type=int, default=0, metavar="STEP",
                     help="(c): the --passkey-mix schedule starts at this step (before it, every step is at "
                          "--passkey-len: a short-to-long curriculum)")
-    ap.add_argument("--models", default=None, help="(b), (c), (d): only these architectures, comma-separated "
+    ap.add_argument("--models", default=None, help="only these architectures, comma-separated "
                                                     f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
                                                     "Transformer++)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")

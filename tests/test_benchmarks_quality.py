@@ -114,3 +114,13 @@ def test_passkey_summary_takes_models_run_on_some_seeds(quality, tmp_path):
     for r in (older, newer):
         (tmp_path / f"c-passkey-s{r['seed']}.json").write_text(json.dumps(r))
     assert "| Hope | 2 | 2.0 ± 1.4 | 3.0 ± 1.4 | 4.0 ± 1.4 |" in quality.summary(tmp_path)
+
+
+def test_heldout_section_takes_the_model_choice(quality):
+    """(a) runs the chosen architectures, and Transformer++ for Hope's CPU time only when both are chosen."""
+    def labels(models=None):
+        return [(name, budget) for name, _, budget in quality.section_a_runs(models)]
+
+    assert labels() == [(n, None) for n in quality.ARCHS] + [("Transformer++ (Hope's compute)", "time")]
+    assert labels("Hope,Titans") == [("Hope", None), ("Titans", None)]
+    assert labels("Transformer++,Hope")[-1] == ("Transformer++ (Hope's compute)", "time")
