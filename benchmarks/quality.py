@@ -15,7 +15,8 @@ tables with mean ± std over the seeds found.
     Also measured: held-out loss with the memory switched off at evaluation (eta = 0, alpha = 1: every memory
     keeps its meta-learned initial weights) and the loss by position within the context window, on and off;
 (b) MQAR accuracy vs key-value pairs and sequence length (Zoology recipe, trained at T = 64);
-(c) passkey NIAH accuracy at 1x, 4x and 16x the training length (``--passkey-len``, 128), 5000 steps;
+(c) passkey NIAH accuracy at 1x, 4x and 16x the training length (``--passkey-len``, 128), 5000 steps: 128-token
+    steps for the first half, then every 4th step 2 x 512 tokens (``--passkey-mix``, ``--passkey-mix-from``);
 (d) continual learning (A = tinyshakespeare, B = Python documentation): forgetting and learning in continued
     training and at test time (CMS level updates only), Hope with 1, 2, 3 CMS levels vs Transformer++.
 
@@ -42,7 +43,8 @@ from hope_scale.eval import plots  # noqa: E402
 from hope_scale.eval.corpus import load_domain  # noqa: E402
 from hope_scale.eval.perplexity import evaluate_text, evaluate_token_docs  # noqa: E402
 from hope_scale.eval.results import write_json  # noqa: E402
-from hope_scale.eval.trainer import TrainConfig, Trainer, text_batches  # noqa: E402
+from hope_scale.eval.trainer import (TrainConfig, Trainer, length_schedule, scheduled_niah_batches,  # noqa: E402
+                                     text_batches)
 from hope_scale.model import ModelConfig, build_model  # noqa: E402
 from hope_scale.model.titans import SelfModifyingTitans  # noqa: E402
 
@@ -179,23 +181,10 @@ MQAR_LRS = (3e-3,)  # the lr of every other section; add rates to sweep (the sum
 # Transformer++ needs ~5000 steps of answer-only loss at 128 tokens to learn the task (85-90%); at 600 steps
 # every model stays at chance, and at 256 tokens it is at 10% after 4000 steps (docs/hope-design.md §6.5)
 PASSKEY_STEPS, PASSKEY_CELL = 5000, 8
-
-def interleave(batches, other, every: int, start: int = 0):
-    """Step ``i`` draws from ``other`` when ``i >= start`` and ``i % every == every - 1``, else from ``batches``."""
-    return lambda step: other(step) if step >= start and step % every == every - 1 else batches(step)
-
-
-def length_schedule(text: str) -> tuple[int, ...]:
-    """``LEN:EVERY[:BATCH]`` -> (LEN, EVERY[, BATCH]), all positive; BATCH is the long steps' batch size."""
-    try:
-        values = tuple(int(v) for v in text.split(":"))
-    except ValueError:
-        values = ()
-    if len(values) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"expected LEN:EVERY or LEN:EVERY:BATCH (e.g. 512:4:2), got {text!r}")
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"LEN, EVERY and BATCH must be positive, got {text!r}")
-    return values
+# the training recipe: 128-token steps for the first half (the task is learned by then), then every 4th step
+# 2 x 512 tokens (as many tokens as 8 x 128): the 128-token task alone leaves the haystack writes that pile up
+# beyond the training length unconstrained (docs/hope-design.md §6.6 has the recipes compared over 4 seeds)
+PASSKEY_MIX, PASSKEY_MIX_FROM = (512, 4, 2), 0.5
 
 
 def selected(names: str | None) -> dict:
@@ -209,25 +198,17 @@ def selected(names: str | None) -> dict:
     return {n: ARCHS[n] for n in chosen}
 
 
-def passkey_batches(gen, batch: int, length: int, seed: int, pad_id: int, mix: tuple[int, ...] | None = None,
-                    mix_from: int = 0):
-    """(c)'s training batches: ``batch`` x ``length`` tokens, or with ``mix`` = (LEN, EVERY[, BATCH]) from step
-    ``mix_from`` on every EVERY-th step BATCH (default ``batch``) x LEN tokens instead (a schedule of training
-    lengths)."""
-    from hope_scale.eval.trainer import niah_batches
-
-    batches = niah_batches(gen, batch, length, seed=seed, pad_id=pad_id)
-    if not mix:
-        return batches
-    long_len, every, long_batch = (*mix, batch)[:3]
-    longer = niah_batches(gen, long_batch, long_len, seed=10_000 + seed, pad_id=pad_id)
-    return interleave(batches, longer, every, mix_from)
+def passkey_recipe(args, n_steps: int) -> tuple[tuple[int, ...] | None, int]:
+    """(c)'s schedule of training lengths and the step it starts at (by default half of ``n_steps``)."""
+    mix_from = args.passkey_mix_from if args.passkey_mix_from is not None else int(PASSKEY_MIX_FROM * n_steps)
+    return args.passkey_mix, mix_from if args.passkey_mix else 0
 
 
 def section_c(corpus: str, seed: int, args, tok) -> dict:
     from hope_scale.eval.niah import NIAHGenerator, accuracy_grid, evaluate_samples, get_task
 
     train_len, n_steps, batch = args.passkey_len, steps(PASSKEY_STEPS, args.scale), 8
+    mix, mix_from = passkey_recipe(args, n_steps)
     lengths, depths = [train_len, 4 * train_len, 16 * train_len], [0.0, 0.25, 0.5, 0.75, 1.0]
     task = get_task("passkey", template="short", num_digits=5)
     test = NIAHGenerator(task, tok, seed=777, name="passkey").grid(lengths, depths, samples_per_cell=PASSKEY_CELL)
@@ -236,8 +217,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
         cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
-        tr = Trainer(model, passkey_batches(gen, batch, train_len, seed, tok.pad_id, args.passkey_mix,
-                                                     args.passkey_mix_from), cfg, name)
+        tr = Trainer(model, scheduled_niah_batches(gen, batch, train_len, seed, tok.pad_id, mix, mix_from), cfg, name)
         tr.run(log=None, progress=True)
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, depths)
         by_len = [float(np.mean(line)) for line in grid]
@@ -246,8 +226,8 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         log(f"(c) s{seed} {name:16s} loss {tr.result()['final_loss']:.3f}  accuracy by length "
             + "  ".join(f"{L}:{a:.0f}%" for L, a in zip(lengths, by_len)))
     return {"seed": seed, "train_length": train_len, "lengths": lengths, "depths": depths,
-            "samples_per_cell": PASSKEY_CELL, "mixed_in": args.passkey_mix,
-            "mixed_from_step": args.passkey_mix_from if args.passkey_mix else None,
+            "samples_per_cell": PASSKEY_CELL, "mixed_in": mix,
+            "mixed_from_step": mix_from if mix else None,
             "steps": n_steps, "batch": batch, "models": models}
 
 
@@ -413,7 +393,7 @@ def plot_losses(out: Path) -> None:
                     xlabel="logged point (every ~2% of the run)", ylabel="loss (nats/token)")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--only", default="a,b,c,d", help="sections to run, comma-separated")
@@ -424,19 +404,25 @@ def main() -> int:
                          "tables use the whole 1.1 MB file)")
     ap.add_argument("--seq-len", type=int, default=512, help="training/evaluation length of (a) and (d)")
     ap.add_argument("--passkey-len", type=int, default=128, help="training length of (c)")
-    ap.add_argument("--passkey-mix", type=length_schedule, default=None, metavar="LEN:EVERY[:BATCH]",
+    ap.add_argument("--passkey-mix", type=length_schedule, default=PASSKEY_MIX, metavar="LEN:EVERY[:BATCH]|none",
                     help="(c): every EVERY-th training step uses a batch of BATCH (default: the usual 8) sequences "
-                         "at LEN tokens instead (a schedule of training lengths; 512:4:2 keeps the tokens per step "
-                         "equal; evaluation lengths stay 1x/4x/16x of --passkey-len)")
-    ap.add_argument("--passkey-mix-from", type=int, default=0, metavar="STEP",
+                         "at LEN tokens instead (a schedule of training lengths; 512:4:2, the default, keeps the "
+                         "tokens per step equal; none: every step at --passkey-len; evaluation lengths stay "
+                         "1x/4x/16x of --passkey-len)")
+    ap.add_argument("--passkey-mix-from", type=int, default=None, metavar="STEP",
                     help="(c): the --passkey-mix schedule starts at this step (before it, every step is at "
-                         "--passkey-len: a short-to-long curriculum)")
+                         "--passkey-len: a short-to-long curriculum; default: half of the steps)")
     ap.add_argument("--models", default=None, help="only these architectures, comma-separated "
                                                     f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
                                                     "Transformer++)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
+    return ap
+
+
+def main() -> int:
+    ap = parser()
     args = ap.parse_args()
     if not Path(args.shakespeare).is_file():
         ap.error(f"--shakespeare: no such file {args.shakespeare}")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from hope_scale.eval.trainer import length_schedule, scheduled_niah_batches
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,11 +21,12 @@ def quality():
 
 
 def test_length_schedule_parses_and_rejects(quality):
-    assert quality.length_schedule("512:4") == (512, 4)
-    assert quality.length_schedule("512:4:2") == (512, 4, 2)
+    assert length_schedule("512:4") == (512, 4)
+    assert length_schedule("512:4:2") == (512, 4, 2)
+    assert length_schedule("none") is None
     for bad in ("512", "512:4:2:1", "512:x", "0:4", "512:4:0"):
         with pytest.raises(argparse.ArgumentTypeError):
-            quality.length_schedule(bad)
+            length_schedule(bad)
 
 
 def test_selected_models(quality):
@@ -41,15 +44,15 @@ def test_passkey_batches_follow_the_schedule(quality):
 
     tok = load_tokenizer("byte")
     gen = NIAHGenerator(get_task("passkey", template="short", num_digits=5), tok, seed=1, name="passkey-train")
-    plain = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id)
-    mixed = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, mix=(512, 4, 2))
+    plain = scheduled_niah_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id)
+    mixed = scheduled_niah_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, schedule=(512, 4, 2))
     shapes = [tuple(mixed(step)[0].shape) for step in range(8)]
     assert shapes == [(8, 128)] * 3 + [(2, 512)] + [(8, 128)] * 3 + [(2, 512)]
     x_long, y_long = mixed(3)
     assert ((y_long != -100).sum(dim=1) > 0).all() and (x_long != tok.pad_id).sum(dim=1).min() > 128
     for step in (0, 5):
         assert all((a == b).all() for a, b in zip(plain(step), mixed(step)))
-    assert tuple(quality.passkey_batches(gen, 8, 128, 0, tok.pad_id, mix=(512, 4))(3)[0].shape) == (8, 512)
+    assert tuple(scheduled_niah_batches(gen, 8, 128, 0, tok.pad_id, schedule=(512, 4))(3)[0].shape) == (8, 512)
 
 
 def test_passkey_schedule_can_start_late(quality):
@@ -59,7 +62,7 @@ def test_passkey_schedule_can_start_late(quality):
 
     tok = load_tokenizer("byte")
     gen = NIAHGenerator(get_task("passkey", template="short", num_digits=5), tok, seed=1, name="passkey-train")
-    late = quality.passkey_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, mix=(512, 4, 2), mix_from=6)
+    late = scheduled_niah_batches(gen, 8, 128, seed=0, pad_id=tok.pad_id, schedule=(512, 4, 2), start=6)
     assert [late(step)[0].shape[1] for step in range(12)] == [128] * 7 + [512] + [128] * 3 + [512]
 
 
@@ -124,3 +127,16 @@ def test_heldout_section_takes_the_model_choice(quality):
     assert labels() == [(n, None) for n in quality.ARCHS] + [("Transformer++ (Hope's compute)", "time")]
     assert labels("Hope,Titans") == [("Hope", None), ("Titans", None)]
     assert labels("Transformer++,Hope")[-1] == ("Transformer++ (Hope's compute)", "time")
+
+
+def test_passkey_recipe_defaults_to_the_curriculum(quality):
+    """(c) trains at 128 tokens for the first half, then every 4th step 2 x 512 (scaled runs keep the half);
+    ``--passkey-mix none`` trains at 128 tokens only."""
+    def recipe(*argv, n_steps=5000):
+        return quality.passkey_recipe(quality.parser().parse_args(list(argv)), n_steps)
+
+    assert recipe() == ((512, 4, 2), 2500)
+    assert recipe(n_steps=250) == ((512, 4, 2), 125)
+    assert recipe("--passkey-mix-from", "0") == ((512, 4, 2), 0)
+    assert recipe("--passkey-mix", "512:4", "--passkey-mix-from", "100") == ((512, 4), 100)
+    assert recipe("--passkey-mix", "none") == (None, 0)

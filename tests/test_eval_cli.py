@@ -62,6 +62,23 @@ def test_passkey_train_and_niah_heatmap(tmp_path):
     assert out.with_suffix(".png").is_file()
 
 
+def test_passkey_train_on_a_schedule_of_lengths(tmp_path):
+    """``--length-schedule`` / ``--schedule-from`` reach the batches (a long step changes the model differently
+    from a short one) and are recorded in the checkpoint; a malformed schedule is refused by the parser."""
+    common = ("train-synthetic", "--task", "passkey", "--model", f"transformer:{TINY}", "--steps", 2,
+              "--batch-size", 2, "--length", 96, "--threads", 1, "--log-every", 0)
+    assert cli(*common, "--out", tmp_path / "plain.pt") == 0
+    assert cli(*common, "--length-schedule", "160:2:1", "--schedule-from", 1, "--out", tmp_path / "mixed.pt") == 0
+    plain, mixed = (load_checkpoint(tmp_path / f) for f in ("plain.pt", "mixed.pt"))
+    assert mixed.meta["niah"]["length_schedule"] == [160, 2, 1] and mixed.meta["niah"]["schedule_from"] == 1
+    assert plain.meta["niah"]["length_schedule"] is None
+    differs = [not torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                     mixed.model.state_dict().values())]
+    assert any(differs)
+    with pytest.raises(SystemExit):
+        cli(*common, "--length-schedule", "160", "--out", tmp_path / "bad.pt")
+
+
 def test_text_train_perplexity_and_generate_with_memorize(tmp_path, capsys):
     data = tmp_path / "richard.txt"
     data.write_text(TEXT)

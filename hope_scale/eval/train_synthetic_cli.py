@@ -5,7 +5,8 @@ Tasks:
 * ``mqar``: multi-query associative recall (Zoology), a mixture of (sequence length, key-value pairs)
   settings; the loss is on query positions only, as in Zoology;
 * ``passkey``: needle-in-a-haystack passkey retrieval at one training length (noise haystack, random
-  depths); the loss is on the answer tokens;
+  depths), or on a schedule of lengths (``--length-schedule``, ``--schedule-from``); the loss is on the answer
+  tokens;
 * ``text``: next-token prediction on a text source (file, folder, .jsonl, builtin[:pydoc|:stdlib]) with
   the last ``--holdout-fraction`` held out (``hope-scale eval perplexity --holdout-fraction`` scores it).
 
@@ -19,6 +20,8 @@ import argparse
 import sys
 
 import torch
+
+from .trainer import length_schedule
 
 
 def _ints(text: str) -> list[int]:
@@ -51,6 +54,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-digits", type=int, default=5)
     g.add_argument("--template", choices=["short", "ruler"], default="short")
     g.add_argument("--tokenizer", default="byte", help="tokenizer spec (byte or a tokenizer.json)")
+    g.add_argument("--length-schedule", type=length_schedule, default=None, metavar="LEN:EVERY[:BATCH]",
+                   help="every EVERY-th step trains on BATCH (default --batch-size) sequences of LEN tokens "
+                        "instead of --length (none: off, the default). The benchmark's recipe (docs/evaluation.md "
+                        "(c)): --length 128 --batch-size 8 --steps 5000 --length-schedule 512:4:2 --schedule-from 2500")
+    g.add_argument("--schedule-from", type=int, default=0, metavar="STEP",
+                   help="--length-schedule starts at this step (before it, every step is at --length)")
     g = parser.add_argument_group("text")
     g.add_argument("--data", default=None, help="text source for --task text")
     g.add_argument("--seq-len", type=int, default=128)
@@ -86,16 +95,18 @@ def build(args) -> tuple:
                         "power_a": args.power_a}
     elif args.task == "passkey":
         from .niah import NIAHGenerator, get_task
-        from .trainer import niah_batches
+        from .trainer import scheduled_niah_batches
 
         task = get_task("passkey", template=args.template, num_digits=args.num_digits)
         gen = NIAHGenerator(task, tok, seed=args.seed + 1_000_000, name="passkey-train")
         cfg = config_from_spec(args.model)
         cfg = config_from_spec(args.model, vocab_size=max(cfg.vocab_size, tok.vocab_size))
         pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-        batch_fn = niah_batches(gen, args.batch_size, args.length, args.seed, pad)
+        batch_fn = scheduled_niah_batches(gen, args.batch_size, args.length, args.seed, pad, args.length_schedule,
+                                          args.schedule_from)
         meta["niah"] = {"task": "passkey", "train_length": args.length, "template": args.template,
-                        "num_digits": args.num_digits}
+                        "num_digits": args.num_digits, "length_schedule": args.length_schedule,
+                        "schedule_from": args.schedule_from if args.length_schedule else None}
     else:
         from .corpus import load_domain
         from .trainer import text_batches

@@ -12,6 +12,7 @@ Batches come from a ``batch_fn(step) -> (inputs [B, T], labels [B, T])`` (labels
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -148,3 +149,37 @@ def niah_batches(generator: NIAHGenerator, batch_size: int, length: int, seed: i
         return x, y
 
     return fn
+
+
+def length_schedule(text: str) -> tuple[int, ...] | None:
+    """``LEN:EVERY[:BATCH]`` -> (LEN, EVERY[, BATCH]), all positive; BATCH is the long steps' batch size.
+    ``none`` -> None (every step at the training length). An argparse type."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"expected LEN:EVERY or LEN:EVERY:BATCH (e.g. 512:4:2), got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"LEN, EVERY and BATCH must be positive, got {text!r}")
+    return values
+
+
+def interleave(batches, other, every: int, start: int = 0):
+    """Step ``i`` draws from ``other`` when ``i >= start`` and ``i % every == every - 1``, else from ``batches``."""
+    return lambda step: other(step) if step >= start and step % every == every - 1 else batches(step)
+
+
+def scheduled_niah_batches(generator: NIAHGenerator, batch_size: int, length: int, seed: int, pad_id: int,
+                           schedule: tuple[int, ...] | None = None, start: int = 0):
+    """``niah_batches`` at ``length``, or with ``schedule`` = (LEN, EVERY[, BATCH]) from step ``start`` on every
+    EVERY-th step BATCH (default ``batch_size``) x LEN tokens instead: a schedule of training lengths, and with
+    ``start`` > 0 a short-to-long curriculum. The short steps are the same batches as without a schedule."""
+    batches = niah_batches(generator, batch_size, length, seed=seed, pad_id=pad_id)
+    if not schedule:
+        return batches
+    long_len, every, long_batch = (*schedule, batch_size)[:3]
+    longer = niah_batches(generator, long_batch, long_len, seed=10_000 + seed, pad_id=pad_id)
+    return interleave(batches, longer, every, start)
