@@ -181,7 +181,7 @@ MQAR_LRS = (3e-3,)  # the lr of every other section; add rates to sweep (the sum
 # Transformer++ needs ~5000 steps of answer-only loss at 128 tokens to learn the task (85-90%); at 600 steps
 # every model stays at chance, and at 256 tokens it is at 10% after 4000 steps (docs/hope-design.md §6.5)
 PASSKEY_STEPS, PASSKEY_CELL = 5000, 8
-# the training recipe: 128-token steps for the first half (the task is learned by then), then every 4th step
+# the training recipe: 128-token steps for the first half (3 of 4 seeds learned the task by then), then every 4th step
 # 2 x 512 tokens (as many tokens as 8 x 128): the 128-token task alone leaves the haystack writes that pile up
 # beyond the training length unconstrained (docs/hope-design.md §6.6 has the recipes compared over 4 seeds)
 PASSKEY_MIX, PASSKEY_MIX_FROM = (512, 4, 2), 0.5
