@@ -300,11 +300,16 @@ def load_runs(out: Path, section: str) -> dict[str, list[dict]]:
     return runs
 
 
+def by_model(runs: list[dict], rows: str, label: str) -> dict[str, list[dict]]:
+    """Each model's rows over the runs (seeds), in first-seen order; a model may have skipped some seeds."""
+    names = dict.fromkeys(r[label] for run in runs for r in run[rows])
+    return {n: [r for run in runs for r in run[rows] if r[label] == n] for n in names}
+
+
 def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
-        names = dict.fromkeys(r["model"] for run in runs for r in run["rows"])  # a model may skip seeds
-        by = {n: [r for run in runs for r in run["rows"] if r["model"] == n] for n in names}
+        by = by_model(runs, "rows", "model")
         lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {runs[0]['seq_len']} tokens)", "",
                   "| model | params | steps | train CPU s | clipped steps | held-out loss | perplexity | "
                   "memory off: loss | streaming ppl |", "|---|---|---|---|---|---|---|---|---|"]
@@ -361,8 +366,8 @@ def summary(out: Path) -> str:
                   f"{c0['steps']} steps)", "",
                   "| model | seeds | " + " | ".join(f"{L} ({L // c0['train_length']}x)" for L in c0["lengths"]) + " |",
                   "|---" * (len(c0["lengths"]) + 2) + "|"]
-        for n in dict.fromkeys(m["label"] for run in runs for m in run["models"]):  # a model may skip seeds
-            accs = [m["accuracy_by_length"] for run in runs for m in run["models"] if m["label"] == n]
+        for n, entries in by_model(runs, "models", "label").items():
+            accs = [m["accuracy_by_length"] for m in entries]
             lines.append(f"| {n} | {len(accs)} | "
                          + " | ".join(ms([a[i] for a in accs], ".1f") for i in range(len(c0["lengths"]))) + " |")
         lines.append("")
@@ -371,8 +376,7 @@ def summary(out: Path) -> str:
                   "loss on A after B - after A)", "",
                   "| model | CMS periods | steps on A | loss A after A | train: forgetting | train: learning | "
                   "test-time: forgetting | test-time: learning |", "|---" * 8 + "|"]
-        for n in [m["name"] for m in runs[0]["models"]]:
-            rs = [next(m for m in run["models"] if m["name"] == n) for run in runs]
+        for n, rs in by_model(runs, "models", "name").items():
             steps_a = rs[0].get("steps_a", runs[0]["config"]["steps_a"])
             lines.append(f"| {n} | {rs[0]['cms_periods'] or '-'} | {steps_a} | {ms([r['after_a']['loss_a'] for r in rs])} | "
                          f"{ms([r['train']['forgetting'] for r in rs], '+.3f')} | {ms([r['train']['learning'] for r in rs], '+.3f')} | "
