@@ -17,7 +17,7 @@ def test_gpu_throughput_without_cuda_says_so_and_exits_2():
     assert proc.stdout == ""
 
 
-def test_gpu_throughput_step_loop_runs(one_torch_thread):
+def test_gpu_throughput_step_loop_runs():
     """The timed loop of the benchmark on a tiny model on the CPU (the GPU run cannot be tested here): bf16 training
     steps run, tokens/s and TFLOP/s are positive and the FLOP count is the model's."""
     import importlib.util

@@ -8,7 +8,6 @@ from hope_scale.eval.checkpoint_io import CheckpointError, load_checkpoint, save
 from hope_scale.eval.model_specs import config_from_spec, parse_cms_levels
 from hope_scale.model import ModelConfig, build_model
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["hope", "titans", "transformer", "hope_attention"])

@@ -22,7 +22,6 @@ PROSE = ("The old sailor walked along the harbor at dawn, counting the boats and
 CODE = ("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    if i % 2 == 0:\n        print(add(i, 1))\n"
         "class Box:\n    def __init__(self, x):\n        self.x = x\n") * 40
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from torch import nn
 
 from hope_scale.eval.mqar import MQARSpec, evaluate_grid, generate_mqar, mixed_batch, mqar_accuracy
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

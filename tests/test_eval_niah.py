@@ -15,7 +15,6 @@ CORPUS = " ".join(
     f"Yes! Indeed it has several words in it, {w} included."
     for i, w in enumerate(["river", "castle", "orchard", "meadow", "harbor", "forest", "garden", "canyon"] * 6))
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

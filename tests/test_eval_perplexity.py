@@ -15,7 +15,6 @@ from hope_scale.model import ModelConfig, build_model
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, chunk_size_memory=8, chunk_size_projection=16)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -26,7 +26,7 @@ from hope_scale.parallel.launch import run_local
 
 from .conftest import SHAKESPEARE
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.slow
 
 ARCHS = ("hope", "hope_attention", "titans", "transformer")
 LAYOUTS = {"tp2pp2": {"tensor_parallel": 2, "pipeline_parallel": 2}, "single": {}}

@@ -19,7 +19,6 @@ from hope_scale.model import ModelConfig, build_model
 
 from .conftest import SHAKESPEARE
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(d_model=32, n_layers=2, n_heads=2, chunk_size_memory=8, chunk_size_projection=16,
             cms_levels=[{"period": 1, "hidden_mult": 1.0}])

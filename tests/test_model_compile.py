@@ -54,7 +54,7 @@ def assert_close(loss, grads, ref_loss, ref_grads, tol=1e-10):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_compiled_model_equals_eager_float64(arch, aot_eager, one_torch_thread):
+def test_compiled_model_equals_eager_float64(arch, aot_eager):
     _, ref_loss, ref_grads = loss_and_grads(arch, False)
     model, loss, grads = loss_and_grads(arch, True)
     assert_close(loss, grads, ref_loss, ref_grads)
@@ -66,7 +66,7 @@ def test_compiled_model_equals_eager_float64(arch, aot_eager, one_torch_thread):
     assert [n for n, _ in model.named_parameters()] == list(ref_grads)  # names (checkpoints) unchanged
 
 
-def test_compiled_recurrent_pieces_equal_eager(aot_eager, one_torch_thread):
+def test_compiled_recurrent_pieces_equal_eager(aot_eager):
     """Sequences processed in pieces that start and end mid-chunk (head chunks, pending tokens in the state)."""
     torch.manual_seed(0)
     eager = build_model(config("hope", False)).double()
@@ -84,7 +84,7 @@ def test_compiled_recurrent_pieces_equal_eager(aot_eager, one_torch_thread):
 
 
 @pytest.mark.parametrize("mode", ["block", "memory"])
-def test_compile_with_activation_checkpointing(mode, aot_eager, one_torch_thread):
+def test_compile_with_activation_checkpointing(mode, aot_eager):
     _, ref_loss, ref_grads = loss_and_grads("hope", False)
     _, loss, grads = loss_and_grads("hope", True, checkpointing=mode)
     assert_close(loss, grads, ref_loss, ref_grads)
@@ -101,7 +101,7 @@ def test_compile_is_a_boolean_and_an_execution_field():
 
 
 @pytest.mark.slow
-def test_inductor_chunk_step_equals_eager_float64(one_torch_thread):
+def test_inductor_chunk_step_equals_eager_float64():
     """The chunk step built by Inductor (C++ on CPU; about 1-2 minutes to build on 2 cores): the update, the reads
     and the gradients of a partial chunk with erase, momentum and an active step bound, against eager."""
     g = torch.Generator().manual_seed(0)

@@ -136,7 +136,7 @@ CASES = {  # name: (chunk_inputs kwargs, run kwargs)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_kernel_equals_naive_float32(case, interpreted_kernel, one_torch_thread, no_fallback):
+def test_kernel_equals_naive_float32(case, interpreted_kernel, no_fallback):
     inputs, kw = CASES[case]
     x = chunk_inputs(**inputs)
     ref, _ = run(chunk_step, x, **kw)
@@ -147,7 +147,7 @@ def test_kernel_equals_naive_float32(case, interpreted_kernel, one_torch_thread,
 
 
 @pytest.mark.parametrize("case", ["main memory, reads, erase, anchor", "projection stack [B,H,P], no reads"])
-def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread, no_fallback):
+def test_kernel_bfloat16(case, interpreted_kernel, no_fallback):
     """In bf16 the naive path rounds every intermediate to bf16, the kernel only its matrix products' operands
     (accumulating and computing the rest in fp32): both are within bf16
     error of the fp32 result, and the kernel no further from it than the naive path (plus one bf16 rounding)."""
@@ -167,7 +167,7 @@ def test_kernel_bfloat16(case, interpreted_kernel, one_torch_thread, no_fallback
 @pytest.mark.parametrize("case", ["main memory, reads, erase", "projection stack [B,H,P], no reads",
                                   "padded last chunk, reads", "not first-order, tighter bound",
                                   "main memory, reads, erase, anchor", "projection stack, no reads, anchor"])
-def test_kernel_gradients_equal_naive(case, interpreted_kernel, one_torch_thread, no_fallback):
+def test_kernel_gradients_equal_naive(case, interpreted_kernel, no_fallback):
     """Gradients with respect to the state (w1, w2, s1, s2), keys, targets, queries, the anchor, eta and alpha (the
     last two through the coefficients, in PyTorch): the backward kernel's (first-order; the second-order rule
     recomputes the chunk in PyTorch) match to fp32 rounding. tests/test_model_kernel_backward.py checks every
@@ -191,7 +191,7 @@ def layer_config(kernel: str, **overrides) -> ModelConfig:
                                  cms_levels=[{"period": 1, "hidden_mult": 1.0}]), **overrides})
 
 
-def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, one_torch_thread, no_fallback):
+def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, no_fallback):
     """A SelfModifyingTitans layer with the kernel, run in two pieces split mid-chunk (pending tokens in the state,
     a head chunk that continues them, a padded last chunk) equals the naive layer run in one piece, outputs and
     gradients of every parameter."""
@@ -216,7 +216,7 @@ def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, one_torch_th
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_model_with_kernel_equals_naive(compile, interpreted_kernel, one_torch_thread, no_fallback, monkeypatch):
+def test_model_with_kernel_equals_naive(compile, interpreted_kernel, no_fallback, monkeypatch):
     """build_model applies model.kernel (with model.compile: after it, replacing its compiled chunk step; the blocks
     stay compiled, here by the aot_eager backend as in tests/test_model_compile.py): loss and gradients of a whole
     Hope model equal the naive eager model's."""
@@ -243,7 +243,7 @@ def test_model_with_kernel_equals_naive(compile, interpreted_kernel, one_torch_t
         assert rel_err(grads[name], g) < 1e-4, name
 
 
-def test_unsupported_rule_runs_naive_with_a_warning(interpreted_kernel, one_torch_thread, monkeypatch):
+def test_unsupported_rule_runs_naive_with_a_warning(interpreted_kernel, monkeypatch):
     """Momentum (beta > 0) is not in the kernel: apply_kernel leaves the naive step on such a layer, and a direct
     call of the kernel step runs the naive update, each with a warning naming the reason."""
     monkeypatch.setattr(kernel_module, "_warned", set())
@@ -270,7 +270,7 @@ def test_unsupported_rule_runs_naive_with_a_warning(interpreted_kernel, one_torc
     assert_results_close(out, ref, tol=0.0)
 
 
-def test_out_of_resources_runs_naive_with_a_warning(interpreted_kernel, one_torch_thread, monkeypatch):
+def test_out_of_resources_runs_naive_with_a_warning(interpreted_kernel, monkeypatch):
     """A GPU whose shared memory the chunk's tiles do not fit (Triton's OutOfResources at launch): the naive update
     runs, with a warning saying so."""
     from triton.runtime.errors import OutOfResources

@@ -93,7 +93,7 @@ CASES = {  # name: (chunk_leaves kwargs, rule, n_valid)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "16-bit" not in c])
-def test_fused_backward_equals_naive_float32(case, interpreted_kernel, one_torch_thread, no_fallback):
+def test_fused_backward_equals_naive_float32(case, interpreted_kernel, no_fallback):
     inputs, rule, n_valid = CASES[case]
     x = chunk_leaves(**inputs)
     ref_result, ref = update_with_grads(memory.chunk_update, x, rule, n_valid)
@@ -116,7 +116,7 @@ def test_fused_backward_equals_naive_float32(case, interpreted_kernel, one_torch
                                          ("anchor, reads, no erase", torch.bfloat16),  # the largest margin measured
                                          ("padded last chunk, reads", torch.float16),
                                          ("C=64, d=40, h=64 (largest 16-bit backward tile, padded)", torch.bfloat16)])
-def test_fused_backward_16_bit(case, dtype, interpreted_kernel, one_torch_thread, no_fallback):
+def test_fused_backward_16_bit(case, dtype, interpreted_kernel, no_fallback):
     """In 16 bits the naive path rounds every intermediate, the kernel only its matrix products' operands (the
     64-tile case: the backward's largest 16-bit tiles, which fit on an H100 only with 16-bit operands): against the fp32
     gradients, the kernel's are within 16-bit error and no further than the naive path's plus 2e-2 (measured over
@@ -146,7 +146,7 @@ def counting(monkeypatch, module, name):
     return calls
 
 
-def test_backward_runs_the_kernel(interpreted_kernel, one_torch_thread, no_fallback, monkeypatch):
+def test_backward_runs_the_kernel(interpreted_kernel, no_fallback, monkeypatch):
     """First-order (the default): one backward kernel launch per chunk and no PyTorch recomputation, with an
     anchor or without; first_order=False recomputes (documented, no warning) and launches no backward kernel."""
     launches = counting(monkeypatch, interpreted_kernel, "launch_chunk_update_bwd")
@@ -161,7 +161,7 @@ def test_backward_runs_the_kernel(interpreted_kernel, one_torch_thread, no_fallb
     assert (launches[0], recomputes[0]) == (2, 1)
 
 
-def test_backward_beyond_its_tiles_recomputes_with_a_warning(interpreted_kernel, one_torch_thread, monkeypatch):
+def test_backward_beyond_its_tiles_recomputes_with_a_warning(interpreted_kernel, monkeypatch):
     """An fp32 chunk whose tiles exceed the backward kernel's fp32 tiles (d = 40: padded to 64 > 32) runs the
     forward kernel and recomputes its backward in PyTorch, with a warning saying so; the gradients are the naive
     path's."""

@@ -32,7 +32,7 @@ def grads_and_peak(arch: str, mode: str):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_checkpointing_keeps_gradients_and_lowers_peak_memory(arch, one_torch_thread):
+def test_checkpointing_keeps_gradients_and_lowers_peak_memory(arch):
     ref, peak = grads_and_peak(arch, "none")
     for mode in ("block", "memory"):
         grads, mode_peak = grads_and_peak(arch, mode)

@@ -30,7 +30,7 @@ def byte_text(n: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["hope-tiny", "titans-tiny"])
-def test_fresh_gradient_norm_is_flat_in_length(name, one_torch_thread):
+def test_fresh_gradient_norm_is_flat_in_length(name):
     torch.manual_seed(0)
     model = build_model(name)
     ids = byte_text(1025)
@@ -38,7 +38,7 @@ def test_fresh_gradient_norm_is_flat_in_length(name, one_torch_thread):
     assert math.isfinite(long) and long < 10 * short, (short, long)
 
 
-def test_unbounded_legacy_update_explodes(one_torch_thread):
+def test_unbounded_legacy_update_explodes():
     """The test above can fail: the earlier unbounded update does not pass it."""
     cfg = ModelConfig.named("hope-tiny").to_dict() | EARLIER_UPDATE
     torch.manual_seed(0)

@@ -9,14 +9,6 @@ from hope_scale.train.flops import (attention_forward_flops_per_token, dense_mat
                                     peak_flops)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small ops: one thread is much faster on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(arch, **kw):
     base = dict(arch=arch, vocab_size=64, d_model=48, n_layers=2, n_heads=2, mem_hidden_mult=1.5,
                 chunk_size_memory=8, chunk_size_projection=16, max_seq_len=1024)

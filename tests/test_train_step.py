@@ -11,7 +11,6 @@ from hope_scale.train.schedules import LRSchedule
 from hope_scale.train.step import ClipCounter, TrainStep
 from tests.test_parallel_engine import CLIP, OPT, make_batches, reference_run, tiny_cfg
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["hope", "transformer"])

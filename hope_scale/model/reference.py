@@ -34,7 +34,8 @@ WEIGHTS = ("w1", "w2", "s1", "s2")
 
 
 def _mlp(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, branch_norm: bool) -> torch.Tensor:
-    """m(x) for one vector per batch element: w1 [..., d, h], w2 [..., h, d], x [..., d]."""
+    """m(x) for one vector per batch element: w1 [..., d, h], w2 [..., h, d], x [..., d] (x may have more
+    leading axes than the weights: they broadcast)."""
     hidden = F.silu(torch.einsum("...hd,...d->...h", w2, x))
     branch = torch.einsum("...dh,...h->...d", w1, hidden)
     if branch_norm:
@@ -97,11 +98,10 @@ class _Chunk:
         if self.layer.cfg.inner_overshoot == "aligned":
             return sum(ci * tok["kappa"] for ci, tok in zip(c, self.seen))
         dw = [sum(ci[..., None, None] * tok["g"][n] for ci, tok in zip(c, self.seen)) for n in (0, 1)]
-        num = 0.0
-        for cj, tok in zip(c, self.seen):
-            fn = lambda a, b, k=tok["key"]: _mlp(a, b, k, self.layer.cfg.mem_branch_norm)  # noqa: E731
-            _, jd = torch.func.jvp(fn, self.step_weights(), tuple(dw))
-            num = num + cj * jd.pow(2).sum(-1)
+        keys = torch.stack([tok["key"] for tok in self.seen])  # [j, ..., d]: one jvp gives J_j dW for every j
+        _, jd = torch.func.jvp(lambda a, b: _mlp(a, b, keys, self.layer.cfg.mem_branch_norm), self.step_weights(),
+                               tuple(dw))
+        num = (torch.stack(c) * jd.pow(2).sum(-1)).sum(0)
         den = dw[0].pow(2).sum((-2, -1)) + dw[1].pow(2).sum((-2, -1))
         return torch.where(den > NEGLIGIBLE, num / torch.where(den > NEGLIGIBLE, den, 1.0), 0.0)
 
