@@ -9,7 +9,6 @@ from hope_scale.eval.model_specs import config_from_spec, parse_cms_levels
 from hope_scale.model import ModelConfig, build_model
 
 
-
 @pytest.mark.parametrize("arch", ["hope", "titans", "transformer", "hope_attention"])
 def test_round_trip_gives_identical_logits(tmp_path, arch):
     torch.manual_seed(0)

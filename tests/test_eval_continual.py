@@ -23,7 +23,6 @@ CODE = ("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    if i % 2 =
         "class Box:\n    def __init__(self, x):\n        self.x = x\n") * 40
 
 
-
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
     d = tmp_path_factory.mktemp("domains")

@@ -22,7 +22,6 @@ from hope_scale.model import ModelConfig, build_model  # noqa: E402
 TINY = dict(d_model=32, n_layers=2, n_heads=2, chunk_size_memory=8, chunk_size_projection=16)
 
 
-
 @pytest.fixture(scope="module")
 def hope():
     torch.manual_seed(0)

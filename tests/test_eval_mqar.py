@@ -7,8 +7,6 @@ from torch import nn
 from hope_scale.eval.mqar import MQARSpec, evaluate_grid, generate_mqar, mixed_batch, mqar_accuracy
 
 
-
-
 def test_deterministic_given_seed():
     a = generate_mqar(16, 64, 8, 128, seed=1)
     b = generate_mqar(16, 64, 8, 128, seed=1)

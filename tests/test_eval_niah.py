@@ -16,8 +16,6 @@ CORPUS = " ".join(
     for i, w in enumerate(["river", "castle", "orchard", "meadow", "harbor", "forest", "garden", "canyon"] * 6))
 
 
-
-
 @pytest.fixture(scope="module")
 def byte_tok():
     return load_tokenizer("byte")

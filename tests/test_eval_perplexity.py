@@ -16,8 +16,6 @@ from hope_scale.model import ModelConfig, build_model
 TINY = dict(d_model=32, n_layers=2, n_heads=2, chunk_size_memory=8, chunk_size_projection=16)
 
 
-
-
 def tiny(arch):
     torch.manual_seed(0)
     levels = {"cms_levels": [{"period": 1, "hidden_mult": 1.0}]} if arch.startswith("hope") else {}

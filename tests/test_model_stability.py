@@ -14,7 +14,6 @@ from hope_scale.model import ModelConfig, build_model
 from hope_scale.model.config import EARLIER_UPDATE
 
 
-
 def grad_norm(model, ids: torch.Tensor) -> float:
     model.zero_grad(set_to_none=True)
     model.loss(ids[:, :-1], ids[:, 1:]).backward()

@@ -12,7 +12,6 @@ from hope_scale.train.step import ClipCounter, TrainStep
 from tests.test_parallel_engine import CLIP, OPT, make_batches, reference_run, tiny_cfg
 
 
-
 @pytest.mark.parametrize("arch", ["hope", "transformer"])
 def test_train_step_applies_the_engines_rules(arch):
     """Losses, gradient norms and weights after 4 steps of 2 micro-batches equal the oracle's, with a CMS level
