@@ -47,6 +47,7 @@ from hope_scale.eval.trainer import (TrainConfig, Trainer, length_schedule, sche
                                      text_batches)
 from hope_scale.model import ModelConfig, build_model  # noqa: E402
 from hope_scale.model.titans import SelfModifyingTitans  # noqa: E402
+from hope_scale.train.safe_tree import save_tree  # noqa: E402
 
 # tinyshakespeare: the 210 KB head committed for the tests unless ``--shakespeare`` names the whole file (1.1 MB,
 # karpathy/char-rnn's data/tinyshakespeare/input.txt; docs/evaluation.md's tables use it). Every run records it.
@@ -204,6 +205,13 @@ def passkey_recipe(args, n_steps: int) -> tuple[tuple[int, ...] | None, int]:
     return args.passkey_mix, mix_from if args.passkey_mix else 0
 
 
+def save_model(model: torch.nn.Module, path: Path, run: dict) -> None:
+    """A trained model for benchmarks/passkey_probe.py: its config, weights and ``run`` (how it was trained), as a
+    safetensors file (loading it runs no code; tied weights are stored once per name)."""
+    save_tree({"model": model.cfg.to_dict(), "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+               "run": run}, path)
+
+
 def section_c(corpus: str, seed: int, args, tok) -> dict:
     from hope_scale.eval.niah import NIAHGenerator, accuracy_grid, evaluate_samples, get_task
 
@@ -219,6 +227,10 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
         cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
         tr = Trainer(model, scheduled_niah_batches(gen, batch, train_len, seed, tok.pad_id, mix, mix_from), cfg, name)
         tr.run(log=None, progress=True)
+        if getattr(args, "save_models", False):
+            save_model(model, Path(args.out) / f"c-{corpus}-s{seed}-{name}.safetensors",
+                       {"seed": seed, "model": name, "train_length": train_len, "steps": n_steps,
+                        "mixed_in": list(mix) if mix else None, "mixed_from_step": mix_from if mix else None})
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, depths)
         by_len = [float(np.mean(line)) for line in grid]
         models.append({"label": name, "parameters": model.num_parameters(), "train": tr.result(keep_history=False),
@@ -416,6 +428,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--passkey-mix-from", type=int, default=None, metavar="STEP",
                     help="(c): the --passkey-mix schedule starts at this step (before it, every step is at "
                          "--passkey-len: a short-to-long curriculum; default: half of the steps)")
+    ap.add_argument("--save-models", action="store_true",
+                    help="(c): also save every trained model as <out>/c-passkey-s<seed>-<model>.safetensors (for "
+                         "benchmarks/passkey_probe.py)")
     ap.add_argument("--models", default=None, help="only these architectures, comma-separated "
                                                     f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
                                                     "Transformer++)")
