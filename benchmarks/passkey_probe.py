@@ -6,7 +6,8 @@
 Loads a model that ``quality.py --only c --save-models`` trained (its config and weights, a safetensors file:
 loading it runs no code), and scores the passkey test set of section (c) at 1x, 4x and 16x the training length
 under each intervention below, by needle depth. Nothing is retrained; each intervention changes one thing in
-every self-modifying Titans layer while the model reads the prompt:
+every (self-modifying) Titans layer while the model reads the prompt (Hope or Titans; Titans has no projection
+memories to freeze):
 
   as trained                      the model as it is
   no retention (alpha = 1)        retention switched off: every write is kept forever
@@ -61,9 +62,9 @@ class Probe:
     can be overridden (one intervention at a time) and the main memory's chunk results recorded."""
 
     def __init__(self, model: torch.nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans) and m.self_modifying]
+        self.layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
         if not self.layers:
-            raise SystemExit("passkey_probe: the model has no self-modifying Titans layer (a Hope model is needed)")
+            raise SystemExit("passkey_probe: the model has no Titans memory layer (Hope or Titans is needed)")
         self.intervention = "as trained"
         self.radius: list[torch.Tensor] | None = None  # per layer [H, 2]: the drift bound of W1 and W2
         self.records: list[dict] | None = None  # while ``read`` runs: per layer, chunk results and gates

@@ -52,6 +52,22 @@ def test_interventions_change_only_what_they_name(quality, probe_module):
     assert torch.equal(logits("as trained"), plain)  # nothing is left behind
 
 
+def test_probe_takes_titans_too(quality, probe_module):
+    """Titans' memory layers (no projection memories) take the same hooks."""
+    model = quality.make(0, **quality.ARCHS["Titans"]).eval()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = model(ids)
+    probe = probe_module.Probe(model)
+    assert len(probe.layers) == 2
+    with torch.no_grad():
+        assert torch.equal(model(ids), plain)
+        probe.intervention = "no step bound (tau = 0)"
+        assert not torch.allclose(model(ids), plain)
+    with pytest.raises(SystemExit, match="no Titans memory layer"):
+        probe_module.Probe(quality.make(0, **quality.ARCHS["Transformer++"]))
+
+
 def test_traces_report_every_layer(quality, probe_module):
     model = quality.make(0, **quality.ARCHS["Hope"]).eval()
     probe = probe_module.Probe(model)
