@@ -372,7 +372,8 @@ def summary(out: Path) -> str:
         if differ:
             raise SystemExit(f"{out}: the (c) runs differ in {differ}; summarize each recipe from its own --out")
         mix = c0.get("mixed_in")
-        mixed = (f", every {mix[1]}th step {mix[2] if len(mix) > 2 else c0['batch']} x {mix[0]} tokens"
+        nth = f"{mix[1]}{'th' if 10 <= mix[1] % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(mix[1] % 10, 'th')}"
+        mixed = (f", every {nth} step {mix[2] if len(mix) > 2 else c0['batch']} x {mix[0]} tokens"
                  + (f" from step {c0['mixed_from_step']}" if c0.get("mixed_from_step") else "") if mix else "")
         lines += [f"## (c) passkey NIAH accuracy % ({len(runs)} seeds; trained at {c0['train_length']} tokens{mixed}, "
                   f"{c0['steps']} steps)", "",

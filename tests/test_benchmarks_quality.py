@@ -76,6 +76,9 @@ def test_passkey_summary_takes_models_run_on_some_seeds(quality, tmp_path):
     for r in (older, newer):
         (tmp_path / f"c-passkey-s{r['seed']}.json").write_text(json.dumps(r))
     assert "| Hope | 2 | 2.0 ± 1.4 | 3.0 ± 1.4 | 4.0 ± 1.4 |" in quality.summary(tmp_path)
+    for r in (run(0, {"Hope": [1, 2, 3]}, mix=(512, 2, 2)), run(1, {"Hope": [3, 4, 5]}, mix=(512, 2, 2))):
+        (tmp_path / f"c-passkey-s{r['seed']}.json").write_text(json.dumps(r))
+    assert "every 2nd step 2 x 512 tokens from step 2500" in quality.summary(tmp_path)
 
 
 def test_heldout_section_takes_the_model_choice(quality):
