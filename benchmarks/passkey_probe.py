@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in tqdm(chosen, desc="interventions", file=sys.stderr):
         probe.intervention = name
         grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, DEPTHS)
-        cells = [f"{np.mean(line):.1f} ({' / '.join(f'{a:.0f}' for a in line)})" for line in grid]
+        cells = [f"{np.mean(line):.1f} ({' / '.join(f'{a:g}' for a in line)})" for line in grid]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     probe.intervention = "as trained"
 
