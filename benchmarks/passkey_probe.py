@@ -18,6 +18,8 @@ memories to freeze):
                                   main memory (A: its initial weights, R: the largest ||W - A|| of that layer and
                                   head on test prompts at the longest training length, the schedule's if there
                                   is one): the weights never leave the range that training contexts produce
+  haystack not written (oracle)   eta_t = 0 on every haystack token (the sample says where the needle is), so only
+                                  the needle, the question and the answer are written; prompts run one at a time
 
 and prints, per layer, what the main memory does along the longest prompts: its mean eta and alpha, the product
 of alpha over the prompt, the step bound's mean scale and overshoot, and ||W1|| and ||W - A|| (W1 and W2 stacked)
@@ -46,7 +48,8 @@ from hope_scale.train.safe_tree import load_tree  # noqa: E402
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 INTERVENTIONS = ("as trained", "no retention (alpha = 1)", "half the forgetting", "no step bound (tau = 0)",
-                 "projection memories frozen", "main-memory drift bounded")
+                 "projection memories frozen", "main-memory drift bounded", "haystack not written (oracle)")
+ORACLE = "haystack not written (oracle)"
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -68,6 +71,8 @@ class Probe:
         self.intervention = "as trained"
         self.radius: list[torch.Tensor] | None = None  # per layer [H, 2]: the drift bound of W1 and W2
         self.records: list[dict] | None = None  # while ``read`` runs: per layer, chunk results and gates
+        self.sample = None  # the NIAHSample being read (the oracle needs its haystack's token span)
+        self.position = [0] * len(self.layers)  # per layer: tokens whose gates have been computed so far
         for i, layer in enumerate(self.layers):
             layer.eta_alpha = self._gates(i, type(layer).eta_alpha.__get__(layer))
             layer.chunk_step = self._chunk_step(i, layer, type(layer).chunk_step)
@@ -103,10 +108,30 @@ class Probe:
                 alpha = torch.ones_like(alpha)
             elif self.intervention == "half the forgetting":
                 alpha = 1 - 0.5 * (1 - alpha)
+            elif self.intervention == ORACLE and self.sample is not None:
+                eta = torch.where(self.haystack(self.position[i], eta.shape[-1]), 0.0, eta)
+            self.position[i] += eta.shape[-1]
             if self.records is not None:
                 self.records[i]["gates"].append((eta.detach(), alpha.detach()))
             return eta, alpha
         return eta_alpha
+
+    def haystack(self, start: int, n: int) -> torch.Tensor:
+        """Which of the tokens start .. start + n - 1 of ``self.sample``'s prompt are haystack (not the needle)."""
+        s, t = self.sample, torch.arange(start, start + n)
+        needle = (t >= s.needle_token_start) & (t < s.needle_token_start + s.needle_tokens)
+        return (t >= s.context_token_start) & (t < s.context_token_end) & ~needle
+
+    def score(self, model, tok, samples) -> list[dict]:
+        """evaluate_samples under the current intervention; the oracle reads one prompt at a time from position 0."""
+        if self.intervention != ORACLE:
+            return evaluate_samples(model, tok, samples, batch_size=4)
+        rows = []
+        for sample in samples:
+            self.sample, self.position = sample, [0] * len(self.layers)
+            rows += evaluate_samples(model, tok, [sample], batch_size=1)
+        self.sample = None
+        return rows
 
     def read(self, model, ids: list[int]) -> list[dict]:
         """Run one prompt; per layer, its main memory's chunk results ("chunks") and the gates of every forward
@@ -188,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---|" * len(lengths))
     for name in tqdm(chosen, desc="interventions", file=sys.stderr):
         probe.intervention = name
-        grid = accuracy_grid(evaluate_samples(model, tok, test, batch_size=4), lengths, DEPTHS)
+        grid = accuracy_grid(probe.score(model, tok, test), lengths, DEPTHS)
         cells = [f"{np.mean(line):.1f} ({' / '.join(f'{a:g}' for a in line)})" for line in grid]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     probe.intervention = "as trained"

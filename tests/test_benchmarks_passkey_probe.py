@@ -45,11 +45,40 @@ def test_interventions_change_only_what_they_name(quality, probe_module):
     radius = probe_module.drift_radius(model, probe, [ids[0].tolist()])
     probe.radius = radius
     assert torch.equal(logits("main-memory drift bounded"), plain)
-    for name in probe_module.INTERVENTIONS[1:-1]:
+    for name in ("no retention (alpha = 1)", "half the forgetting", "no step bound (tau = 0)",
+                 "projection memories frozen"):
         assert not torch.allclose(logits(name), plain), name
     probe.radius = [0.5 * r for r in radius]
     assert not torch.allclose(logits("main-memory drift bounded"), plain)
     assert torch.equal(logits("as trained"), plain)  # nothing is left behind
+
+
+def test_oracle_skips_exactly_the_haystack(quality, probe_module):
+    """The oracle intervention zeroes eta on the haystack's tokens, never on the needle's or the question's, and
+    changes the reading only when it knows the sample."""
+    from hope_scale.data.tokenizer import load_tokenizer
+    from hope_scale.eval.niah import NIAHGenerator, get_task
+
+    tok = load_tokenizer("byte")
+    sample = NIAHGenerator(get_task("passkey", template="short", num_digits=5), tok, seed=777,
+                           name="passkey").sample(128, 0.5)
+    model = quality.make(0, **quality.ARCHS["Hope"]).eval()
+    probe = probe_module.Probe(model)
+    probe.sample = sample
+    mask = probe.haystack(0, sample.prompt_tokens)
+    assert int(mask.sum()) == sample.context_token_end - sample.context_token_start - sample.needle_tokens
+    assert not mask[sample.needle_token_start] and not mask[sample.context_token_end:].any()
+    assert probe.haystack(sample.prompt_tokens, 8).sum() == 0  # generated tokens are written
+
+    ids = torch.tensor([tok.encode(sample.prompt)])
+    with torch.no_grad():
+        plain = model(ids)
+        probe.intervention = probe_module.ORACLE
+        probe.sample, probe.position = sample, [0, 0]
+        assert not torch.allclose(model(ids), plain)
+        assert probe.position == [ids.shape[1]] * 2
+        probe.sample = None
+        assert torch.equal(model(ids), plain)
 
 
 def test_probe_takes_titans_too(quality, probe_module):
