@@ -200,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     train_len = run["train_length"]
     lengths = [int(m) * train_len for m in args.multiples.split(",")]
     task = get_task("passkey", template="short", num_digits=5)
-    test = NIAHGenerator(task, tok, seed=777, name="passkey").grid(lengths, DEPTHS, samples_per_cell=args.samples)
+    generator = NIAHGenerator(task, tok, seed=777, name="passkey")  # section (c)'s test set
+    test = generator.grid(lengths, DEPTHS, samples_per_cell=args.samples)
     prompts = {L: [tok.encode(s.prompt) for s in test if s.length == L] for L in lengths}
     longest = max(train_len, *(run["mixed_in"] or [0])[:1])  # the longest training length (a schedule's)
-    generator = NIAHGenerator(task, tok, seed=777, name="passkey")
-    probe.radius = drift_radius(model, probe, [tok.encode(s.prompt) for s in generator.grid([longest], DEPTHS,
-                                                                                              args.samples)])
+    at_longest = generator.grid([longest], DEPTHS, samples_per_cell=args.samples)
+    probe.radius = drift_radius(model, probe, [tok.encode(s.prompt) for s in at_longest])
 
     print(f"# {args.model}: seed {run['seed']}, trained at {train_len} tokens (longest: {longest}); accuracy % "
           f"(by needle depth {DEPTHS}; {args.samples} samples per cell)\n")
