@@ -86,9 +86,12 @@ class Probe:
                 if self.intervention == "projection memories frozen":
                     r = dataclasses.replace(r, w1=state.w1, w2=state.w2, s1=state.s1, s2=state.s2)
                 return r
+            bounded = self.intervention == "main-memory drift bounded"
+            if not bounded and self.records is None:  # nothing to bound or record: the chunk as the model made it
+                return r
             drift = torch.stack([(r.w1 - layer.mem_w1).norm(dim=(-2, -1)),
                                  (r.w2 - layer.mem_w2).norm(dim=(-2, -1))], -1)  # [B, H, 2]
-            if self.intervention == "main-memory drift bounded":  # only weights outside the ball move
+            if bounded:  # only weights outside the ball move
                 f = (self.radius[i] / drift.clamp_min(1e-12))[..., None, None]  # [B, H, 2, 1, 1]
 
                 def into_ball(w, a, j):
