@@ -47,9 +47,9 @@ from hope_scale.model.titans import SelfModifyingTitans  # noqa: E402
 from hope_scale.train.safe_tree import load_tree  # noqa: E402
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-INTERVENTIONS = ("as trained", "no retention (alpha = 1)", "half the forgetting", "no step bound (tau = 0)",
-                 "projection memories frozen", "main-memory drift bounded", "haystack not written (oracle)")
 ORACLE = "haystack not written (oracle)"
+INTERVENTIONS = ("as trained", "no retention (alpha = 1)", "half the forgetting", "no step bound (tau = 0)",
+                 "projection memories frozen", "main-memory drift bounded", ORACLE)
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
