@@ -132,7 +132,7 @@ class ChunkCoefficients:
     """Everything about a chunk that does not depend on the memory state (keys, eta, alpha, queries only).
 
     All fields carry the leading axes of eta; with an extra chunk axis they describe many chunks at once
-    (``chunk_coefficients`` on [..., N, C] inputs), and ``select(n)`` picks chunk n.
+    (``chunk_coefficients`` on [..., N, C] inputs), and ``unbind()`` splits them into chunks.
     """
 
     eta: torch.Tensor  # [..., C]
@@ -147,14 +147,20 @@ class ChunkCoefficients:
     d_qk: torch.Tensor | None  # D_ts q_t.k_s  (reads)                         [..., C, C]
     e_qk: torch.Tensor | None  # E_ti q_t.k_i
 
-    def select(self, n: int) -> "ChunkCoefficients":
-        """Chunk n of coefficients computed with a chunk axis just before the token axis."""
-        def pick(name, t):
+    def unbind(self) -> list["ChunkCoefficients"]:
+        """Per-chunk coefficients from ones computed with a chunk axis just before the token axis.
+
+        One ``unbind`` per field rather than indexing chunk n: the backward of an index allocates and fills a
+        zero gradient of the whole [..., N, C, ...] tensor for every chunk (O(N^2) for N chunks); unbind's
+        backward stacks the N chunk gradients once."""
+        def split(name, t):
             if t is None:
-                return t
+                return [None] * n_chunks
             matrix = name in ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
-            return t[..., n, :, :] if matrix else t[..., n, :]
-        return ChunkCoefficients(**{k: pick(k, v) for k, v in self.__dict__.items()})
+            return t.unbind(-3 if matrix else -2)
+        n_chunks = self.eta.shape[-2]
+        fields = {k: split(k, v) for k, v in self.__dict__.items()}
+        return [ChunkCoefficients(**{k: v[n] for k, v in fields.items()}) for n in range(n_chunks)]
 
 
 def chunk_coefficients(keys: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, beta: float, erase: bool,

@@ -200,10 +200,13 @@ class SelfModifyingTitans(nn.Module):
             c_proj, pieces = self.cfg.chunk_size_projection, []
             inputs = self.memory_inputs(xh)  # state-independent: every token's inputs at once, sliced per chunk
             static_q = None if self.adaptive_q else torch.einsum("bhtd,hed->bhte", xh, self.w_q)
-            for a, b in _chunk_spans(pos, t_len, c_proj):
+            spans = list(_chunk_spans(pos, t_len, c_proj))
+            sizes = [b - a for a, b in spans]  # split, not sliced per chunk (a slice's backward fills a whole zero
+            inputs = inputs.split(sizes, dim=3)  # gradient per chunk)
+            static_q = [None] * len(spans) if static_q is None else static_q.split(sizes, dim=2)
+            for (a, b), chunk_inputs, chunk_q in zip(spans, inputs, static_q):
                 p = (pos + a) % c_proj
-                k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, inputs[:, :, :, a:b],
-                                                            None if static_q is None else static_q[:, :, a:b])
+                k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, chunk_inputs, chunk_q)
                 new = (k[:, :, None], self.self_target((proj.w1, proj.w2), v[:, :, None]),
                        eta[:, :, None], alpha[:, :, None])
                 if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
@@ -246,19 +249,20 @@ class SelfModifyingTitans(nn.Module):
 
         if n_chunks:
             k_c, v_c, q_c, eta_c, alpha_c = chunked(k), chunked(v), chunked(q), chunked(eta), chunked(alpha, 1.0)
-            coefs = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c)
+            coefs = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c).unbind()
+            # per-chunk views by unbind, not indexing: an index's backward fills a whole-sequence zero gradient
+            k_c, v_c, q_c, eta_c, alpha_c = (t.unbind(2) for t in (k_c, v_c, q_c, eta_c, alpha_c))
         for n in range(n_chunks):
             n_valid = c_mem if n < n_chunks - 1 else c_mem - pad
-            targets = self.memory_targets(mem, v_c[:, :, n])
-            r = self._update(mem, k_c[:, :, n], targets, None, None, queries=q_c[:, :, n], coef=coefs.select(n),
-                             n_valid=n_valid)
+            targets = self.memory_targets(mem, v_c[n])
+            r = self._update(mem, k_c[n], targets, None, None, queries=q_c[n], coef=coefs[n], n_valid=n_valid)
             outs.append(r.reads)
             if n_valid == c_mem:
                 note("mem", r)
                 mem = mem.committed(r.w1, r.w2, r.s1, r.s2)
             else:
-                mem = mem.buffered(0, k_c[:, :, n, :n_valid], targets[:, :, :n_valid], eta_c[:, :, n, :n_valid],
-                                   alpha_c[:, :, n, :n_valid])
+                mem = mem.buffered(0, k_c[n][:, :, :n_valid], targets[:, :, :n_valid], eta_c[n][:, :, :n_valid],
+                                   alpha_c[n][:, :, :n_valid])
         o = torch.cat(outs, dim=2)[:, :, :t_len]
         self.last_stats = {"eta": eta.detach().mean(), "alpha": alpha.detach().mean(),
                            "mem_w1_norm": mem.w1.detach().norm(dim=(-2, -1)).mean(),
