@@ -4,6 +4,7 @@
         model.loss(ids, labels).backward()
     meter.peak_bytes      # most bytes alive at once of the storages created inside the block
     meter.live_bytes      # bytes of those still alive now (e.g. the gradients)
+    meter.allocated_bytes # bytes of every storage created inside the block, freed or not (total work on memory)
 
 Every operator's output storage is counted once when it is created and un-counted when it is freed (a weak
 reference on the storage), so ``peak_bytes`` is the high-water mark of activations, saved tensors, temporaries and
@@ -27,6 +28,7 @@ class AllocationMeter(TorchDispatchMode):
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.allocated_bytes = 0
         self._live: set[int] = set()
 
     def _freed(self, key: int, nbytes: int) -> None:
@@ -45,6 +47,7 @@ class AllocationMeter(TorchDispatchMode):
                 continue
             self._live.add(key)
             self.live_bytes += nbytes
+            self.allocated_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
             weakref.finalize(storage, self._freed, key, nbytes)
         return out
