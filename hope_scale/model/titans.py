@@ -198,11 +198,12 @@ class SelfModifyingTitans(nn.Module):
         proj = state.proj
         if self.self_modifying:
             c_proj, pieces = self.cfg.chunk_size_projection, []
-            inputs = self.memory_inputs(xh)  # state-independent: every token's inputs at once, sliced per chunk
+            inputs = self.memory_inputs(xh)  # state-independent: every token's inputs at once, split per chunk
             static_q = None if self.adaptive_q else torch.einsum("bhtd,hed->bhte", xh, self.w_q)
             spans = list(_chunk_spans(pos, t_len, c_proj))
-            sizes = [b - a for a, b in spans]  # split, not sliced per chunk (a slice's backward fills a whole zero
-            inputs = inputs.split(sizes, dim=3)  # gradient per chunk)
+            # split, not sliced per chunk: a slice's backward would fill a whole-sequence zero gradient per chunk
+            sizes = [b - a for a, b in spans]
+            inputs = inputs.split(sizes, dim=3)
             static_q = [None] * len(spans) if static_q is None else static_q.split(sizes, dim=2)
             for (a, b), chunk_inputs, chunk_q in zip(spans, inputs, static_q):
                 p = (pos + a) % c_proj
