@@ -153,12 +153,13 @@ class ChunkCoefficients:
         One ``unbind`` per field rather than indexing chunk n: the backward of an index allocates and fills a
         zero gradient of the whole [..., N, C, ...] tensor for every chunk (O(N^2) for N chunks); unbind's
         backward stacks the N chunk gradients once."""
+        n_chunks = self.eta.shape[-2]
+
         def split(name, t):
             if t is None:
                 return [None] * n_chunks
             matrix = name in ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
             return t.unbind(-3 if matrix else -2)
-        n_chunks = self.eta.shape[-2]
         fields = {k: split(k, v) for k, v in self.__dict__.items()}
         return [ChunkCoefficients(**{k: v[n] for k, v in fields.items()}) for n in range(n_chunks)]
 
