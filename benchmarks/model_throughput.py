@@ -93,7 +93,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     runs = [(name, "eager") for name in ("transformer-tiny", "hope-tiny", "titans-tiny", "hope-attention-tiny")]
     if not args.no_compile:
-        runs += [("transformer-tiny", "compiled"), ("hope-tiny", "compiled"), ("hope-tiny", "step")]
+        runs += [("transformer-tiny", "compiled"), ("hope-tiny", "compiled"), ("hope-tiny", "step"),
+                 ("titans-tiny", "step")]
     results = {run: train_tokens_per_second(run[0], args.batch, args.seq_len, args.steps, mode=run[1],
                                          repeats=args.repeats)
                for run in runs}
