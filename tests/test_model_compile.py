@@ -66,6 +66,26 @@ def test_compiled_model_equals_eager_float64(arch, aot_eager):
     assert [n for n, _ in model.named_parameters()] == list(ref_grads)  # names (checkpoints) unchanged
 
 
+def test_compiled_model_runs_at_many_shapes(aot_eager):
+    """A process that trains at several batch sizes and lengths compiles a bounded set of chunk-step graphs: new
+    lengths (other remainders of the last, padded chunk) add none once shapes are dynamic, and Dynamo's recompile
+    limit (an error under fullgraph) is not hit."""
+    counters = torch._dynamo.utils.counters
+    model = build_model(config("hope", True))
+
+    def train(batch, length):
+        ids = torch.randint(0, 64, (batch, length + 1), generator=torch.Generator().manual_seed(length))
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+
+    for batch, length in ((1, 32), (2, 33), (1, 45)):  # static, then dynamic shapes
+        train(batch, length)
+    graphs = counters["stats"]["unique_graphs"]
+    for length in (34, 36, 39):  # remainders 2, 4, 7 of the 8-token main-memory chunk, not seen above
+        train(2, length)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_compiled_recurrent_pieces_equal_eager(aot_eager):
     """Sequences processed in pieces that start and end mid-chunk (head chunks, pending tokens in the state)."""
     torch.manual_seed(0)

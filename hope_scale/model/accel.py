@@ -41,10 +41,21 @@ from .memory import chunk_step
 BACKEND = os.environ.get("HOPE_SCALE_COMPILE_BACKEND", "inductor")
 
 
+# Graphs Dynamo may build for the one shared chunk step: one per call site (projection memories; the main memory's
+# continued and whole chunks), fresh or carried momentum, grad mode and architecture (erase term or not), each
+# first with static and then with dynamic shapes. A process that trains Hope at several batch sizes and lengths,
+# evaluates it and trains Titans builds 24 (tests/test_model_compile.py); Dynamo's default limit of 8 per function
+# would end it with FailOnRecompileLimitHit (``fullgraph`` makes the limit an error, not a fallback to eager).
+CHUNK_STEP_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def compiled_chunk_step(backend: str):
     """``memory.chunk_step`` compiled once per process and backend (every layer and every model shares it);
-    ``fullgraph``: a graph break inside it is an error, not a silent fallback to eager."""
+    ``fullgraph``: a graph break inside it is an error, not a silent fallback to eager. Raises Dynamo's
+    (process-wide) recompile limit to ``CHUNK_STEP_RECOMPILE_LIMIT`` if it is lower."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, CHUNK_STEP_RECOMPILE_LIMIT)
     return torch.compile(chunk_step, fullgraph=True, backend=backend)
 
 

@@ -177,9 +177,9 @@ class SelfModifyingTitans(nn.Module):
         return (self.proj_w1, self.proj_w2) if projection else (self.mem_w1, self.mem_w2)
 
     def _update(self, mem: MemoryState, keys, targets, eta, alpha, queries=None, coef=None,
-                n_valid: int | None = None, projection: bool = False) -> ChunkResult:
+                projection: bool = False) -> ChunkResult:
         return self.chunk_step(mem, keys, targets, eta, alpha, self.beta, self.erase, self.rule, queries=queries,
-                               coef=coef, n_valid=n_valid, anchor=self.retention_anchor(projection))
+                               coef=coef, anchor=self.retention_anchor(projection))
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: TitansState | None = None):
@@ -256,7 +256,9 @@ class SelfModifyingTitans(nn.Module):
         for n in range(n_chunks):
             n_valid = c_mem if n < n_chunks - 1 else c_mem - pad
             targets = self.memory_targets(mem, v_c[n])
-            r = self._update(mem, k_c[n], targets, None, None, queries=q_c[n], coef=coefs[n], n_valid=n_valid)
+            # no ``n_valid`` for a padded last chunk: only its reads are kept (its tokens are buffered, not applied),
+            # and they do not depend on it; an int argument would compile a graph per value under ``model.compile``
+            r = self._update(mem, k_c[n], targets, None, None, queries=q_c[n], coef=coefs[n])
             outs.append(r.reads)
             if n_valid == c_mem:
                 note("mem", r)
