@@ -44,8 +44,9 @@ BACKEND = os.environ.get("HOPE_SCALE_COMPILE_BACKEND", "inductor")
 # Graphs Dynamo may build for the one shared chunk step: one per call site (projection memories; the main memory's
 # continued and whole chunks), fresh or carried momentum, grad mode and architecture (erase term or not), each
 # first with static and then with dynamic shapes. A process that trains Hope at several batch sizes and lengths,
-# evaluates it and trains Titans builds 24 (tests/test_model_compile.py); Dynamo's default limit of 8 per function
-# would end it with FailOnRecompileLimitHit (``fullgraph`` makes the limit an error, not a fallback to eager).
+# evaluates it and trains Titans built 24 in a measured run (tests/test_model_compile.py checks that new lengths add
+# none); Dynamo's default limit of 8 per function would end it with FailOnRecompileLimitHit (``fullgraph`` makes
+# the limit an error, not a fallback to eager).
 CHUNK_STEP_RECOMPILE_LIMIT = 64
 
 
