@@ -69,9 +69,16 @@ ARCHS = {
 }
 
 
+# --write-cost: model.write_cost of the memory architectures (Hope, Titans) in every section
+MEMORY_ARCH_EXTRA: dict = {}
+
+
 def make(seed: int, **extra) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(ModelConfig(**(BASE | extra)))
+    cfg = BASE | extra
+    if cfg["arch"] in ("hope", "titans"):
+        cfg |= MEMORY_ARCH_EXTRA
+    return build_model(ModelConfig(**cfg))
 
 
 def log(msg: str) -> None:
@@ -437,6 +444,9 @@ def parser() -> argparse.ArgumentParser:
                                                     "Transformer++)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--write-cost", type=float, default=0.0, metavar="LAMBDA",
+                    help="model.write_cost of Hope and Titans: a cost LAMBDA * mean eta/eta_max on memory writes "
+                         "added to their training loss (docs/hope-design.md 6.7); recorded in every result")
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
     return ap
 
@@ -448,6 +458,12 @@ def main() -> int:
         ap.error(f"--shakespeare: no such file {args.shakespeare}")
     CORPORA["shakespeare"] = args.shakespeare
     selected(args.models)  # an unknown name is an error before any run starts
+    if args.write_cost:
+        try:  # a bad value is an error before any run starts
+            ModelConfig(arch="hope", write_cost=args.write_cost)
+        except ValueError as e:
+            ap.error(f"--write-cost: {e}")
+        MEMORY_ARCH_EXTRA["write_cost"] = args.write_cost
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,7 +480,7 @@ def main() -> int:
                         log(f"{path} exists, skipped")
                         continue
                     t0 = time.perf_counter()
-                    write_json(path, fn(name, seed, args, tok))
+                    write_json(path, {**fn(name, seed, args, tok), "write_cost": args.write_cost})
                     log(f"({section}) {name} seed {seed} took {time.perf_counter() - t0:.0f}s")
         plot_losses(out)
     print(summary(out))

@@ -102,3 +102,12 @@ def test_passkey_recipe_defaults_to_the_curriculum(quality):
     assert recipe("--passkey-mix-from", "0") == ((512, 4, 2), 0)
     assert recipe("--passkey-mix", "512:4", "--passkey-mix-from", "100") == ((512, 4), 100)
     assert recipe("--passkey-mix", "none") == (None, 0)
+
+
+def test_write_cost_applies_to_the_memory_architectures(quality, monkeypatch):
+    """``--write-cost`` sets ``model.write_cost`` of Hope and Titans (every section builds through ``make``) and
+    leaves the attention architectures, which have no memory writes, as they are."""
+    monkeypatch.setitem(quality.MEMORY_ARCH_EXTRA, "write_cost", 0.01)
+    costs = {name: quality.make(0, **arch).cfg.write_cost for name, arch in quality.ARCHS.items()}
+    assert costs == {"Hope": 0.01, "Titans": 0.01, "Hope-Attention": 0.0, "Transformer++": 0.0}
+    assert {e.model.cfg.write_cost for e in quality.continual_models(0, "Hope")} == {0.01}

@@ -132,12 +132,18 @@ def reference_run(cfg: dict, batches, clip: float = CLIP, dtype: torch.dtype = t
 
 def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
     """Single-process training without DeepSpeed: mean micro-batch loss, clip over all gradients, then the CMS
-    schedule (accumulate / hide / hand the mean), then AdamW with the engine's param groups."""
+    schedule (accumulate / hide / hand the mean), then AdamW with the engine's param groups. With
+    ``model.write_cost`` the loss is the explicit cross-entropy + cost (the losses returned are the cross-entropy,
+    as the engine reports)."""
     from hope_scale.train.step import CMSPeriodSchedule, cms_level_of, decays
 
-    mc = ModelConfig.from_dict(cfg)
+    from .test_model_write_cost import record_etas
+
+    lam = cfg.get("write_cost", 0.0)
+    mc = ModelConfig.from_dict({**cfg, "write_cost": 0.0})
     torch.manual_seed(0)
     model = build_model(mc).to(dtype)
+    etas = record_etas(model)
     groups: dict = {}
     for n, p in model.named_parameters():
         lvl, wd = cms_level_of(n), decays(n, p)
@@ -152,8 +158,10 @@ def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for x, y in mbs:
+            etas.clear()
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100) / len(mbs)
-            loss.backward()
+            cost = lam * torch.cat([e.flatten() for e in etas]).mean() / len(mbs) if lam else 0.0
+            (loss + cost).backward()
             total += loss.item()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else 1e30)))
         plan = sched.advance(sum(x.numel() for x, _ in mbs))

@@ -36,11 +36,12 @@ class ExportError(ValueError):
 
 def exported_model_config(cfg) -> dict:
     """The model config an exported folder carries: execution fields (``model.compile``) at their defaults, since
-    the exported model runs eager PyTorch (modeling_hope.py leaves out ``build_model``, which compiles)."""
-    from hope_scale.model.config import EXECUTION_FIELDS, ModelConfig
+    the exported model runs eager PyTorch (modeling_hope.py leaves out ``build_model``, which compiles), and so are
+    training-only fields (``model.write_cost``)."""
+    from hope_scale.model.config import EXECUTION_FIELDS, TRAINING_FIELDS, ModelConfig
 
     defaults = ModelConfig()
-    return {**cfg.to_dict(), **{k: getattr(defaults, k) for k in EXECUTION_FIELDS}}
+    return {**cfg.to_dict(), **{k: getattr(defaults, k) for k in EXECUTION_FIELDS + TRAINING_FIELDS}}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

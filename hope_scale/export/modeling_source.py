@@ -22,6 +22,7 @@ MODEL_SOURCES: list[tuple[str, tuple[str, ...]]] = [
     ("model/memory.py", ()),
     ("model/attention.py", ()),
     ("model/cms.py", ()),
+    ("model/write_cost.py", ()),
     ("model/titans.py", ()),
     ("model/lm.py", ("build_model",)),  # it compiles under model.compile (accel.py); exported models run eager
     ("export/hf_model.py", ()),

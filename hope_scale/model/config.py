@@ -18,6 +18,9 @@ ARCHITECTURES = ("hope", "hope_attention", "titans", "transformer")
 # fields that choose how the model is executed, not what it computes (outputs equal the eager path's): a
 # checkpoint resumes, and a model exports, under any value of them
 EXECUTION_FIELDS = ("compile", "kernel")
+# fields that shape only the training loss, not what the model computes: a checkpoint resumes under any value of
+# them, and an exported model carries their defaults
+TRAINING_FIELDS = ("write_cost",)
 KERNELS = ("naive", "triton")
 CMS_VARIANTS = ("sequential", "independent")
 OVERSHOOTS = ("rayleigh", "aligned")
@@ -80,6 +83,9 @@ class ModelConfig:
     # zero); docs/hope-design.md §6.6
     retain_toward: str = "init"
     conv_width: int = 4  # causal depthwise short convolution before the memories
+    # training only (TRAINING_FIELDS): lambda of the cost on memory writes, lambda * mean eta_t / eta_max added to the
+    # training loss (hope_scale/model/write_cost.py; docs/hope-design.md §6.7); 0 = off
+    write_cost: float = 0.0
 
     # --- Continuum Memory System ---------------------------------------------------------------
     cms_levels: list[CMSLevel] = field(default_factory=lambda: [CMSLevel(1, 2.0), CMSLevel(4096, 2.0)])
@@ -126,6 +132,9 @@ class ModelConfig:
              "must be a finite number >= 0 (0 disables the bound)")
         need(0.0 < self.eta_init < self.eta_max, "eta_init", f"must be in (0, eta_max={self.eta_max})")
         need(0.0 < self.alpha_init < 1.0, "alpha_init", "must be in (0, 1)")
+        need(math.isfinite(self.write_cost) and self.write_cost >= 0, "write_cost", "must be a finite number >= 0")
+        need(self.write_cost == 0 or self.arch in ("hope", "titans"), "write_cost",
+             f"a cost on memory writes needs a memory layer (arch hope or titans), not {self.arch!r}")
         need(self.retain_toward in RETENTION_TARGETS, "retain_toward",
              f"{self.retain_toward!r} is not one of {RETENTION_TARGETS}")
         need(self.inner_overshoot in OVERSHOOTS, "inner_overshoot", f"{self.inner_overshoot!r} is not one of {OVERSHOOTS}")

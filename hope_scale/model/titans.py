@@ -33,6 +33,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import CausalShortConv
 from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_step, mlp_apply
+from .write_cost import charge_writes, eta_gradient
 
 # index of each projection memory in the stacked projection weights
 K, V, ETA, ALPHA, Q = 0, 1, 2, 3, 4
@@ -188,6 +189,8 @@ class SelfModifyingTitans(nn.Module):
             state = self.init_state(x.shape[0])
         xh, conv_state = self.head_inputs(x, state.conv)
         t_len, pos = xh.shape[2], state.pos
+        # model.write_cost: the gradient of the cost on this forward's writes, added where eta is made (write_cost.py)
+        write_grad = eta_gradient(self.cfg, x.shape[0], t_len) if self.training and self.cfg.write_cost else 0.0
         bounds: dict[str, list] = {"proj": [], "mem": []}  # (overshoot, scale) of every completed chunk
 
         def note(prefix: str, r: ChunkResult) -> None:
@@ -208,6 +211,7 @@ class SelfModifyingTitans(nn.Module):
             for (a, b), chunk_inputs, chunk_q in zip(spans, inputs, static_q):
                 p = (pos + a) % c_proj
                 k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, chunk_inputs, chunk_q)
+                eta = charge_writes(eta, write_grad)
                 new = (k[:, :, None], self.self_target((proj.w1, proj.w2), v[:, :, None]),
                        eta[:, :, None], alpha[:, :, None])
                 if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
@@ -220,6 +224,7 @@ class SelfModifyingTitans(nn.Module):
             k, v, q, eta, alpha = (torch.cat(p, dim=2) for p in zip(*pieces))
         else:
             k, v, q, eta, alpha = self.static_projections(xh)
+            eta = charge_writes(eta, write_grad)
 
         # phase 2: the main memory, read after every update of tokens <= t (chunk C_mem)
         mem, outs = state.mem, []

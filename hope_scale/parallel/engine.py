@@ -27,6 +27,7 @@ from hope_scale.model.config import ModelConfig
 from hope_scale.model.kernels import apply_kernel
 from hope_scale.model.lm import build_model
 from hope_scale.model.titans import SelfModifyingTitans
+from hope_scale.model.write_cost import loss_grad_scale
 from hope_scale.train.step import CMSPeriodSchedule, OptimizerSettings, cms_level_of, param_groups
 
 from .ds_config import build_deepspeed_config
@@ -250,20 +251,25 @@ class TrainEngine:
         self.optimizer.level_plan = plan
         self.optimizer.skip_all = skip_all
         self.part.loss_scale = 0.0 if skip_all else 1.0
+        # DeepSpeed's backward divides each micro-batch's loss by the accumulation steps (and scales it by nothing
+        # else: fp16 is rejected); model.write_cost's gradient, added inside the layers, is scaled the same way
+        write_cost_scale = loss_grad_scale(self.part.loss_scale / self.grad_accum_steps)
         try:
             batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in micro_batches]
             if self.layout.pipeline_parallel == 1:
                 total = torch.zeros((), dtype=torch.float64)
-                for ids, labels in batches:
-                    loss = self.ds(ids, labels)
-                    self.ds.backward(loss)
-                    self.ds.step()
-                    total += loss.detach().double().cpu()
+                with write_cost_scale:
+                    for ids, labels in batches:
+                        loss = self.ds(ids, labels)
+                        self.ds.backward(loss)
+                        self.ds.step()
+                        total += loss.detach().double().cpu()
                 mean = total / len(batches)
                 dist.all_reduce(mean, group=self._ps.get_data_parallel_group(with_context_parallel=False))
                 return float(mean.item()) / self.info.dp_size
             self._pipe_shape(batches)
-            out = self.ds.train_batch(data_iter=iter(batches))
+            with write_cost_scale:
+                out = self.ds.train_batch(data_iter=iter(batches))
             return float(out.float().item())  # DeepSpeed hands other stages an fp32 copy: same value on all
         finally:
             self.optimizer.skip_all = False

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from hope_scale.model.cms import cms_level_periods
+from hope_scale.model.write_cost import loss_grad_scale
 from hope_scale.parallel.optim import CMSAdamW
 
 from .schedules import LRSchedule
@@ -159,10 +160,11 @@ class TrainStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for ids, labels in micro_batches:
-            loss = self.model.loss(ids, labels) / len(micro_batches)
-            loss.backward()
-            total += float(loss.detach())
+        with loss_grad_scale(1 / len(micro_batches)):  # model.write_cost's gradient, scaled like the loss
+            for ids, labels in micro_batches:
+                loss = self.model.loss(ids, labels) / len(micro_batches)
+                loss.backward()
+                total += float(loss.detach())
         max_norm = self.clips.max_norm if self.clips.max_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm))
         tokens = sum(int(ids.numel()) for ids, _ in micro_batches)
