@@ -36,11 +36,16 @@ def record_etas(model) -> list:
     return etas
 
 
+def explicit_cost(etas: list, lam: float) -> torch.Tensor:
+    """lam * the mean of every recorded η/η_max: the cost as a differentiable loss term."""
+    return lam * torch.cat([e.flatten() for e in etas]).mean()
+
+
 def explicit_loss(model, etas: list, lam: float, ids, labels):
-    """Cross-entropy + lam * mean of every η/η_max of the forward, as one differentiable loss."""
+    """Cross-entropy + the cost of the forward's writes, as one differentiable loss."""
     etas.clear()
     ce = model.loss(ids, labels)
-    return ce + lam * torch.cat([e.flatten() for e in etas]).mean()
+    return ce + explicit_cost(etas, lam)
 
 
 def twin_models(arch: str, **kw):

@@ -137,7 +137,7 @@ def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
     as the engine reports)."""
     from hope_scale.train.step import CMSPeriodSchedule, cms_level_of, decays
 
-    from .test_model_write_cost import record_etas
+    from .test_model_write_cost import explicit_cost, record_etas
 
     lam = cfg.get("write_cost", 0.0)
     mc = ModelConfig.from_dict({**cfg, "write_cost": 0.0})
@@ -160,7 +160,7 @@ def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
         for x, y in mbs:
             etas.clear()
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100) / len(mbs)
-            cost = lam * torch.cat([e.flatten() for e in etas]).mean() / len(mbs) if lam else 0.0
+            cost = explicit_cost(etas, lam) / len(mbs) if lam else 0.0
             (loss + cost).backward()
             total += loss.item()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else 1e30)))

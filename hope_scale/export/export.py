@@ -38,10 +38,10 @@ def exported_model_config(cfg) -> dict:
     """The model config an exported folder carries: execution fields (``model.compile``) at their defaults, since
     the exported model runs eager PyTorch (modeling_hope.py leaves out ``build_model``, which compiles), and so are
     training-only fields (``model.write_cost``)."""
-    from hope_scale.model.config import EXECUTION_FIELDS, TRAINING_FIELDS, ModelConfig
+    from hope_scale.model.config import NON_MODEL_FIELDS, ModelConfig
 
     defaults = ModelConfig()
-    return {**cfg.to_dict(), **{k: getattr(defaults, k) for k in EXECUTION_FIELDS + TRAINING_FIELDS}}
+    return {**cfg.to_dict(), **{k: getattr(defaults, k) for k in NON_MODEL_FIELDS}}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

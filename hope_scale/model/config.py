@@ -21,6 +21,8 @@ EXECUTION_FIELDS = ("compile", "kernel")
 # fields that shape only the training loss, not what the model computes: a checkpoint resumes under any value of
 # them, and an exported model carries their defaults
 TRAINING_FIELDS = ("write_cost",)
+# fields that are not part of the model: a checkpoint resumes under any value of them, an export carries defaults
+NON_MODEL_FIELDS = EXECUTION_FIELDS + TRAINING_FIELDS
 KERNELS = ("naive", "triton")
 CMS_VARIANTS = ("sequential", "independent")
 OVERSHOOTS = ("rayleigh", "aligned")

@@ -253,24 +253,22 @@ class TrainEngine:
         self.part.loss_scale = 0.0 if skip_all else 1.0
         # DeepSpeed's backward divides each micro-batch's loss by the accumulation steps (and scales it by nothing
         # else: fp16 is rejected); model.write_cost's gradient, added inside the layers, is scaled the same way
-        write_cost_scale = loss_grad_scale(self.part.loss_scale / self.grad_accum_steps)
         try:
-            batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in micro_batches]
-            if self.layout.pipeline_parallel == 1:
-                total = torch.zeros((), dtype=torch.float64)
-                with write_cost_scale:
+            with loss_grad_scale(self.part.loss_scale / self.grad_accum_steps):
+                batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in micro_batches]
+                if self.layout.pipeline_parallel == 1:
+                    total = torch.zeros((), dtype=torch.float64)
                     for ids, labels in batches:
                         loss = self.ds(ids, labels)
                         self.ds.backward(loss)
                         self.ds.step()
                         total += loss.detach().double().cpu()
-                mean = total / len(batches)
-                dist.all_reduce(mean, group=self._ps.get_data_parallel_group(with_context_parallel=False))
-                return float(mean.item()) / self.info.dp_size
-            self._pipe_shape(batches)
-            with write_cost_scale:
+                    mean = total / len(batches)
+                    dist.all_reduce(mean, group=self._ps.get_data_parallel_group(with_context_parallel=False))
+                    return float(mean.item()) / self.info.dp_size
+                self._pipe_shape(batches)
                 out = self.ds.train_batch(data_iter=iter(batches))
-            return float(out.float().item())  # DeepSpeed hands other stages an fp32 copy: same value on all
+                return float(out.float().item())  # DeepSpeed hands other stages an fp32 copy: same value on all
         finally:
             self.optimizer.skip_all = False
             self.part.loss_scale = 1.0

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from hope_scale.model import ConfigError
-from hope_scale.model.config import EXECUTION_FIELDS, TRAINING_FIELDS
+from hope_scale.model.config import NON_MODEL_FIELDS
 
 from .checkpoint import (CheckpointError, CheckpointManager, NonFiniteStateError, SaveFailedError, capture_rng,
                          restore_rng)
@@ -159,8 +159,7 @@ def model_differences(saved: dict, now: dict) -> list[str]:
     """Model config fields a checkpoint's model (``saved``) and this run's (``now``) disagree on. Execution fields
     (``model.compile``) and training-only fields (``model.write_cost``) are not the model: a run resumes under any
     value of them, and checkpoints written before such a field existed (the key absent) resume too."""
-    free = EXECUTION_FIELDS + TRAINING_FIELDS
-    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in free)
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in NON_MODEL_FIELDS)
 
 
 class Trainer:
