@@ -46,6 +46,7 @@ from hope_scale.eval.results import write_json  # noqa: E402
 from hope_scale.eval.trainer import (TrainConfig, Trainer, length_schedule, scheduled_niah_batches,  # noqa: E402
                                      text_batches)
 from hope_scale.model import ModelConfig, build_model  # noqa: E402
+from hope_scale.model.config import DEFAULT_WRITE_COST  # noqa: E402
 from hope_scale.model.titans import SelfModifyingTitans  # noqa: E402
 from hope_scale.train.safe_tree import save_tree  # noqa: E402
 
@@ -444,9 +445,10 @@ def parser() -> argparse.ArgumentParser:
                                                     "Transformer++)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--write-cost", type=float, default=0.0, metavar="LAMBDA",
+    ap.add_argument("--write-cost", type=float, default=None, metavar="LAMBDA",
                     help="model.write_cost of Hope and Titans: a cost LAMBDA * mean eta/eta_max on memory writes "
-                         "added to their training loss (docs/hope-design.md 6.7); recorded in every result")
+                         f"added to their training loss (docs/hope-design.md 6.7; default: the model's, "
+                         f"{DEFAULT_WRITE_COST}; 0: off); recorded in every result")
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
     return ap
 
@@ -458,12 +460,13 @@ def main() -> int:
         ap.error(f"--shakespeare: no such file {args.shakespeare}")
     CORPORA["shakespeare"] = args.shakespeare
     selected(args.models)  # an unknown name is an error before any run starts
-    if args.write_cost:
+    if args.write_cost is not None:
         try:  # a bad value is an error before any run starts
             ModelConfig(arch="hope", write_cost=args.write_cost)
         except ValueError as e:
             ap.error(f"--write-cost: {e}")
         MEMORY_ARCH_EXTRA["write_cost"] = args.write_cost
+    write_cost = ModelConfig(arch="hope", **MEMORY_ARCH_EXTRA).write_cost
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -480,7 +483,7 @@ def main() -> int:
                         log(f"{path} exists, skipped")
                         continue
                     t0 = time.perf_counter()
-                    write_json(path, {**fn(name, seed, args, tok), "write_cost": args.write_cost})
+                    write_json(path, {**fn(name, seed, args, tok), "write_cost": write_cost})
                     log(f"({section}) {name} seed {seed} took {time.perf_counter() - t0:.0f}s")
         plot_losses(out)
     print(summary(out))

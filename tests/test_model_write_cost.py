@@ -52,7 +52,7 @@ def twin_models(arch: str, **kw):
     """(model with write_cost=LAM, the same weights with write_cost=0 and recorded etas), in float64."""
     torch.manual_seed(0)
     charged = build_model(small_cfg(arch, write_cost=LAM, **kw)).double()
-    plain = build_model(small_cfg(arch, **kw)).double()
+    plain = build_model(small_cfg(arch, write_cost=0.0, **kw)).double()
     plain.load_state_dict(charged.state_dict())
     return charged, plain, record_etas(plain)
 
@@ -69,7 +69,7 @@ def test_gradient_equals_the_explicit_cost(arch):
     ids, labels = batch()
     charged.loss(ids, labels).backward()
     explicit_loss(plain, etas, LAM, ids, labels).backward()
-    plain_ce = build_model(small_cfg(arch)).double()
+    plain_ce = build_model(small_cfg(arch, write_cost=0.0)).double()
     plain_ce.load_state_dict(charged.state_dict())
     plain_ce.loss(ids, labels).backward()
     cost_share = 0.0
@@ -108,9 +108,16 @@ def test_train_step_scales_the_cost_like_the_loss():
 
 def test_config_checks_and_training_only():
     from hope_scale.export.export import exported_model_config
+    from hope_scale.model.config import DEFAULT_WRITE_COST
     from hope_scale.train.pretrain import model_differences
 
-    for bad in (-0.1, float("nan")):
+    # unset: on for the memory architectures, off for the attention ones; 0 turns it off
+    assert {a: small_cfg(a).write_cost for a in ("hope", "titans", "hope_attention", "transformer")} == {
+        "hope": DEFAULT_WRITE_COST, "titans": DEFAULT_WRITE_COST, "hope_attention": 0.0, "transformer": 0.0}
+    assert DEFAULT_WRITE_COST > 0 and small_cfg("hope", write_cost=0).write_cost == 0
+    assert ModelConfig.from_dict(small_cfg("titans").to_dict()).write_cost == DEFAULT_WRITE_COST
+
+    for bad in (-0.1, float("nan"), True, "0.1"):
         with pytest.raises(ConfigError, match="model.write_cost"):
             small_cfg("hope", write_cost=bad)
     with pytest.raises(ConfigError, match="model.write_cost: .*'transformer'"):
@@ -118,4 +125,5 @@ def test_config_checks_and_training_only():
     cfg = small_cfg("hope", write_cost=0.05)
     assert model_differences(small_cfg("hope").to_dict(), cfg.to_dict()) == []  # resumes under a new value
     assert model_differences(small_cfg("hope", d_model=64, n_heads=2).to_dict(), cfg.to_dict()) == ["d_model"]
-    assert exported_model_config(cfg)["write_cost"] == 0.0
+    assert exported_model_config(cfg)["write_cost"] == DEFAULT_WRITE_COST  # the architecture's default
+    assert exported_model_config(small_cfg("transformer"))["write_cost"] == 0.0

@@ -139,7 +139,7 @@ def _reference_run(cfg: dict, batches, clip: float, dtype: torch.dtype):
 
     from .test_model_write_cost import explicit_cost, record_etas
 
-    lam = cfg.get("write_cost", 0.0)
+    lam = ModelConfig.from_dict(cfg).write_cost
     mc = ModelConfig.from_dict({**cfg, "write_cost": 0.0})
     torch.manual_seed(0)
     model = build_model(mc).to(dtype)

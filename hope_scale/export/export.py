@@ -37,10 +37,10 @@ class ExportError(ValueError):
 def exported_model_config(cfg) -> dict:
     """The model config an exported folder carries: execution fields (``model.compile``) at their defaults, since
     the exported model runs eager PyTorch (modeling_hope.py leaves out ``build_model``, which compiles), and so are
-    training-only fields (``model.write_cost``)."""
+    training-only fields (``model.write_cost``), at the defaults of the model's architecture."""
     from hope_scale.model.config import NON_MODEL_FIELDS, ModelConfig
 
-    defaults = ModelConfig()
+    defaults = ModelConfig(arch=cfg.arch)
     return {**cfg.to_dict(), **{k: getattr(defaults, k) for k in NON_MODEL_FIELDS}}
 
 

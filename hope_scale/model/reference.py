@@ -17,6 +17,8 @@ recurrences, P (no gradient terms) and Q (gradient terms only), so that W = P + 
                       W_P <- W_P + (1 - alpha_t) A   (retain_toward init: A = the meta-learned initial weights)
     o_t = m_{P + s_t Q}(q_t)                               (main memory only)
     at a chunk end:    committed <- P + s_t Q
+    in training, model.write_cost adds lambda * s / (eta_max * n_layers * B * H * T) to the gradient of every eta_t
+                       (s: the loss scale of write_cost.loss_grad_scale)
 
 The tokens of an unfinished chunk are returned in the state's buffers and replayed first by the next call.
 Run it in float64 to test the chunk-parallel layer against it.
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from .memory import KAPPA_MIN, NEGLIGIBLE, RMS_EPS, MemoryState
 from .titans import ALPHA, ETA, K, Q, V, SelfModifyingTitans, TitansState
+from .write_cost import charge_writes, eta_gradient
 
 WEIGHTS = ("w1", "w2", "s1", "s2")
 
@@ -165,6 +168,7 @@ def reference_forward(layer: SelfModifyingTitans, x: torch.Tensor, state: Titans
     if state is None:
         state = layer.init_state(x.shape[0])
     xh, conv_state = layer.head_inputs(x, state.conv)  # [B, H, T, d]
+    write_grad = eta_gradient(cfg, xh.shape[0], xh.shape[2]) if layer.training and cfg.write_cost else 0.0
 
     def resume(st: MemoryState, i: int | None, chunk_len: int) -> _Chunk:
         """A chunk begun by an earlier call: start from its weights and replay its buffered tokens."""
@@ -193,11 +197,12 @@ def reference_forward(layer: SelfModifyingTitans, x: torch.Tensor, state: Titans
             q = outs[Q] if layer.adaptive_q else torch.einsum("bhd,hed->bhe", xt, layer.w_q)
             k, v, q = layer.keys_values_queries(outs[K], outs[V], q)
             eta, alpha = layer.eta_alpha(outs[ETA].mean(-1)[..., None], outs[ALPHA].mean(-1)[..., None])
-            eta, alpha = eta[..., 0], alpha[..., 0]
+            eta, alpha = charge_writes(eta[..., 0], write_grad), alpha[..., 0]
             for c in proj:
                 c.step(k, c.target(v), eta, alpha)
         else:
             k, v, q, eta, alpha = (p[:, :, 0] for p in layer.static_projections(xt[:, :, None]))
+            eta = charge_writes(eta, write_grad)
         if pos % c_mem == 0:
             mem = mem.next_chunk()
         target = mem.target(v) if layer.self_modifying else v
