@@ -17,7 +17,7 @@ import yaml
 ARCHITECTURES = ("hope", "hope_attention", "titans", "transformer")
 MEMORY_ARCHITECTURES = ("hope", "titans")  # the architectures with an in-context memory layer (titans.py)
 # model.write_cost of the memory architectures unless set: docs/hope-design.md §6.7 (passkey >= 90% at 1x/4x/16x on
-# 8 of 8 seeds with it, 3 of 8 without; held-out loss within the seeds' spread)
+# 8 of 8 seeds with it, 3 of 8 without; held-out loss within the seeds' spread; MQAR is learned on fewer seeds)
 DEFAULT_WRITE_COST = 0.005
 # fields that choose how the model is executed, not what it computes (outputs equal the eager path's): a
 # checkpoint resumes, and a model exports, under any value of them
