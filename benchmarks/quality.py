@@ -46,7 +46,7 @@ from hope_scale.eval.results import write_json  # noqa: E402
 from hope_scale.eval.trainer import (TrainConfig, Trainer, length_schedule, scheduled_niah_batches,  # noqa: E402
                                      text_batches)
 from hope_scale.model import ModelConfig, build_model  # noqa: E402
-from hope_scale.model.config import DEFAULT_WRITE_COST  # noqa: E402
+from hope_scale.model.config import DEFAULT_WRITE_COST, MEMORY_ARCHITECTURES  # noqa: E402
 from hope_scale.model.titans import SelfModifyingTitans  # noqa: E402
 from hope_scale.train.safe_tree import save_tree  # noqa: E402
 
@@ -77,7 +77,7 @@ MEMORY_ARCH_EXTRA: dict = {}
 def make(seed: int, **extra) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = BASE | extra
-    if cfg["arch"] in ("hope", "titans"):
+    if cfg["arch"] in MEMORY_ARCHITECTURES:
         cfg |= MEMORY_ARCH_EXTRA
     return build_model(ModelConfig(**cfg))
 
@@ -460,13 +460,12 @@ def main() -> int:
         ap.error(f"--shakespeare: no such file {args.shakespeare}")
     CORPORA["shakespeare"] = args.shakespeare
     selected(args.models)  # an unknown name is an error before any run starts
+    try:  # a bad value is an error before any run starts; unset: the model's default
+        write_cost = ModelConfig(arch="hope", write_cost=args.write_cost).write_cost
+    except ValueError as e:
+        ap.error(f"--write-cost: {e}")
     if args.write_cost is not None:
-        try:  # a bad value is an error before any run starts
-            ModelConfig(arch="hope", write_cost=args.write_cost)
-        except ValueError as e:
-            ap.error(f"--write-cost: {e}")
         MEMORY_ARCH_EXTRA["write_cost"] = args.write_cost
-    write_cost = ModelConfig(arch="hope", **MEMORY_ARCH_EXTRA).write_cost
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from hope_scale.model.config import MEMORY_ARCHITECTURES
+
 from .checkpoint_io import load_checkpoint
 from .generation import greedy_generate
 from .perplexity import documents_nll
 
-RECURRENT_ARCHS = ("hope", "titans")
+RECURRENT_ARCHS = MEMORY_ARCHITECTURES
 
 
 @register_model("hope-scale")

@@ -21,7 +21,7 @@ from torch import nn
 
 from .attention import CausalSelfAttention
 from .cms import ContinuumMemorySystem
-from .config import ModelConfig
+from .config import MEMORY_ARCHITECTURES, ModelConfig
 from .layers import RMSNorm, SwiGLU, swiglu_hidden
 from .titans import SelfModifyingTitans
 
@@ -30,7 +30,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.arch in ("hope", "titans"):
+        if cfg.arch in MEMORY_ARCHITECTURES:
             self.mixer = SelfModifyingTitans(cfg, self_modifying=cfg.arch == "hope")
         else:
             self.mixer = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.rope_theta)

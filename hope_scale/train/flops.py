@@ -56,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from hope_scale.model import ModelConfig, build_model
+from hope_scale.model.config import MEMORY_ARCHITECTURES
 
 # Dense peak FLOP/s per device (no sparsity), by precision. Vendor datasheets.
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -133,7 +134,7 @@ def _read(d: int, h: int, c: int, erase: bool, momentum: bool, anchor: bool) -> 
 
 def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
     """Forward FLOPs per token of all memory updates and reads of a Hope / Titans model (0 otherwise)."""
-    if cfg.arch not in ("hope", "titans"):
+    if cfg.arch not in MEMORY_ARCHITECTURES:
         return 0.0
     d, h, cm, cp = cfg.d_head, cfg.d_mem_hidden, cfg.chunk_size_memory, cfg.chunk_size_projection
     mlp, momentum = 4 * d * h, cfg.inner_momentum > 0
