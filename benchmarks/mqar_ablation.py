@@ -31,13 +31,13 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, parse_field_overrides(spec)
 
 
-def run(overrides: dict, seed: int, scale: float) -> list[dict]:
+def run(overrides: dict, seed: int, scale: float, write_cost_from: float = 0.0) -> list[dict]:
     from hope_scale.eval.mqar import MQARSpec, evaluate_grid, mixed_batch
 
     vocab, batch, n_steps = 64, 16, quality.steps(800, scale)
     specs = [MQARSpec(64, 2), MQARSpec(64, 4), MQARSpec(64, 8)]
     model = quality.make(seed, vocab_size=vocab, **(quality.ARCHS["Hope"] | overrides))
-    cfg = quality.TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
+    cfg = quality.train_config(n_steps, 3e-3, 20, write_cost_from)
     quality.Trainer(model, lambda s: mixed_batch(specs, batch, vocab, seed=s + 100_003 * seed), cfg, "hope").run(log=None)
     return evaluate_grid(model, [64, 128, 256], [2, 4, 8, 16], vocab, num_examples=128, seed=12345)
 
@@ -48,12 +48,16 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the step count (smoke runs: 0.05)")
     ap.add_argument("--out", default=None, help="write the results as JSON into this folder")
+    ap.add_argument("--write-cost-from", type=float, default=0.0, metavar="FRACTION",
+                    help="every variant's write cost starts after this fraction of the steps (as in quality.py)")
     args = ap.parse_args()
+    if not 0 <= args.write_cost_from < 1:
+        ap.error(f"--write-cost-from: must be in [0, 1), got {args.write_cost_from}")
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     for name, overrides in map(parse_variant, args.variant):
-        results[name] = [run(overrides, seed, args.scale) for seed in seeds]
+        results[name] = [run(overrides, seed, args.scale, args.write_cost_from) for seed in seeds]
         quality.log(f"{name} {overrides}: T64K4 " + ", ".join(
             f"{100 * next(r['accuracy'] for r in rows if (r['seq_len'], r['num_kv_pairs']) == (64, 4)):.1f}"
             for rows in results[name]))
@@ -67,7 +71,8 @@ def main() -> int:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"mqar_ablation-s{args.seeds.replace(',', '_')}.json").write_text(
-            json.dumps({"seeds": seeds, "variants": dict(map(parse_variant, args.variant)), "results": results}))
+            json.dumps({"seeds": seeds, "variants": dict(map(parse_variant, args.variant)),
+                        "write_cost_from": args.write_cost_from, "results": results}))
     return 0
 
 

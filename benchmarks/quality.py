@@ -90,6 +90,13 @@ def steps(n: int, scale: float) -> int:
     return max(2, int(round(n * scale)))
 
 
+def train_config(n_steps: int, lr: float, warmup_steps: int, write_cost_from: float = 0.0) -> TrainConfig:
+    """A training run of ``n_steps`` (no logging) whose model.write_cost starts after the fraction
+    ``write_cost_from`` of its steps (``--write-cost-from``; schedule.write_cost_from_step)."""
+    return TrainConfig(steps=n_steps, lr=lr, warmup_steps=warmup_steps, log_every=0,
+                       write_cost_from_step=int(write_cost_from * n_steps))
+
+
 def set_memory_frozen(model: torch.nn.Module, frozen: bool) -> bool:
     """Switch the in-context memory off (eta = 0, alpha = 1) or on; False if the model has none."""
     found = False
@@ -124,7 +131,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
     rows, hope_cpu = [], None
 
     def config(n: int) -> TrainConfig:
-        return TrainConfig(steps=n, lr=3e-3, warmup_steps=10, log_every=0)
+        return train_config(n, 3e-3, 10, args.write_cost_from)
 
     runs = section_a_runs(args.models)
     for name, spec, budget in runs:
@@ -170,7 +177,7 @@ def section_b(corpus: str, seed: int, args, tok) -> dict:
     for lr in MQAR_LRS:
         for name, spec in selected(args.models).items():
             model = make(seed, vocab_size=vocab, **spec)  # as in Zoology, the model's vocabulary is the task's
-            cfg = TrainConfig(steps=n_steps, lr=lr, warmup_steps=20, log_every=0)
+            cfg = train_config(n_steps, lr, 20, args.write_cost_from)
             tr = Trainer(model, lambda s: mixed_batch(train_specs, batch, vocab, seed=s + 100_003 * seed), cfg, name)
             tr.run(log=None, progress=True)
             rows = evaluate_grid(model, seq_lens, kvs, vocab, num_examples=128, seed=12345)
@@ -232,7 +239,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
     for name, spec in selected(args.models).items():
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
-        cfg = TrainConfig(steps=n_steps, lr=3e-3, warmup_steps=20, log_every=0)
+        cfg = train_config(n_steps, 3e-3, 20, args.write_cost_from)
         tr = Trainer(model, scheduled_niah_batches(gen, batch, train_len, seed, tok.pad_id, mix, mix_from), cfg, name)
         tr.run(log=None, progress=True)
         if getattr(args, "save_models", False):
@@ -449,6 +456,10 @@ def parser() -> argparse.ArgumentParser:
                     help="model.write_cost of Hope and Titans: a cost LAMBDA * mean eta/eta_max on memory writes "
                          f"added to their training loss (docs/hope-design.md 6.7; default: the model's, "
                          f"{DEFAULT_WRITE_COST}; 0: off); recorded in every result")
+    ap.add_argument("--write-cost-from", type=float, default=0.0, metavar="FRACTION",
+                    help="(a)-(c): the write cost starts after this fraction of each training run's steps "
+                         "(schedule.write_cost_from_step; 0, the default: from the first step; 0.5: a model first "
+                         "learns to write, then pays for it); recorded in every result")
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
     return ap
 
@@ -466,6 +477,10 @@ def main() -> int:
         ap.error(f"--write-cost: {e}")
     if args.write_cost is not None:
         MEMORY_ARCH_EXTRA["write_cost"] = args.write_cost
+    if not 0 <= args.write_cost_from < 1:
+        ap.error(f"--write-cost-from: must be in [0, 1), got {args.write_cost_from}")
+    if args.write_cost_from and "d" in [s.strip() for s in args.only.split(",")]:
+        ap.error("--write-cost-from: section (d) trains in two phases and does not take it; run (d) without it")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -482,7 +497,8 @@ def main() -> int:
                         log(f"{path} exists, skipped")
                         continue
                     t0 = time.perf_counter()
-                    write_json(path, {**fn(name, seed, args, tok), "write_cost": write_cost})
+                    write_json(path, {**fn(name, seed, args, tok), "write_cost": write_cost,
+                                      "write_cost_from": args.write_cost_from})
                     log(f"({section}) {name} seed {seed} took {time.perf_counter() - t0:.0f}s")
         plot_losses(out)
     print(summary(out))

@@ -106,6 +106,34 @@ def test_train_step_scales_the_cost_like_the_loss():
         assert torch.allclose(p, q, rtol=0, atol=1e-12), name
 
 
+def test_train_step_starts_the_cost_at_write_cost_from_step():
+    """``write_cost_from_step=1``: step 0 is the step of the model without the cost (bitwise), step 1's gradient
+    is the charged model's gradient at those weights (clipping off)."""
+    charged, plain, _ = twin_models("hope")
+    sched = LRSchedule("constant", 1e-2, 10, 0, 1.0)
+
+    def train_step(model, start):
+        return TrainStep(model, OptimizerSettings(lr=1e-2), sched, grad_clip=0.0, cms_schedule=False,
+                         write_cost_from_step=start)
+
+    delayed, uncharged = train_step(charged, 1), train_step(plain, 0)
+    delayed.step([batch(seed=1)])
+    uncharged.step([batch(seed=1)])
+    for (name, p), q in zip(charged.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+    expected = build_model(small_cfg("hope", write_cost=LAM)).double()
+    expected.load_state_dict(charged.state_dict())
+    expected.loss(*batch(seed=2)).backward()
+    plain.zero_grad()
+    plain.loss(*batch(seed=2)).backward()
+    delayed.step([batch(seed=2)])
+    cost_share = 0.0
+    for (name, p), q, r in zip(charged.named_parameters(), expected.parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-15), name
+        cost_share = max(cost_share, (q.grad - r.grad).abs().max().item())
+    assert cost_share > 1e-4
+
+
 def test_config_checks_and_training_only():
     from hope_scale.export.export import exported_model_config
     from hope_scale.model.config import DEFAULT_WRITE_COST

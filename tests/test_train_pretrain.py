@@ -418,3 +418,19 @@ def test_failed_saves_keep_training_and_leave_nothing_behind(reference, tmp_path
     assert "step      8/8" in out and "checkpoint step 8 NOT saved" in out
     assert out.rstrip().endswith("This run has no checkpoint yet.")
     assert list((run / "ckpt").iterdir()) == []
+
+
+def test_write_cost_starts_at_its_step(reference, tmp_path):
+    """``schedule.write_cost_from_step=4``: the first 4 updates are those of a run without the cost (the same
+    losses through step 5, whose forward is the weights after them), the later ones are not; the start is logged."""
+    root, data = reference["root"], reference["data"]
+    runs = {}
+    for name, extra in (("delayed", ["model.write_cost=0.5", "schedule.write_cost_from_step=4"]),
+                        ("off", ["model.write_cost=0"])):
+        code, out = pretrain(tmp_path / name, data, [*extra, "checkpoint.every_steps=0", "train.eval_every=0"])
+        assert code == 0, out[-4000:]
+        runs[name] = (losses(tmp_path / name, range(1, STEPS + 1)), out)
+    (delayed, out), (off, _) = runs["delayed"], runs["off"]
+    assert "model.write_cost 0.5 on from step 4" in out
+    assert delayed[:5] == off[:5]
+    assert all(a != b for a, b in zip(delayed[5:], off[5:]))

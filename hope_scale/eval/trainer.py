@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     cms_schedule: bool = True  # Hope archs: step each CMS level only when its period has elapsed
+    write_cost_from_step: int = 0  # model.write_cost off before this step (schedule.write_cost_from_step)
     log_every: int = 50
     time_budget_s: float | None = None  # stop early once this much wall time is spent
     cpu_budget_s: float | None = None  # stop early once this process has used this much CPU time (robust to
@@ -50,7 +51,8 @@ class TrainConfig:
         """The shared training step for ``model`` with these settings (AdamW betas 0.9/0.95, cosine schedule)."""
         schedule = LRSchedule("cosine", self.lr, max(1, self.steps), self.warmup_steps, self.min_lr_ratio)
         return TrainStep(model, OptimizerSettings(lr=self.lr, weight_decay=self.weight_decay), schedule,
-                         self.grad_clip, cms_schedule=self.cms_schedule)
+                         self.grad_clip, cms_schedule=self.cms_schedule,
+                         write_cost_from_step=self.write_cost_from_step)
 
 
 class Trainer:

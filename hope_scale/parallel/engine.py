@@ -224,12 +224,14 @@ class TrainEngine:
         dist.all_reduce(local, group=self._ps.get_data_parallel_group(with_context_parallel=False))
         return int(local.item())
 
-    def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float) -> dict:
+    def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float,
+                   write_cost: bool = True) -> dict:
         """One optimizer step on this rank's ``grad_accum_steps`` micro-batches (input_ids, labels), each [B, T].
 
         Every rank of a data-parallel replica passes the same micro-batches (pipeline stages other than the first
         and last ignore them; only their shapes must agree). The CMS schedule decides from the step's global
         token count which levels update (inside the optimizer step, after gradients are reduced and clipped).
+        ``write_cost=False`` leaves ``model.write_cost`` out of this step (``schedule.write_cost_from_step``).
         Returns {"loss": mean loss over all micro-batches of all DP ranks (same on every rank),
         "grad_norm": global gradient norm before clipping, "tokens": global tokens of the step,
         "cms_stepped": {level: stepped}}.
@@ -241,20 +243,21 @@ class TrainEngine:
         self.last_tokens_per_step = tokens
         plan = self.schedule.advance(tokens)
         self.set_lr(lr)
-        loss = self._run_step(micro_batches, plan)
+        loss = self._run_step(micro_batches, plan, write_cost=write_cost)
         self.steps += 1
         self._state_ready = True
         return {"loss": loss, "grad_norm": self.global_grad_norm(), "tokens": tokens,
                 "cms_stepped": {lvl: due for lvl, (due, _) in plan.items()}}
 
-    def _run_step(self, micro_batches, plan: dict[int, tuple[bool, int]], skip_all: bool = False) -> float:
+    def _run_step(self, micro_batches, plan: dict[int, tuple[bool, int]], skip_all: bool = False,
+                  write_cost: bool = True) -> float:
         self.optimizer.level_plan = plan
         self.optimizer.skip_all = skip_all
         self.part.loss_scale = 0.0 if skip_all else 1.0
         # DeepSpeed's backward divides each micro-batch's loss by the accumulation steps (and scales it by nothing
         # else: fp16 is rejected); model.write_cost's gradient, added inside the layers, is scaled the same way
         try:
-            with loss_grad_scale(self.part.loss_scale / self.grad_accum_steps):
+            with loss_grad_scale(self.part.loss_scale / self.grad_accum_steps if write_cost else 0.0):
                 batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in micro_batches]
                 if self.layout.pipeline_parallel == 1:
                     total = torch.zeros((), dtype=torch.float64)

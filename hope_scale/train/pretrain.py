@@ -285,7 +285,11 @@ class Trainer:
             started = time.perf_counter()
             micro_batches = [next(self.loader) for _ in range(accum)]
             lr = self.schedule(self.step)
-            out = self.engine.train_step(micro_batches, lr)
+            write_cost = self.step >= cfg.schedule.write_cost_from_step
+            if self.step == cfg.schedule.write_cost_from_step > 0 and cfg.model.write_cost:
+                self.metrics.print(f"train: model.write_cost {cfg.model.write_cost:g} on from step {self.step} "
+                                   "(schedule.write_cost_from_step)")
+            out = self.engine.train_step(micro_batches, lr, write_cost=write_cost)
             self._last_batch = micro_batches[-1]
             self.step += 1
             self.tokens += int(out["tokens"])

@@ -139,11 +139,12 @@ class TrainStep:
     -100 ignored): lr from ``schedule`` at this step, the mean micro-batch loss backpropagated, the global
     gradient norm clipped to ``grad_clip`` (0: off), the CMS plan for the step's tokens, AdamW. Returns
     ``{"loss", "grad_norm", "clipped", "lr", "tokens", "cms_stepped"}``. ``cms_schedule=False`` steps every CMS
-    level on every step, like any other parameter.
+    level on every step, like any other parameter. ``model.write_cost`` is left out of the steps before
+    ``write_cost_from_step`` (``schedule.write_cost_from_step``).
     """
 
     def __init__(self, model: nn.Module, optimizer: OptimizerSettings | dict | None, schedule: LRSchedule,
-                 grad_clip: float, cms_schedule: bool = True):
+                 grad_clip: float, cms_schedule: bool = True, write_cost_from_step: int = 0):
         settings = OptimizerSettings.coerce(optimizer)
         self.model, self.schedule = model, schedule
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -152,6 +153,7 @@ class TrainStep:
                                   betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
         self.cms = CMSPeriodSchedule(cms_level_periods(model)) if cms_schedule else None
         self.clips = ClipCounter(grad_clip)
+        self.write_cost_from_step = write_cost_from_step
         self.steps = 0
 
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -160,7 +162,8 @@ class TrainStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        with loss_grad_scale(1 / len(micro_batches)):  # model.write_cost's gradient, scaled like the loss
+        # model.write_cost's gradient, scaled like the loss (off before write_cost_from_step)
+        with loss_grad_scale(1 / len(micro_batches) if self.steps >= self.write_cost_from_step else 0.0):
             for ids, labels in micro_batches:
                 loss = self.model.loss(ids, labels) / len(micro_batches)
                 loss.backward()
