@@ -48,11 +48,9 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the step count (smoke runs: 0.05)")
     ap.add_argument("--out", default=None, help="write the results as JSON into this folder")
-    ap.add_argument("--write-cost-from", type=float, default=0.0, metavar="FRACTION",
+    ap.add_argument("--write-cost-from", type=quality.write_cost_start, default=0.0, metavar="FRACTION",
                     help="every variant's write cost starts after this fraction of the steps (as in quality.py)")
     args = ap.parse_args()
-    if not 0 <= args.write_cost_from < 1:
-        ap.error(f"--write-cost-from: must be in [0, 1), got {args.write_cost_from}")
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}

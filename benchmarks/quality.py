@@ -90,6 +90,14 @@ def steps(n: int, scale: float) -> int:
     return max(2, int(round(n * scale)))
 
 
+def write_cost_start(text: str) -> float:
+    """``--write-cost-from``: a fraction of a run's steps in [0, 1) (an argparse type)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
 def train_config(n_steps: int, lr: float, warmup_steps: int, write_cost_from: float = 0.0) -> TrainConfig:
     """A training run of ``n_steps`` (no logging) whose model.write_cost starts after the fraction
     ``write_cost_from`` of its steps (``--write-cost-from``; schedule.write_cost_from_step)."""
@@ -456,7 +464,7 @@ def parser() -> argparse.ArgumentParser:
                     help="model.write_cost of Hope and Titans: a cost LAMBDA * mean eta/eta_max on memory writes "
                          f"added to their training loss (docs/hope-design.md 6.7; default: the model's, "
                          f"{DEFAULT_WRITE_COST}; 0: off); recorded in every result")
-    ap.add_argument("--write-cost-from", type=float, default=0.0, metavar="FRACTION",
+    ap.add_argument("--write-cost-from", type=write_cost_start, default=0.0, metavar="FRACTION",
                     help="(a)-(c): the write cost starts after this fraction of each training run's steps "
                          "(schedule.write_cost_from_step; 0, the default: from the first step; 0.5: a model first "
                          "learns to write, then pays for it); recorded in every result")
@@ -477,8 +485,6 @@ def main() -> int:
         ap.error(f"--write-cost: {e}")
     if args.write_cost is not None:
         MEMORY_ARCH_EXTRA["write_cost"] = args.write_cost
-    if not 0 <= args.write_cost_from < 1:
-        ap.error(f"--write-cost-from: must be in [0, 1), got {args.write_cost_from}")
     if args.write_cost_from and "d" in [s.strip() for s in args.only.split(",")]:
         ap.error("--write-cost-from: section (d) trains in two phases and does not take it; run (d) without it")
     torch.set_num_threads(args.threads)

@@ -423,7 +423,7 @@ def test_failed_saves_keep_training_and_leave_nothing_behind(reference, tmp_path
 def test_write_cost_starts_at_its_step(reference, tmp_path):
     """``schedule.write_cost_from_step=4``: the first 4 updates are those of a run without the cost (the same
     losses through step 5, whose forward is the weights after them), the later ones are not; the start is logged."""
-    root, data = reference["root"], reference["data"]
+    data = reference["data"]
     runs = {}
     for name, extra in (("delayed", ["model.write_cost=0.5", "schedule.write_cost_from_step=4"]),
                         ("off", ["model.write_cost=0"])):
