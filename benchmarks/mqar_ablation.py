@@ -31,13 +31,14 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, parse_field_overrides(spec)
 
 
-def run(overrides: dict, seed: int, scale: float, write_cost_from: float = 0.0) -> list[dict]:
+def run(overrides: dict, seed: int, scale: float, write_cost_from: float = 0.0,
+        write_cost_ramp: float = 0.0) -> list[dict]:
     from hope_scale.eval.mqar import MQARSpec, evaluate_grid, mixed_batch
 
     vocab, batch, n_steps = 64, 16, quality.steps(800, scale)
     specs = [MQARSpec(64, 2), MQARSpec(64, 4), MQARSpec(64, 8)]
     model = quality.make(seed, vocab_size=vocab, **(quality.ARCHS["Hope"] | overrides))
-    cfg = quality.train_config(n_steps, 3e-3, 20, write_cost_from)
+    cfg = quality.train_config(n_steps, 3e-3, 20, write_cost_from, write_cost_ramp)
     quality.Trainer(model, lambda s: mixed_batch(specs, batch, vocab, seed=s + 100_003 * seed), cfg, "hope").run(log=None)
     return evaluate_grid(model, [64, 128, 256], [2, 4, 8, 16], vocab, num_examples=128, seed=12345)
 
@@ -50,12 +51,15 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON into this folder")
     ap.add_argument("--write-cost-from", type=quality.write_cost_start, default=0.0, metavar="FRACTION",
                     help="every variant's write cost starts after this fraction of the steps (as in quality.py)")
+    ap.add_argument("--write-cost-ramp", type=quality.write_cost_ramp, default=0.0, metavar="FRACTION",
+                    help="then rises to its full value over this fraction of the steps (as in quality.py)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     for name, overrides in map(parse_variant, args.variant):
-        results[name] = [run(overrides, seed, args.scale, args.write_cost_from) for seed in seeds]
+        results[name] = [run(overrides, seed, args.scale, args.write_cost_from, args.write_cost_ramp)
+                         for seed in seeds]
         quality.log(f"{name} {overrides}: T64K4 " + ", ".join(
             f"{100 * next(r['accuracy'] for r in rows if (r['seq_len'], r['num_kv_pairs']) == (64, 4)):.1f}"
             for rows in results[name]))
@@ -70,7 +74,8 @@ def main() -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"mqar_ablation-s{args.seeds.replace(',', '_')}.json").write_text(
             json.dumps({"seeds": seeds, "variants": dict(map(parse_variant, args.variant)),
-                        "write_cost_from": args.write_cost_from, "results": results}))
+                        "write_cost_from": args.write_cost_from, "write_cost_ramp": args.write_cost_ramp,
+                        "results": results}))
     return 0
 
 

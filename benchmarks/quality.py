@@ -90,19 +90,31 @@ def steps(n: int, scale: float) -> int:
     return max(2, int(round(n * scale)))
 
 
-def write_cost_start(text: str) -> float:
-    """``--write-cost-from``: a fraction of a run's steps in [0, 1) (an argparse type)."""
+def _run_fraction(text: str, last_included: bool) -> float:
     value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    if not (0 <= value <= 1 if last_included else 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"must be in [0, {'1]' if last_included else '1)'}, got {value}")
     return value
 
 
-def train_config(n_steps: int, lr: float, warmup_steps: int, write_cost_from: float = 0.0) -> TrainConfig:
+def write_cost_start(text: str) -> float:
+    """``--write-cost-from``: a fraction of a run's steps in [0, 1) (an argparse type)."""
+    return _run_fraction(text, last_included=False)
+
+
+def write_cost_ramp(text: str) -> float:
+    """``--write-cost-ramp``: a fraction of a run's steps in [0, 1] (an argparse type)."""
+    return _run_fraction(text, last_included=True)
+
+
+def train_config(n_steps: int, lr: float, warmup_steps: int, write_cost_from: float = 0.0,
+                 write_cost_ramp: float = 0.0) -> TrainConfig:
     """A training run of ``n_steps`` (no logging) whose model.write_cost starts after the fraction
-    ``write_cost_from`` of its steps (``--write-cost-from``; schedule.write_cost_from_step)."""
+    ``write_cost_from`` of its steps and rises to its full value over the fraction ``write_cost_ramp``
+    (``--write-cost-from``, ``--write-cost-ramp``; schedule.write_cost_from_step, write_cost_ramp_steps)."""
     return TrainConfig(steps=n_steps, lr=lr, warmup_steps=warmup_steps, log_every=0,
-                       write_cost_from_step=int(write_cost_from * n_steps))
+                       write_cost_from_step=int(write_cost_from * n_steps),
+                       write_cost_ramp_steps=int(write_cost_ramp * n_steps))
 
 
 def set_memory_frozen(model: torch.nn.Module, frozen: bool) -> bool:
@@ -139,7 +151,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
     rows, hope_cpu = [], None
 
     def config(n: int) -> TrainConfig:
-        return train_config(n, 3e-3, 10, args.write_cost_from)
+        return train_config(n, 3e-3, 10, args.write_cost_from, args.write_cost_ramp)
 
     runs = section_a_runs(args.models)
     for name, spec, budget in runs:
@@ -185,7 +197,7 @@ def section_b(corpus: str, seed: int, args, tok) -> dict:
     for lr in MQAR_LRS:
         for name, spec in selected(args.models).items():
             model = make(seed, vocab_size=vocab, **spec)  # as in Zoology, the model's vocabulary is the task's
-            cfg = train_config(n_steps, lr, 20, args.write_cost_from)
+            cfg = train_config(n_steps, lr, 20, args.write_cost_from, args.write_cost_ramp)
             tr = Trainer(model, lambda s: mixed_batch(train_specs, batch, vocab, seed=s + 100_003 * seed), cfg, name)
             tr.run(log=None, progress=True)
             rows = evaluate_grid(model, seq_lens, kvs, vocab, num_examples=128, seed=12345)
@@ -247,7 +259,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
     for name, spec in selected(args.models).items():
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
-        cfg = train_config(n_steps, 3e-3, 20, args.write_cost_from)
+        cfg = train_config(n_steps, 3e-3, 20, args.write_cost_from, args.write_cost_ramp)
         tr = Trainer(model, scheduled_niah_batches(gen, batch, train_len, seed, tok.pad_id, mix, mix_from), cfg, name)
         tr.run(log=None, progress=True)
         if getattr(args, "save_models", False):
@@ -468,6 +480,10 @@ def parser() -> argparse.ArgumentParser:
                     help="(a)-(c): the write cost starts after this fraction of each training run's steps "
                          "(schedule.write_cost_from_step; 0, the default: from the first step; 0.5: a model first "
                          "learns to write, then pays for it); recorded in every result")
+    ap.add_argument("--write-cost-ramp", type=write_cost_ramp, default=0.0, metavar="FRACTION",
+                    help="(a)-(c): from its start the write cost rises linearly to its full value over this "
+                         "fraction of each training run's steps (schedule.write_cost_ramp_steps; 0, the default: "
+                         "at once); recorded in every result")
     ap.add_argument("--summary", action="store_true", help="only rebuild summary.md from the runs in --out")
     return ap
 
@@ -485,8 +501,9 @@ def main() -> int:
         ap.error(f"--write-cost: {e}")
     if args.write_cost is not None:
         MEMORY_ARCH_EXTRA["write_cost"] = args.write_cost
-    if args.write_cost_from and "d" in [s.strip() for s in args.only.split(",")]:
-        ap.error("--write-cost-from: section (d) trains in two phases and does not take it; run (d) without it")
+    for option, value in (("--write-cost-from", args.write_cost_from), ("--write-cost-ramp", args.write_cost_ramp)):
+        if value and "d" in [s.strip() for s in args.only.split(",")]:
+            ap.error(f"{option}: section (d) trains in two phases and does not take it; run (d) without it")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -504,7 +521,8 @@ def main() -> int:
                         continue
                     t0 = time.perf_counter()
                     write_json(path, {**fn(name, seed, args, tok), "write_cost": write_cost,
-                                      "write_cost_from": args.write_cost_from})
+                                      "write_cost_from": args.write_cost_from,
+                                      "write_cost_ramp": args.write_cost_ramp})
                     log(f"({section}) {name} seed {seed} took {time.perf_counter() - t0:.0f}s")
         plot_losses(out)
     print(summary(out))

@@ -113,16 +113,21 @@ def test_write_cost_applies_to_the_memory_architectures(quality, monkeypatch):
     assert {e.model.cfg.write_cost for e in quality.continual_models(0, "Hope")} == {0.01}
 
 
-def test_write_cost_from_starts_the_cost_after_a_fraction_of_each_run(quality):
-    """``--write-cost-from F``: every training run of (a)-(c) leaves the write cost out of its first F * steps
-    steps; a fraction outside [0, 1), or one given with section (d), is refused before any run starts."""
+def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
+    """``--write-cost-from F --write-cost-ramp R``: every training run of (a)-(c) leaves the write cost out of its
+    first F * steps steps, then ramps it up over R * steps; a fraction outside its range, or one given with
+    section (d), is refused before any run starts."""
     import subprocess
     import sys
 
-    assert quality.train_config(5000, 3e-3, 20, 0.5).write_cost_from_step == 2500
-    assert quality.train_config(800, 3e-3, 20).write_cost_from_step == 0
+    cfg = quality.train_config(5000, 3e-3, 20, 0.5, 0.16)
+    assert (cfg.write_cost_from_step, cfg.write_cost_ramp_steps) == (2500, 800)
+    cfg = quality.train_config(800, 3e-3, 20)
+    assert (cfg.write_cost_from_step, cfg.write_cost_ramp_steps) == (0, 0)
     for argv, message in ((["--write-cost-from", "1"], "must be in [0, 1)"),
-                          (["--only", "c,d", "--write-cost-from", "0.5"], "section (d)")):
+                          (["--write-cost-ramp", "1.5"], "must be in [0, 1]"),
+                          (["--only", "c,d", "--write-cost-from", "0.5"], "section (d)"),
+                          (["--only", "d", "--write-cost-ramp", "0.5"], "--write-cost-ramp: section (d)")):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), *argv, "--out", "unused"],
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

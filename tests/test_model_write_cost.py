@@ -134,6 +134,22 @@ def test_train_step_starts_the_cost_at_write_cost_from_step():
     assert cost_share > 1e-4
 
 
+def test_train_step_ramps_the_cost():
+    """``write_cost_ramp_steps=4``: step 0 charges a quarter of the cost, so its gradient is that of a model with
+    write_cost λ/4 (the cost's gradient is linear in λ), and not that of the full cost."""
+    charged, plain, _ = twin_models("hope")
+    quarter = build_model(small_cfg("hope", write_cost=LAM / 4)).double()
+    quarter.load_state_dict(plain.state_dict())
+    sched = LRSchedule("constant", 1e-2, 10, 0, 1.0)
+    TrainStep(charged, OptimizerSettings(lr=1e-2), sched, grad_clip=0.0, cms_schedule=False,
+              write_cost_ramp_steps=4).step([batch(seed=1)])
+    TrainStep(plain, OptimizerSettings(lr=1e-2), sched, grad_clip=0.0, cms_schedule=False).step([batch(seed=1)])
+    quarter.loss(*batch(seed=1)).backward()
+    for (name, p), q, r in zip(charged.named_parameters(), quarter.parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-15), name
+    assert max((p.grad - r.grad).abs().max().item() for p, r in zip(charged.parameters(), plain.parameters())) > 1e-5
+
+
 def test_config_checks_and_training_only():
     from hope_scale.export.export import exported_model_config
     from hope_scale.model.config import DEFAULT_WRITE_COST

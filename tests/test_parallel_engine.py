@@ -63,7 +63,8 @@ def train_worker(p: dict) -> dict:
     t1 = time.perf_counter()
     for mbs in p["batches"]:
         mine = mbs[eng.dp_rank * p["gas"]:(eng.dp_rank + 1) * p["gas"]]
-        r = eng.train_step(mine, p["opt"]["lr"], write_cost=len(out["losses"]) >= p.get("write_cost_from", 0))
+        factors = p.get("write_cost_factors")  # schedules.write_cost_factor of each step; None: 1 throughout
+        r = eng.train_step(mine, p["opt"]["lr"], write_cost=1.0 if factors is None else factors[len(out["losses"])])
         out["losses"].append(r["loss"])
         out["norms"].append(r["grad_norm"])
         out["stepped"].append(r["cms_stepped"])
@@ -283,19 +284,22 @@ def test_engine_with_model_kernel_equals_naive(monkeypatch):
     assert kernel[0]["norms"] == pytest.approx(naive[0]["norms"], rel=1e-4)
 
 
-def test_engine_leaves_the_write_cost_out_before_its_first_step():
-    """``train_step(write_cost=False)`` (``schedule.write_cost_from_step``): with the cost from step 1, step 0 is
-    a model's without the cost (same loss and gradient norm), step 1 has the same loss (same weights) but the
-    cost's gradient; from step 0 on, the cost shows at step 0 (fp64)."""
+def test_engine_charges_the_fraction_of_the_write_cost_it_is_given():
+    """``train_step(write_cost=f)`` (``schedules.write_cost_factor``; fp64): with f = 0 then 1 (the cost from
+    step 1), step 0 is a model's without the cost (same loss and gradient norm), step 1 has the same loss (same
+    weights) but the cost's gradient; f = 0.5 of λ = 0.3 is λ = 0.15 in full (the cost's gradient is linear in λ)."""
     batches = make_batches(steps=2, n_micro=1, seq=40)
-    delayed, off, on = run_jobs(1, [job(tiny_cfg(write_cost=wc), ParallelLayout(), batches, gas=1, clip=0.0,
-                                        precision="fp64", write_cost_from=start)
-                                    for wc, start in ((0.3, 1), (0.0, 0), (0.3, 0))])
-    delayed, off, on = delayed[0], off[0], on[0]
+    delayed, off, on, half, halved = [r[0] for r in run_jobs(1, [
+        job(tiny_cfg(write_cost=wc), ParallelLayout(), batches, gas=1, clip=0.0, precision="fp64",
+            write_cost_factors=factors)
+        for wc, factors in ((0.3, [0.0, 1.0]), (0.0, None), (0.3, None), (0.3, [0.5, 0.5]), (0.15, None))])]
     assert delayed["losses"] == pytest.approx(off["losses"], rel=1e-12)
     assert delayed["norms"][0] == pytest.approx(off["norms"][0], rel=1e-12)
     assert delayed["norms"][1] != pytest.approx(off["norms"][1], rel=1e-6)
     assert on["norms"][0] != pytest.approx(off["norms"][0], rel=1e-6)
+    assert half["losses"] == pytest.approx(halved["losses"], rel=1e-12)
+    assert half["norms"] == pytest.approx(halved["norms"], rel=1e-12)
+    assert half["norms"][0] != pytest.approx(on["norms"][0], rel=1e-6)
 
 
 def test_single_process_engine_matches_plain_pytorch_and_cms_periods():

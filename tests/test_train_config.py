@@ -82,6 +82,7 @@ def test_inline_model_without_name():
     (["schedule.kind=linear"], None, "schedule.kind: 'linear' is not one of"),
     (["schedule.warmup_steps=-1"], None, "schedule.warmup_steps: must be >= 0"),
     (["schedule.write_cost_from_step=-1"], None, "schedule.write_cost_from_step: must be >= 0"),
+    (["schedule.write_cost_ramp_steps=-1"], None, "schedule.write_cost_ramp_steps: must be >= 0"),
     (["parallel.tensor_parallel=3"], 3, "parallel.tensor_parallel: model.n_heads=4 is not divisible by tensor_parallel=3"),
     (["parallel.pipeline_parallel=3"], 3, "parallel.pipeline_parallel: model.n_layers=4 is not divisible by pipeline_parallel=3"),
     (["parallel.pipeline_parallel=2", "parallel.zero_stage=2"], 2, "parallel.zero_stage: ZeRO stage 2 cannot be combined"),

@@ -420,17 +420,23 @@ def test_failed_saves_keep_training_and_leave_nothing_behind(reference, tmp_path
     assert list((run / "ckpt").iterdir()) == []
 
 
-def test_write_cost_starts_at_its_step(reference, tmp_path):
+def test_write_cost_starts_at_its_step_and_ramps(reference, tmp_path):
     """``schedule.write_cost_from_step=4``: the first 4 updates are those of a run without the cost (the same
-    losses through step 5, whose forward is the weights after them), the later ones are not; the start is logged."""
+    losses through step 5, whose forward is the weights after them), the later ones are not; the start is logged.
+    With ``write_cost_ramp_steps=3`` as well, update 4 charges a third of the cost: loss 6 differs from the
+    unramped run's."""
     data = reference["data"]
     runs = {}
-    for name, extra in (("delayed", ["model.write_cost=0.5", "schedule.write_cost_from_step=4"]),
+    for name, extra in (("ramped", ["model.write_cost=0.5", "schedule.write_cost_from_step=4",
+                                    "schedule.write_cost_ramp_steps=3"]),
+                        ("delayed", ["model.write_cost=0.5", "schedule.write_cost_from_step=4"]),
                         ("off", ["model.write_cost=0"])):
         code, out = pretrain(tmp_path / name, data, [*extra, "checkpoint.every_steps=0", "train.eval_every=0"])
         assert code == 0, out[-4000:]
         runs[name] = (losses(tmp_path / name, range(1, STEPS + 1)), out)
-    (delayed, out), (off, _) = runs["delayed"], runs["off"]
-    assert "model.write_cost 0.5 on from step 4" in out
-    assert delayed[:5] == off[:5]
+    (ramped, ramped_out), (delayed, out), (off, _) = runs["ramped"], runs["delayed"], runs["off"]
+    assert "model.write_cost 0.5 on from step 4 (schedule" in out
+    assert "model.write_cost 0.5 on from step 4, rising to it over 3 steps" in ramped_out
+    assert delayed[:5] == off[:5] == ramped[:5]
     assert all(a != b for a, b in zip(delayed[5:], off[5:]))
+    assert all(a not in (b, c) for a, b, c in zip(ramped[5:], delayed[5:], off[5:]))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hope_scale.train.schedules import LRSchedule
+from hope_scale.train.schedules import LRSchedule, write_cost_factor
 
 
 def test_warmup_is_linear_and_reaches_peak():
@@ -52,3 +52,13 @@ def test_constant_and_validation():
 def test_single_step_runs():
     assert LRSchedule("cosine", 1.0, total_steps=1, min_lr_ratio=0.1)(0) == pytest.approx(0.1)
     assert LRSchedule("wsd", 1.0, total_steps=1, min_lr_ratio=0.1)(0) == pytest.approx(0.1)
+
+
+def test_write_cost_factor_starts_then_ramps():
+    """0 before the start step, then (s - start + 1) / ramp up to 1; without a ramp 1 from the start."""
+    assert [write_cost_factor(s) for s in range(3)] == [1.0, 1.0, 1.0]
+    assert [write_cost_factor(s, 2) for s in range(4)] == [0.0, 0.0, 1.0, 1.0]
+    assert [write_cost_factor(s, 2, 4) for s in range(8)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [write_cost_factor(s, 0, 2) for s in range(3)] == [0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="ramp_steps"):
+        write_cost_factor(0, 0, -1)

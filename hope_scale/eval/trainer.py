@@ -39,6 +39,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     cms_schedule: bool = True  # Hope archs: step each CMS level only when its period has elapsed
     write_cost_from_step: int = 0  # model.write_cost off before this step (schedule.write_cost_from_step)
+    write_cost_ramp_steps: int = 0  # then rising linearly to its full value over this many steps
     log_every: int = 50
     time_budget_s: float | None = None  # stop early once this much wall time is spent
     cpu_budget_s: float | None = None  # stop early once this process has used this much CPU time (robust to
@@ -52,7 +53,8 @@ class TrainConfig:
         schedule = LRSchedule("cosine", self.lr, max(1, self.steps), self.warmup_steps, self.min_lr_ratio)
         return TrainStep(model, OptimizerSettings(lr=self.lr, weight_decay=self.weight_decay), schedule,
                          self.grad_clip, cms_schedule=self.cms_schedule,
-                         write_cost_from_step=self.write_cost_from_step)
+                         write_cost_from_step=self.write_cost_from_step,
+                         write_cost_ramp_steps=self.write_cost_ramp_steps)
 
 
 class Trainer:

@@ -225,13 +225,14 @@ class TrainEngine:
         return int(local.item())
 
     def train_step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                   write_cost: bool = True) -> dict:
+                   write_cost: float = 1.0) -> dict:
         """One optimizer step on this rank's ``grad_accum_steps`` micro-batches (input_ids, labels), each [B, T].
 
         Every rank of a data-parallel replica passes the same micro-batches (pipeline stages other than the first
         and last ignore them; only their shapes must agree). The CMS schedule decides from the step's global
         token count which levels update (inside the optimizer step, after gradients are reduced and clipped).
-        ``write_cost=False`` leaves ``model.write_cost`` out of this step (``schedule.write_cost_from_step``).
+        ``write_cost`` is the fraction of ``model.write_cost`` this step charges (``schedules.write_cost_factor``;
+        0 leaves it out).
         Returns {"loss": mean loss over all micro-batches of all DP ranks (same on every rank),
         "grad_norm": global gradient norm before clipping, "tokens": global tokens of the step,
         "cms_stepped": {level: stepped}}.
@@ -250,14 +251,14 @@ class TrainEngine:
                 "cms_stepped": {lvl: due for lvl, (due, _) in plan.items()}}
 
     def _run_step(self, micro_batches, plan: dict[int, tuple[bool, int]], skip_all: bool = False,
-                  write_cost: bool = True) -> float:
+                  write_cost: float = 1.0) -> float:
         self.optimizer.level_plan = plan
         self.optimizer.skip_all = skip_all
         self.part.loss_scale = 0.0 if skip_all else 1.0
         # DeepSpeed's backward divides each micro-batch's loss by the accumulation steps (and scales it by nothing
         # else: fp16 is rejected); model.write_cost's gradient, added inside the layers, is scaled the same way
         try:
-            with loss_grad_scale(self.part.loss_scale / self.grad_accum_steps if write_cost else 0.0):
+            with loss_grad_scale(self.part.loss_scale / self.grad_accum_steps * float(write_cost)):
                 batches = [(ids.to(self.device), labels.to(self.device)) for ids, labels in micro_batches]
                 if self.layout.pipeline_parallel == 1:
                     total = torch.zeros((), dtype=torch.float64)

@@ -95,6 +95,8 @@ class ScheduleConfig:
     # model.write_cost is off before this optimizer step (0: on from the start); a model first learns to write,
     # then pays for it (docs/hope-design.md §6.7)
     write_cost_from_step: int = 0
+    # from write_cost_from_step the cost rises linearly to its full value over this many steps (0: at once)
+    write_cost_ramp_steps: int = 0
 
 
 @dataclass
@@ -226,6 +228,7 @@ class TrainConfig:
         need(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
         need(0 < s.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")
         need(s.write_cost_from_step >= 0, "schedule.write_cost_from_step", "must be >= 0")
+        need(s.write_cost_ramp_steps >= 0, "schedule.write_cost_ramp_steps", "must be >= 0")
         need(p.precision != "bf16" or p.zero_stage >= 1, "parallel.precision",
              "bf16 needs parallel.zero_stage >= 1 (DeepSpeed keeps fp32 master weights and fp32 gradient "
              "accumulation only in its ZeRO / bf16 optimizers; ZeRO-1 costs no extra communication)")

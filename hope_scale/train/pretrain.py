@@ -40,7 +40,7 @@ from .config import DEFAULT_CONFIG, TrainConfig, load_config
 from .flops import flops_per_token, peak_flops
 from .metrics import MetricsLogger, format_duration
 from .preflight import check_checkpoint_space, check_writable
-from .schedules import LRSchedule
+from .schedules import LRSchedule, write_cost_factor
 from .step import ClipCounter
 
 DATA_WAIT_SECONDS = 3600  # how long ranks other than 0 wait for rank 0 to prepare the built-in corpus
@@ -285,10 +285,13 @@ class Trainer:
             started = time.perf_counter()
             micro_batches = [next(self.loader) for _ in range(accum)]
             lr = self.schedule(self.step)
-            write_cost = self.step >= cfg.schedule.write_cost_from_step
-            if self.step == cfg.schedule.write_cost_from_step > 0 and cfg.model.write_cost:
-                self.metrics.print(f"train: model.write_cost {cfg.model.write_cost:g} on from step {self.step} "
-                                   "(schedule.write_cost_from_step)")
+            s = cfg.schedule
+            write_cost = write_cost_factor(self.step, s.write_cost_from_step, s.write_cost_ramp_steps)
+            if self.step == s.write_cost_from_step and (s.write_cost_from_step or s.write_cost_ramp_steps) \
+                    and cfg.model.write_cost:
+                ramp = f", rising to it over {s.write_cost_ramp_steps} steps" if s.write_cost_ramp_steps else ""
+                self.metrics.print(f"train: model.write_cost {cfg.model.write_cost:g} on from step {self.step}{ramp} "
+                                   "(schedule.write_cost_from_step, write_cost_ramp_steps)")
             out = self.engine.train_step(micro_batches, lr, write_cost=write_cost)
             self._last_batch = micro_batches[-1]
             self.step += 1

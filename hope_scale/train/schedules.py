@@ -68,3 +68,18 @@ class LRSchedule:
             return self.peak_lr
         q = (step - decay_start + 1) / self.decay_steps
         return self.peak_lr - (self.peak_lr - self.min_lr) * q
+
+
+def write_cost_factor(step: int, from_step: int = 0, ramp_steps: int = 0) -> float:
+    """The fraction of ``model.write_cost`` charged by the ``step``-th update (0-based; docs/hope-design.md §6.7):
+
+        f(s) = 0                          s < F              (schedule.write_cost_from_step)
+        f(s) = min(1, (s - F + 1) / R)    s >= F, R > 0      (schedule.write_cost_ramp_steps: a linear ramp,
+        f(s) = 1                          s >= F, R = 0       counted like the lr warm-up)
+
+    A pure function of the step, like the lr schedules, so a resumed run needs no extra state."""
+    if step < 0 or from_step < 0 or ramp_steps < 0:
+        raise ValueError(f"need step, from_step and ramp_steps >= 0, got {step}, {from_step}, {ramp_steps}")
+    if step < from_step:
+        return 0.0
+    return 1.0 if ramp_steps == 0 else min(1.0, (step - from_step + 1) / ramp_steps)

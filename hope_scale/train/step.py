@@ -30,7 +30,7 @@ from hope_scale.model.cms import cms_level_periods
 from hope_scale.model.write_cost import loss_grad_scale
 from hope_scale.parallel.optim import CMSAdamW
 
-from .schedules import LRSchedule
+from .schedules import LRSchedule, write_cost_factor
 
 _CMS_NAME = re.compile(r"^blocks\.\d+\.cms\.levels\.(\d+)\.")
 
@@ -140,11 +140,13 @@ class TrainStep:
     gradient norm clipped to ``grad_clip`` (0: off), the CMS plan for the step's tokens, AdamW. Returns
     ``{"loss", "grad_norm", "clipped", "lr", "tokens", "cms_stepped"}``. ``cms_schedule=False`` steps every CMS
     level on every step, like any other parameter. ``model.write_cost`` is left out of the steps before
-    ``write_cost_from_step`` (``schedule.write_cost_from_step``).
+    ``write_cost_from_step`` and then rises to its full value over ``write_cost_ramp_steps``
+    (``schedules.write_cost_factor``).
     """
 
     def __init__(self, model: nn.Module, optimizer: OptimizerSettings | dict | None, schedule: LRSchedule,
-                 grad_clip: float, cms_schedule: bool = True, write_cost_from_step: int = 0):
+                 grad_clip: float, cms_schedule: bool = True, write_cost_from_step: int = 0,
+                 write_cost_ramp_steps: int = 0):
         settings = OptimizerSettings.coerce(optimizer)
         self.model, self.schedule = model, schedule
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -153,7 +155,7 @@ class TrainStep:
                                   betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay)
         self.cms = CMSPeriodSchedule(cms_level_periods(model)) if cms_schedule else None
         self.clips = ClipCounter(grad_clip)
-        self.write_cost_from_step = write_cost_from_step
+        self.write_cost_from_step, self.write_cost_ramp_steps = write_cost_from_step, write_cost_ramp_steps
         self.steps = 0
 
     def step(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict:
@@ -162,8 +164,9 @@ class TrainStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        # model.write_cost's gradient, scaled like the loss (off before write_cost_from_step)
-        with loss_grad_scale(1 / len(micro_batches) if self.steps >= self.write_cost_from_step else 0.0):
+        # model.write_cost's gradient, scaled like the loss and by its schedule
+        write_cost = write_cost_factor(self.steps, self.write_cost_from_step, self.write_cost_ramp_steps)
+        with loss_grad_scale(write_cost / len(micro_batches)):
             for ids, labels in micro_batches:
                 loss = self.model.loss(ids, labels) / len(micro_batches)
                 loss.backward()
