@@ -69,6 +69,17 @@ ARCHS = {
     "Transformer++": dict(arch="transformer", mlp_hidden_mult=3.375),
 }
 
+# Diagnostics of how each model spends its parameters (docs/evaluation.md, "(a) at 4x the steps"), run only when
+# named in --models. At d_model 64 with 2 heads Hope's five projection memories hold 47% of its parameters and its
+# CMS 14%; in the shipped hope-125m ... hope-1.3b they hold 4-7% and the CMS 53-68%
+# (benchmarks/parameter_shares.py).
+DIAGNOSTIC_ARCHS = {
+    # Hope at the same 130K with half-width memories (hidden = head_dim / 2) and a CMS of hidden width 56, not 24
+    "Hope-wideCMS": dict(arch="hope", mem_hidden_mult=0.5, cms_levels=lv((1, 0.875), (8192, 0.875))),
+    # Titans with Hope's feed-forward width (SwiGLU hidden 48 = Hope's two CMS levels; 81K parameters)
+    "Titans-narrowFF": dict(arch="titans", mlp_hidden_mult=0.75),
+}
+
 
 # --write-cost: model.write_cost of the memory architectures (Hope, Titans) in every section
 MEMORY_ARCH_EXTRA: dict = {}
@@ -224,14 +235,16 @@ PASSKEY_MIX, PASSKEY_MIX_FROM = (512, 4, 2), 0.5
 
 
 def selected(names: str | None) -> dict:
-    """The architectures of ``ARCHS`` named in ``names`` (comma-separated; all when None)."""
+    """The architectures of ``ARCHS`` and ``DIAGNOSTIC_ARCHS`` named in ``names`` (comma-separated; all of
+    ``ARCHS`` when None)."""
     if names is None:
         return ARCHS
+    known = ARCHS | DIAGNOSTIC_ARCHS
     chosen = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in ARCHS]
+    unknown = [n for n in chosen if n not in known]
     if unknown or not chosen:
-        raise SystemExit(f"--models: unknown {unknown or names!r}; choose from {', '.join(ARCHS)}")
-    return {n: ARCHS[n] for n in chosen}
+        raise SystemExit(f"--models: unknown {unknown or names!r}; choose from {', '.join(known)}")
+    return {n: known[n] for n in chosen}
 
 
 def passkey_recipe(args, n_steps: int) -> tuple[tuple[int, ...] | None, int]:
@@ -469,7 +482,8 @@ def parser() -> argparse.ArgumentParser:
                          "benchmarks/passkey_probe.py)")
     ap.add_argument("--models", default=None, help="only these architectures, comma-separated "
                                                     f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
-                                                    "Transformer++)")
+                                                    "Transformer++; diagnostics, only when named: "
+                                                    f"{', '.join(DIAGNOSTIC_ARCHS)})")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-cost", type=float, default=None, metavar="LAMBDA",

@@ -21,6 +21,9 @@ def quality():
 def test_selected_models(quality):
     assert list(quality.selected(None)) == list(quality.ARCHS)
     assert list(quality.selected("Titans, Hope")) == ["Titans", "Hope"]
+    assert not set(quality.DIAGNOSTIC_ARCHS) & set(quality.selected(None))  # diagnostics only when named
+    assert quality.selected("Hope-wideCMS,Hope") == {"Hope-wideCMS": quality.DIAGNOSTIC_ARCHS["Hope-wideCMS"],
+                                                     "Hope": quality.ARCHS["Hope"]}
     with pytest.raises(SystemExit, match="Hop"):
         quality.selected("Hop")
 
@@ -32,6 +35,8 @@ def test_every_section_compares_models_at_equal_parameters(quality):
         return max(counts) / min(counts) - 1
 
     assert spread(quality.make(0, **arch) for arch in quality.ARCHS.values()) <= 0.03
+    every = quality.ARCHS | quality.DIAGNOSTIC_ARCHS
+    assert spread(quality.make(0, **every[n]) for n in ("Hope", "Hope-wideCMS")) == 0  # both 130,248
     assert spread(e.model for e in quality.continual_models(0)) <= 0.03
 
 
