@@ -76,6 +76,8 @@ ARCHS = {
 DIAGNOSTIC_ARCHS = {
     # Hope at the same 130K with half-width memories (hidden = head_dim / 2) and a CMS of hidden width 56, not 24
     "Hope-wideCMS": dict(arch="hope", mem_hidden_mult=0.5, cms_levels=lv((1, 0.875), (8192, 0.875))),
+    # ... and further: quarter-width memories (hidden 8), a CMS of hidden width 72
+    "Hope-widerCMS": dict(arch="hope", mem_hidden_mult=0.25, cms_levels=lv((1, 1.125), (8192, 1.125))),
     # Titans with Hope's feed-forward width (SwiGLU hidden 48 = Hope's two CMS levels; 81K parameters)
     "Titans-narrowFF": dict(arch="titans", mlp_hidden_mult=0.75),
 }

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.benchmark_scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,11 +22,7 @@ def test_gpu_throughput_without_cuda_says_so_and_exits_2():
 def test_gpu_throughput_step_loop_runs():
     """The timed loop of the benchmark on a tiny model on the CPU (the GPU run cannot be tested here): bf16 training
     steps run, tokens/s and TFLOP/s are positive and the FLOP count is the model's."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_throughput", ROOT / "benchmarks" / "gpu_throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("gpu_throughput")
     r = bench.run_mode("hope-tiny", "eager", seq_len=32, micro_batch=1, steps=1, warmup=1, checkpointing="memory",
                        device="cpu")
     assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["peak_gib"] is None

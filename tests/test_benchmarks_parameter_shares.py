@@ -1,22 +1,15 @@
 """benchmarks/parameter_shares.py: every parameter of every architecture is counted in exactly one component."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from hope_scale.model import ModelConfig, build_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def shares_module():
-    spec = importlib.util.spec_from_file_location("parameter_shares", ROOT / "benchmarks" / "parameter_shares.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("parameter_shares")
 
 
 @pytest.mark.parametrize("arch", ["hope", "titans", "hope_attention", "transformer"])

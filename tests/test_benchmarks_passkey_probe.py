@@ -1,20 +1,10 @@
 """benchmarks/passkey_probe.py: its hooks change nothing unless an intervention is chosen, every intervention
 changes the model's reading, and it runs on a model that quality.py (c) saved."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmark_scripts import load_benchmark as load
 
 
 @pytest.fixture(scope="module")

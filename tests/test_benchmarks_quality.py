@@ -2,20 +2,17 @@
 section."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
+
+ROOT = BENCHMARKS.parent
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("quality")
 
 
 def test_selected_models(quality):
@@ -36,7 +33,7 @@ def test_every_section_compares_models_at_equal_parameters(quality):
 
     assert spread(quality.make(0, **arch) for arch in quality.ARCHS.values()) <= 0.03
     every = quality.ARCHS | quality.DIAGNOSTIC_ARCHS
-    assert spread(quality.make(0, **every[n]) for n in ("Hope", "Hope-wideCMS")) == 0  # both 130,248
+    assert spread(quality.make(0, **every[n]) for n in ("Hope", "Hope-wideCMS", "Hope-widerCMS")) == 0  # 130,248
     assert spread(e.model for e in quality.continual_models(0)) <= 0.03
 
 
