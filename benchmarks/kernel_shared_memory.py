@@ -30,8 +30,9 @@ KIB = 1024
 
 def memory_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, int, bool]]:
     """(C, d, h, reads) of the main memory and of the projection memories of a Hope model."""
-    d, h = cfg.d_head, cfg.d_mem_hidden
-    return {"main": (cfg.chunk_size_memory, d, h, True), "projection": (cfg.chunk_size_projection, d, h, False)}
+    d = cfg.d_head
+    return {"main": (cfg.chunk_size_memory, d, cfg.d_mem_hidden, True),
+            "projection": (cfg.chunk_size_projection, d, cfg.d_proj_hidden, False)}
 
 
 def main(argv=None) -> None:

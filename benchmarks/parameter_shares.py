@@ -71,7 +71,7 @@ def quality_models() -> dict[str, ModelConfig]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import quality
 
-    return {f"quality: {name}": ModelConfig(**(quality.BASE | spec))
+    return {f"quality: {name}": quality.model_config(**spec)
             for name, spec in (quality.ARCHS | quality.DIAGNOSTIC_ARCHS).items()}
 
 

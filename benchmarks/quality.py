@@ -78,6 +78,8 @@ DIAGNOSTIC_ARCHS = {
     "Hope-wideCMS": dict(arch="hope", mem_hidden_mult=0.5, cms_levels=lv((1, 0.875), (8192, 0.875))),
     # ... and further: quarter-width memories (hidden 8), a CMS of hidden width 72
     "Hope-widerCMS": dict(arch="hope", mem_hidden_mult=0.25, cms_levels=lv((1, 1.125), (8192, 1.125))),
+    # only the projection memories at quarter width (hidden 8), the main memory at full width (32), CMS hidden 64
+    "Hope-narrowProj": dict(arch="hope", proj_hidden_mult=0.25, cms_levels=lv((1, 1.0), (8192, 1.0))),
     # Titans with Hope's feed-forward width (SwiGLU hidden 48 = Hope's two CMS levels; 81K parameters)
     "Titans-narrowFF": dict(arch="titans", mlp_hidden_mult=0.75),
 }
@@ -87,12 +89,17 @@ DIAGNOSTIC_ARCHS = {
 MEMORY_ARCH_EXTRA: dict = {}
 
 
-def make(seed: int, **extra) -> torch.nn.Module:
-    torch.manual_seed(seed)
+def model_config(**extra) -> ModelConfig:
+    """The benchmark's model: BASE with an architecture's fields, plus MEMORY_ARCH_EXTRA for Hope and Titans."""
     cfg = BASE | extra
     if cfg["arch"] in MEMORY_ARCHITECTURES:
         cfg |= MEMORY_ARCH_EXTRA
-    return build_model(ModelConfig(**cfg))
+    return ModelConfig(**cfg)
+
+
+def make(seed: int, **extra) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(model_config(**extra))
 
 
 def log(msg: str) -> None:

@@ -191,13 +191,15 @@ def layer_config(kernel: str, **overrides) -> ModelConfig:
                                  cms_levels=[{"period": 1, "hidden_mult": 1.0}]), **overrides})
 
 
-def test_layer_in_pieces_mid_chunk_equals_naive(interpreted_kernel, no_fallback):
+@pytest.mark.parametrize("widths", [{}, {"proj_hidden_mult": 0.5}], ids=["equal-widths", "narrow-projections"])
+def test_layer_in_pieces_mid_chunk_equals_naive(widths, interpreted_kernel, no_fallback):
     """A SelfModifyingTitans layer with the kernel, run in two pieces split mid-chunk (pending tokens in the state,
     a head chunk that continues them, a padded last chunk) equals the naive layer run in one piece, outputs and
-    gradients of every parameter. (Without model.write_cost, whose gradient is a mean over each forward's tokens.)"""
+    gradients of every parameter; also with projection memories narrower than the main memory. (Without
+    model.write_cost, whose gradient is a mean over each forward's tokens.)"""
     torch.manual_seed(0)
-    naive = SelfModifyingTitans(layer_config("naive", write_cost=0.0))
-    fused = apply_kernel(SelfModifyingTitans(layer_config("triton", write_cost=0.0)), "triton")
+    naive = SelfModifyingTitans(layer_config("naive", write_cost=0.0, **widths))
+    fused = apply_kernel(SelfModifyingTitans(layer_config("triton", write_cost=0.0, **widths)), "triton")
     fused.load_state_dict(naive.state_dict())
     assert fused.chunk_step is kernel_module.kernel_chunk_step and naive.chunk_step is chunk_step
     x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(1))

@@ -26,6 +26,7 @@ VARIANTS = {
                                  per_memory_inputs=False, inner_step_bound=0.05),
     "earlier": EARLIER_UPDATE,  # the earlier unbounded form with the normalized branch
     "init-projections": dict(retain_toward="init_projections"),  # the main memory decays toward zero
+    "narrow-projections": dict(proj_hidden_mult=0.5),  # projection memories narrower than the main memory
 }
 
 
@@ -80,7 +81,7 @@ def state_tensors(st: TitansState) -> dict[str, torch.Tensor]:
 CASES = ([(shape, "default") for shape in SHAPES]
          + [(SHAPES[0], "bound-active"), (SHAPES[4], "bound-active"), (SHAPES[0], "aligned-second-order"),
             (SHAPES[1], "aligned-second-order"), (SHAPES[0], "earlier"), (SHAPES[1], "earlier"),
-            (SHAPES[0], "init-projections")])
+            (SHAPES[0], "init-projections"), (SHAPES[0], "narrow-projections"), (SHAPES[4], "narrow-projections")])
 
 
 @pytest.mark.parametrize("self_modifying", [True, False], ids=["hope", "titans"])
@@ -95,6 +96,8 @@ def test_chunk_parallel_matches_token_loop_float64(shape, variant, self_modifyin
     state = None if start == "fresh" else perturbed_state(layer, batch, pos=pos)
     init_tensors = {} if state is None else state_tensors(state)
 
+    if variant == "narrow-projections" and self_modifying:  # the case really has two hidden widths
+        assert layer.proj_w1.shape[-1] < layer.mem_w1.shape[-1]
     y_fast, st_fast = layer(x, state)
     y_ref, st_ref = reference_forward(layer, x, state)
 

@@ -116,6 +116,8 @@ def test_inline_model_without_name():
     (["data.shuffle_algo=py9"], None, "data.shuffle_algo: 'py9' is not one of"),
     (["data.num_workers=-1"], None, "data.num_workers: must be >= 0"),
     (["data.validate_hash=md5"], None, "data.validate_hash: 'md5' is not one of"),
+    (["model.proj_hidden_mult=0"], None, "model.proj_hidden_mult: must be a finite number > 0, got 0"),
+    (["model.mem_hidden_mult=-1"], None, "model.mem_hidden_mult: must be a finite number > 0, got -1"),
 ])
 def test_validation_errors_name_the_field(overrides, world, message):
     with pytest.raises(ConfigError) as err:

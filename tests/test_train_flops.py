@@ -37,6 +37,7 @@ def _counted(cfg, seq_len, batch=1, backward=False):
 @pytest.mark.parametrize("arch,kw", [("hope", {}), ("hope", {"adaptive_q": False}), ("hope", {"dgd_erase": False}),
                                      ("hope", {"inner_momentum": 0.9}), ("titans", {"inner_momentum": 0.9}),
                                      ("hope", {"retain_toward": "init_projections"}), ("hope", {"retain_toward": "zero"}),
+                                     ("hope", {"proj_hidden_mult": 0.5}),
                                      ("titans", {}), ("transformer", {}), ("hope_attention", {})])
 def test_forward_flops_match_counter(arch, kw):
     cfg = _cfg(arch, **kw)

@@ -67,6 +67,7 @@ class ModelConfig:
 
     # --- (self-modifying) Titans memory -------------------------------------------------------
     mem_hidden_mult: float = 1.0  # each memory MLP m(x) = x + W1 silu(W2 x) has hidden = mult * head_dim
+    proj_hidden_mult: float | None = None  # the projection memories' own hidden mult (unset: mem_hidden_mult)
     chunk_size_memory: int = 16  # C_mem: chunk of the main memory M_mem
     chunk_size_projection: int = 64  # C_proj: chunk of the projection memories M_k, M_v, M_q, M_eta, M_alpha
     adaptive_q: bool = True  # False: q is a static per-head projection (paper text); True: q = M_q(x) (ablation table)
@@ -123,7 +124,14 @@ class ModelConfig:
 
     @property
     def d_mem_hidden(self) -> int:
+        """Hidden width of the main memory M_mem (of every memory unless ``proj_hidden_mult`` is set)."""
         return max(1, int(round(self.mem_hidden_mult * self.d_head)))
+
+    @property
+    def d_proj_hidden(self) -> int:
+        """Hidden width of the projection memories M_k, M_v, M_q, M_eta, M_alpha."""
+        mult = self.mem_hidden_mult if self.proj_hidden_mult is None else self.proj_hidden_mult
+        return max(1, int(round(mult * self.d_head)))
 
     def validate(self) -> None:
         def need(ok: bool, field_name: str, msg: str) -> None:
@@ -136,6 +144,11 @@ class ModelConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
         need(self.head_dim is not None or self.d_model % self.n_heads == 0, "n_heads",
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
+        for name in ("mem_hidden_mult", "proj_hidden_mult"):
+            mult = getattr(self, name)
+            need(mult is None and name == "proj_hidden_mult" or isinstance(mult, (int, float))
+                 and not isinstance(mult, bool) and math.isfinite(mult) and mult > 0, name,
+                 f"must be a finite number > 0, got {mult!r}")
         need(0.0 <= self.inner_momentum < 1.0, "inner_momentum", "must be in [0, 1)")
         need(math.isfinite(self.inner_step_bound) and self.inner_step_bound >= 0, "inner_step_bound",
              "must be a finite number >= 0 (0 disables the bound)")

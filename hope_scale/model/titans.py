@@ -79,8 +79,9 @@ class SelfModifyingTitans(nn.Module):
         self.mem_w1 = nn.Parameter(torch.randn(h_, d, dh) * (0.5 / math.sqrt(dh)))
         self.mem_w2 = nn.Parameter(torch.randn(h_, dh, d) / math.sqrt(d))
         if self_modifying:
-            self.proj_w1 = nn.Parameter(torch.randn(h_, n_proj, d, dh) * (0.5 / math.sqrt(dh)))
-            self.proj_w2 = nn.Parameter(torch.randn(h_, n_proj, dh, d) / math.sqrt(d))
+            ph = cfg.d_proj_hidden
+            self.proj_w1 = nn.Parameter(torch.randn(h_, n_proj, d, ph) * (0.5 / math.sqrt(ph)))
+            self.proj_w2 = nn.Parameter(torch.randn(h_, n_proj, ph, d) / math.sqrt(d))
         else:  # Titans: static k, v, q projections and linear eta/alpha
             self.w_kvq = nn.Parameter(torch.randn(h_, 3, d, d) / math.sqrt(d))
             self.w_eta_alpha = nn.Parameter(torch.randn(h_, 2, d) * (0.1 / math.sqrt(d)))
