@@ -66,8 +66,8 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     # --- (self-modifying) Titans memory -------------------------------------------------------
-    mem_hidden_mult: float = 1.0  # each memory MLP m(x) = x + W1 silu(W2 x) has hidden = mult * head_dim
-    proj_hidden_mult: float | None = None  # the projection memories' own hidden mult (unset: mem_hidden_mult)
+    mem_hidden_mult: float = 1.0  # each memory MLP m(x) = x + W1 silu(W2 x) has hidden = mult * head_dim ...
+    proj_hidden_mult: float | None = None  # ... but the projection memories' is this mult's when set
     chunk_size_memory: int = 16  # C_mem: chunk of the main memory M_mem
     chunk_size_projection: int = 64  # C_proj: chunk of the projection memories M_k, M_v, M_q, M_eta, M_alpha
     adaptive_q: bool = True  # False: q is a static per-head projection (paper text); True: q = M_q(x) (ablation table)
@@ -146,8 +146,8 @@ class ModelConfig:
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
         for name in ("mem_hidden_mult", "proj_hidden_mult"):
             mult = getattr(self, name)
-            need(mult is None and name == "proj_hidden_mult" or isinstance(mult, (int, float))
-                 and not isinstance(mult, bool) and math.isfinite(mult) and mult > 0, name,
+            need((mult is None and name == "proj_hidden_mult") or (isinstance(mult, (int, float))
+                 and not isinstance(mult, bool) and math.isfinite(mult) and mult > 0), name,
                  f"must be a finite number > 0, got {mult!r}")
         need(0.0 <= self.inner_momentum < 1.0, "inner_momentum", "must be in [0, 1)")
         need(math.isfinite(self.inner_step_bound) and self.inner_step_bound >= 0, "inner_step_bound",
