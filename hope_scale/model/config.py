@@ -122,16 +122,18 @@ class ModelConfig:
         """Whether retention decays a memory (a projection memory, or the main memory) toward its initial weights."""
         return self.retain_toward == "init" or (projection and self.retain_toward == "init_projections")
 
+    def _memory_hidden(self, mult: float) -> int:
+        return max(1, int(round(mult * self.d_head)))
+
     @property
     def d_mem_hidden(self) -> int:
         """Hidden width of the main memory M_mem (of every memory unless ``proj_hidden_mult`` is set)."""
-        return max(1, int(round(self.mem_hidden_mult * self.d_head)))
+        return self._memory_hidden(self.mem_hidden_mult)
 
     @property
     def d_proj_hidden(self) -> int:
         """Hidden width of the projection memories M_k, M_v, M_q, M_eta, M_alpha."""
-        mult = self.mem_hidden_mult if self.proj_hidden_mult is None else self.proj_hidden_mult
-        return max(1, int(round(mult * self.d_head)))
+        return self._memory_hidden(self.mem_hidden_mult if self.proj_hidden_mult is None else self.proj_hidden_mult)
 
     def validate(self) -> None:
         def need(ok: bool, field_name: str, msg: str) -> None:

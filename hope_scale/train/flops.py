@@ -138,11 +138,11 @@ def memory_forward_flops_per_token(cfg: ModelConfig) -> float:
         return 0.0
     d, h, hp = cfg.d_head, cfg.d_mem_hidden, cfg.d_proj_hidden
     cm, cp = cfg.chunk_size_memory, cfg.chunk_size_projection
-    mlp, momentum = 4 * d * h, cfg.inner_momentum > 0
+    mlp, mlp_proj, momentum = 4 * d * h, 4 * d * hp, cfg.inner_momentum > 0
     if cfg.arch == "hope":
         erase = cfg.dgd_erase
         n_proj = 5 if cfg.adaptive_q else 4
-        per_head = (n_proj * (2 * 4 * d * hp + _update(cfg, d, hp, cp, erase, False)) + _shared(cfg, d, cp, erase)
+        per_head = (n_proj * (2 * mlp_proj + _update(cfg, d, hp, cp, erase, False)) + _shared(cfg, d, cp, erase)
                     + mlp + _update(cfg, d, h, cm, erase, True) + _shared(cfg, d, cm, erase) + _read(d, h, cm, erase, momentum, cfg.retains_toward_init(projection=False)))
     else:
         per_head = _update(cfg, d, h, cm, False, True) + _shared(cfg, d, cm, False) + _read(d, h, cm, False, momentum, cfg.retains_toward_init(projection=False))
