@@ -80,6 +80,10 @@ DIAGNOSTIC_ARCHS = {
     "Hope-widerCMS": dict(arch="hope", mem_hidden_mult=0.25, cms_levels=lv((1, 1.125), (8192, 1.125))),
     # only the projection memories at quarter width (hidden 8), the main memory at full width (32), CMS hidden 64
     "Hope-narrowProj": dict(arch="hope", proj_hidden_mult=0.25, cms_levels=lv((1, 1.0), (8192, 1.0))),
+    # ... with both CMS levels stepped every optimizer step (period 1): at (a)'s 4096 tokens per step the slow
+    # level (period 8192) gets half the updates of Titans' SwiGLU, as in the shipped hope-125m ... 1.3b (period
+    # 2^20 at 524,288 tokens per step)
+    "Hope-narrowProj-1freq": dict(arch="hope", proj_hidden_mult=0.25, cms_levels=lv((1, 1.0), (1, 1.0))),
     # Titans with Hope's feed-forward width (SwiGLU hidden 48 = Hope's two CMS levels; 81K parameters)
     "Titans-narrowFF": dict(arch="titans", mlp_hidden_mult=0.75),
 }

@@ -33,7 +33,7 @@ def test_every_section_compares_models_at_equal_parameters(quality):
 
     assert spread(quality.make(0, **arch) for arch in quality.ARCHS.values()) <= 0.03
     every = quality.ARCHS | quality.DIAGNOSTIC_ARCHS
-    same_count = ("Hope", "Hope-wideCMS", "Hope-widerCMS", "Hope-narrowProj")
+    same_count = ("Hope", "Hope-wideCMS", "Hope-widerCMS", "Hope-narrowProj", "Hope-narrowProj-1freq")
     assert spread(quality.make(0, **every[n]) for n in same_count) == 0  # 130,248
     assert spread(e.model for e in quality.continual_models(0)) <= 0.03
 

@@ -140,6 +140,10 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"model.{field_name}: {msg}")
 
+        def is_number(value) -> bool:
+            """A finite int or float, not a bool (YAML's true/false are ints to Python)."""
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
         need(self.arch in ARCHITECTURES, "arch", f"{self.arch!r} is not one of {ARCHITECTURES}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size_memory",
                      "chunk_size_projection", "conv_width", "max_seq_len"):
@@ -148,17 +152,15 @@ class ModelConfig:
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)")
         for name in ("mem_hidden_mult", "proj_hidden_mult"):
             mult = getattr(self, name)
-            need((mult is None and name == "proj_hidden_mult") or (isinstance(mult, (int, float))
-                 and not isinstance(mult, bool) and math.isfinite(mult) and mult > 0), name,
+            need((mult is None and name == "proj_hidden_mult") or (is_number(mult) and mult > 0), name,
                  f"must be a finite number > 0, got {mult!r}")
         need(0.0 <= self.inner_momentum < 1.0, "inner_momentum", "must be in [0, 1)")
         need(math.isfinite(self.inner_step_bound) and self.inner_step_bound >= 0, "inner_step_bound",
              "must be a finite number >= 0 (0 disables the bound)")
         need(0.0 < self.eta_init < self.eta_max, "eta_init", f"must be in (0, eta_max={self.eta_max})")
         need(0.0 < self.alpha_init < 1.0, "alpha_init", "must be in (0, 1)")
-        need(isinstance(self.write_cost, (int, float)) and not isinstance(self.write_cost, bool)
-             and math.isfinite(self.write_cost) and self.write_cost >= 0,
-             "write_cost", f"must be a finite number >= 0, got {self.write_cost!r}")
+        need(is_number(self.write_cost) and self.write_cost >= 0, "write_cost",
+             f"must be a finite number >= 0, got {self.write_cost!r}")
         need(self.write_cost == 0 or self.arch in MEMORY_ARCHITECTURES, "write_cost",
              f"a cost on memory writes needs a memory layer (arch hope or titans), not {self.arch!r}")
         need(self.retain_toward in RETENTION_TARGETS, "retain_toward",
