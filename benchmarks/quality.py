@@ -315,9 +315,10 @@ LONGER_ON_A = 3
 
 
 def continual_models(seed: int, names: str | None = None, steps_a: int = CONTINUAL_STEPS_A):
-    """(d)'s model entries of the architectures ``names`` (as ``--models``; all when None): Hope with 1, 2, 3 CMS
-    levels (the CMS width split over the levels) and Transformer++, all at 130K parameters within 3% and trained
-    ``steps_a`` steps on A, plus Transformer++ trained LONGER_ON_A times as long on A."""
+    """(d)'s model entries of the architectures ``names`` (as ``--models``; all of ``ARCHS`` when None): Hope with
+    1, 2, 3 CMS levels (the CMS width split over the levels), Titans and Transformer++, all at 130K parameters
+    within 3% and trained ``steps_a`` steps on A, plus Transformer++ trained LONGER_ON_A times as long on A; and,
+    only when named, Hope-narrowProj with 2 levels (its projection memories at quarter width, the CMS wider)."""
     from hope_scale.eval.continual import ModelEntry
 
     chosen, p = selected(names), CONTINUAL_PERIODS
@@ -325,6 +326,9 @@ def continual_models(seed: int, names: str | None = None, steps_a: int = CONTINU
                ModelEntry("Hope, 2 levels", make(seed, arch="hope", cms_levels=lv((p[0], 1 / 3), (p[1], 1 / 3)))),
                ModelEntry("Hope, 3 levels",
                           make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
+               ModelEntry("Hope-narrowProj, 2 levels", make(seed, arch="hope", proj_hidden_mult=0.25,
+                                                            cms_levels=lv((p[0], 1.0), (p[1], 1.0)))),
+               ModelEntry("Titans", make(seed, **ARCHS["Titans"])),
                ModelEntry("Transformer++", make(seed, **ARCHS["Transformer++"])),
                ModelEntry(f"Transformer++, {LONGER_ON_A}x steps on A", make(seed, **ARCHS["Transformer++"]),
                           steps_a=LONGER_ON_A * steps_a)]
@@ -337,7 +341,8 @@ def section_d(corpus: str, seed: int, args, tok) -> dict:
     steps_a = steps(CONTINUAL_STEPS_A, args.scale)
     entries = continual_models(seed, args.models, steps_a)
     if not entries:
-        raise SystemExit(f"--models: section (d) has only Hope and Transformer++, not {args.models}")
+        raise SystemExit(f"--models: section (d) has only Hope, Hope-narrowProj, Titans and Transformer++, "
+                         f"not {args.models}")
     dom_a = load_domain(CORPORA["shakespeare"], tok, 0.1, max_chars=600_000, name="shakespeare")
     dom_b = load_domain("builtin:pydoc", tok, 0.1, max_chars=600_000, name="python-docs")
     cfg = ContinualConfig(mode="both", seq_len=args.seq_len, batch_size=8, steps_a=steps_a,

@@ -36,6 +36,9 @@ def test_every_section_compares_models_at_equal_parameters(quality):
     same_count = ("Hope", "Hope-wideCMS", "Hope-widerCMS", "Hope-narrowProj", "Hope-narrowProj-1freq")
     assert spread(quality.make(0, **every[n]) for n in same_count) == 0  # 130,248
     assert spread(e.model for e in quality.continual_models(0)) <= 0.03
+    hope_2, narrow_2 = (next(e.model for e in quality.continual_models(0, n) if "2 levels" in e.name)
+                        for n in ("Hope", "Hope-narrowProj"))
+    assert narrow_2.num_parameters() == hope_2.num_parameters()
 
 
 def test_continual_section_takes_the_model_choice(quality):
@@ -44,13 +47,14 @@ def test_continual_section_takes_the_model_choice(quality):
     def names(models=None):
         return [e.name for e in quality.continual_models(0, models)]
 
-    assert names() == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels", "Transformer++",
+    assert names() == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels", "Titans", "Transformer++",
                        "Transformer++, 3x steps on A"]
     assert names("Transformer++") == ["Transformer++", "Transformer++, 3x steps on A"]
-    assert names("Hope, Titans") == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels"]
+    assert names("Hope, Titans") == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels", "Titans"]
+    assert names("Hope-narrowProj") == ["Hope-narrowProj, 2 levels"]
     assert [e.steps_a for e in quality.continual_models(0, "Transformer++", steps_a=40)] == [None, 120]
-    with pytest.raises(SystemExit, match="only Hope and Transformer"):
-        quality.section_d("shakespeare-pydoc", 0, argparse.Namespace(models="Titans,Hope-Attention", scale=1.0), tok=None)
+    with pytest.raises(SystemExit, match="only Hope, Hope-narrowProj, Titans and Transformer"):
+        quality.section_d("shakespeare-pydoc", 0, argparse.Namespace(models="Hope-Attention", scale=1.0), tok=None)
 
 
 def test_passkey_summary_takes_models_run_on_some_seeds(quality, tmp_path):
