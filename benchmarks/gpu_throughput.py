@@ -76,6 +76,7 @@ def run_mode(name: str, mode: str, seq_len: int, micro_batch: int, steps: int, w
         step()
     sync()
     warm = time.perf_counter() - start
+    print(f"{name} {mode}: {warmup} warm-up step(s) in {warm:.0f} s", file=sys.stderr, flush=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()

@@ -27,3 +27,13 @@ def test_gpu_throughput_step_loop_runs():
                        device="cpu")
     assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["peak_gib"] is None
     assert r["checkpointing"] == "memory" and r["params"] > 1e6
+
+
+def test_kernel_gpu_check_without_cuda_says_so_and_exits_2():
+    """benchmarks/kernel_gpu_check.py (the kernels against the naive path on a real GPU) has no CPU mode: the tests in
+    tests/test_model_kernel*.py are the CPU check, in Triton's interpreter."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_gpu_check.py")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA device is visible" in proc.stderr

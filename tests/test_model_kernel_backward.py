@@ -58,7 +58,7 @@ def update_with_grads(update, x, rule, n_valid=None, dtype=torch.float32, seed=1
     r = update(state, leaves["keys"], leaves["targets"], coef, 0.0, rule, queries=leaves["queries"], n_valid=n_valid,
                anchor=anchor)
     g = torch.Generator().manual_seed(seed)
-    weight = lambda t: torch.randn(t.shape, generator=g).to(dtype)  # noqa: E731
+    weight = lambda t: torch.randn(t.shape, generator=g).to(device=t.device, dtype=dtype)  # noqa: E731
     loss = (r.w1 * weight(r.w1)).sum() + r.w2.sin().sum() + (r.s1 * weight(r.s1)).sum() + r.s2.pow(2).sum()
     if r.reads is not None:
         loss = loss + (r.reads * weight(r.reads)).sum() + r.reads.pow(2).sum()

@@ -133,25 +133,26 @@ class ChunkUpdate(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        reason = fused_backward_unsupported(ctx)
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing's unpack hooks allow no second unpack
+        reason = fused_backward_unsupported(ctx, saved)
         if reason is None:
             try:
-                return (None, None, None) + fused_backward(ctx, grads)
+                return (None, None, None) + fused_backward(ctx, saved, grads)
             except triton_out_of_resources() as e:  # the backward's tiles need more shared memory than the GPU has
                 reason = str(e)
         if ctx.rule.first_order:  # the second-order rule recomputes by design: no warning
             warn_once(f"model.kernel=triton: the chunk update's backward recomputes in PyTorch instead: {reason}")
-        return (None, None, None) + recompute_backward(ctx, grads)
+        return (None, None, None) + recompute_backward(ctx, saved, grads)
 
 
-def fused_backward_unsupported(ctx) -> str | None:
+def fused_backward_unsupported(ctx, saved: tuple) -> str | None:
     """Why the backward kernel cannot run for this chunk (None: it can): the second-order rule, or tiles beyond
     ``triton_chunk.BWD_MAX_BLOCK``."""
     if not ctx.rule.first_order:
         return "first_order=False (the kernel's backward is first-order)"
     from .triton_chunk import BWD_MAX_BLOCK, block
 
-    saved = dict(zip(INPUTS, ctx.saved_tensors))
+    saved = dict(zip(INPUTS, saved))
     c, d, hid = saved["keys"].shape[-2], saved["keys"].shape[-1], saved["w1"].shape[-1]
     largest = BWD_MAX_BLOCK[saved["keys"].dtype]
     if max(block(c), block(d), block(hid)) > largest:
@@ -160,13 +161,13 @@ def fused_backward_unsupported(ctx) -> str | None:
     return None
 
 
-def fused_backward(ctx, grads) -> tuple:
+def fused_backward(ctx, saved: tuple, grads) -> tuple:
     """The gradients of ``ChunkUpdate``'s tensor inputs from the backward kernel (first-order rule): s1, s2 get
     zeros (beta = 0: the carried momentum enters nothing), c_vec and c_prev None (unused without momentum), and
     so do inputs whose gradient is not needed."""
     from .triton_chunk import KERNEL_INPUTS, launch_chunk_update_bwd
 
-    saved = dict(zip(INPUTS, ctx.saved_tensors))
+    saved = dict(zip(INPUTS, saved))
     g_w1, g_w2, g_s1, g_s2, _, _, *g_reads = grads
     found = launch_chunk_update_bwd([saved[name] for name in KERNEL_INPUTS],
                                     (g_w1, g_w2, g_s1, g_s2, g_reads[0] if g_reads else None),
@@ -176,12 +177,12 @@ def fused_backward(ctx, grads) -> tuple:
     return tuple(g.get(name) if need else None for name, need in zip(INPUTS, ctx.needs_input_grad[3:]))
 
 
-def recompute_backward(ctx, grads) -> tuple:
+def recompute_backward(ctx, saved: tuple, grads) -> tuple:
     """The gradients of ``ChunkUpdate``'s tensor inputs by recomputing the chunk with ``memory.chunk_update`` and
     differentiating it (exact; for what the backward kernel does not cover: ``fused_backward_unsupported``)."""
     needs = ctx.needs_input_grad[3:]
     inputs = [t.detach().requires_grad_(need) if t is not None else None
-              for t, need in zip(ctx.saved_tensors, needs)]
+              for t, need in zip(saved, needs)]
     w1, w2, s1, s2, keys, targets, queries, anchor1, anchor2, *coef = inputs
     with torch.enable_grad():
         r = chunk_update(MemoryState(w1, w2, s1, s2, None, None, None, None), keys, targets,

@@ -1,0 +1,121 @@
+"""The fused chunk kernels (``model.kernel: triton``) on a CUDA GPU: equal to the naive path, and how fast.
+
+    python benchmarks/kernel_gpu_check.py [--repeats 20]
+
+CI checks the kernels in Triton's CPU interpreter (tests/test_model_kernel*.py); the interpreter accepts code the GPU
+compiler may reject and does not round bf16 as the GPU does. This script runs the same cases
+(tests/test_model_kernel_backward.py's ``CASES``: reads, erase, bound, plain eta, padded chunks and tiles, the anchor)
+compiled for the GPU it finds, against the naive ``memory.chunk_update`` on the same GPU:
+
+- fp32: forward (every field of ChunkResult) and every input's gradient within 1e-5 relative of the naive path
+  (the tests' tolerance); the 64-tile case has no fp32 backward kernel (it recomputes in PyTorch) and is skipped;
+- bf16: against the fp32 naive gradients, the kernel within 5e-2 and no further than the naive bf16 path plus 2e-2
+  (the tests' tolerance);
+- no chunk fell back to the naive path (every fallback warns once; the reasons are printed).
+
+Then it times one chunk's forward + backward (bf16, kernel vs naive) at the shipped 760m/1.3b memory shapes: the main
+memory (batch 1 x 24 heads, C = 16, d = h = 64, reads) and the stacked projection memories (x 5, C = 64, no reads).
+Exits 1 if a case fails, 2 without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from hope_scale.model import memory
+from hope_scale.model.kernels import chunk_update as kernel_module
+from tests.test_model_kernel import RESULT_FIELDS, rel_err
+from tests.test_model_kernel_backward import CASES, chunk_leaves, update_with_grads
+
+SHAPES = {  # name: chunk_leaves kwargs at the shipped models' memory shapes
+    "main memory (1 x 24, C16 d64 h64, reads)": dict(batch=(1, 24), c=16, d=64, hid=64),
+    "projection memories (1 x 24 x 5, C64 d64 h64)": dict(batch=(1, 24, 5), c=64, d=64, hid=64, reads=False,
+                                                          shared_keys_axis=True),
+}
+
+
+def on_cuda(x: dict) -> dict:
+    return {k: v.cuda() if v is not None else None for k, v in x.items()}
+
+
+def run(update, x, rule, n_valid, dtype):
+    """update_with_grads, and the fallback reasons it raised (empty: the kernel ran)."""
+    kernel_module._warned.clear()
+    r, g = update_with_grads(update, x, rule, n_valid, dtype=dtype)
+    return r, g, set(kernel_module._warned)
+
+
+def forward_err(r, ref) -> float:
+    return max(rel_err(getattr(r, f), getattr(ref, f)) for f in RESULT_FIELDS if getattr(ref, f) is not None)
+
+
+def grad_err(g: dict, ref: dict) -> tuple[float, str]:
+    errs = {k: rel_err(g[k], v) for k, v in ref.items() if v is not None and k not in ("s1", "s2")}
+    worst = max(errs, key=errs.get)
+    return errs[worst], worst
+
+
+def check_cases() -> bool:
+    print("| case | dtype | forward rel. err | worst gradient rel. err (input) | naive bf16 err | fallbacks | ok |")
+    print("|---|---|---|---|---|---|---|")
+    ok_all = True
+    for name, (inputs, rule, n_valid) in CASES.items():
+        x = on_cuda(chunk_leaves(**inputs))
+        ref_r, ref_g, _ = run(memory.chunk_update, x, rule, n_valid, torch.float32)
+        if "16-bit" not in name:
+            r, g, fell = run(kernel_module.kernel_chunk_update, x, rule, n_valid, torch.float32)
+            fe, (ge, worst) = forward_err(r, ref_r), grad_err(g, ref_g)
+            ok = fe < 1e-5 and ge < 1e-5 and not fell
+            print(f"| {name} | fp32 | {fe:.1e} | {ge:.1e} ({worst}) | | {'; '.join(fell) or 'none'} | "
+                  f"{'yes' if ok else 'NO'} |", flush=True)
+            ok_all &= ok
+        r16, g16, fell = run(kernel_module.kernel_chunk_update, x, rule, n_valid, torch.bfloat16)
+        _, n16, _ = run(memory.chunk_update, x, rule, n_valid, torch.bfloat16)
+        fe, (ge, worst) = forward_err(r16, ref_r), grad_err(g16, ref_g)
+        naive = {k: rel_err(n16[k], v) for k, v in ref_g.items() if v is not None and k not in ("s1", "s2")}
+        ok = ge < 5e-2 and all(rel_err(g16[k], ref_g[k]) <= naive[k] + 2e-2 for k in naive) and not fell
+        print(f"| {name} | bf16 | {fe:.1e} | {ge:.1e} ({worst}) | {max(naive.values()):.1e} | "
+              f"{'; '.join(fell) or 'none'} | {'yes' if ok else 'NO'} |", flush=True)
+        ok_all &= ok
+    return ok_all
+
+
+def time_shapes(repeats: int) -> None:
+    rule = CASES["reads, default rule (bound 1)"][1]
+    print("\n| memory shape | naive ms (fwd+bwd) | kernel ms (fwd+bwd) | naive / kernel |")
+    print("|---|---|---|---|")
+    for name, kwargs in SHAPES.items():
+        x = on_cuda(chunk_leaves(**kwargs))
+        ms = {}
+        for label, update in (("naive", memory.chunk_update), ("kernel", kernel_module.kernel_chunk_update)):
+            for _ in range(3):
+                update_with_grads(update, x, rule, None, dtype=torch.bfloat16)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                update_with_grads(update, x, rule, None, dtype=torch.bfloat16)
+            end.record()
+            torch.cuda.synchronize()
+            ms[label] = start.elapsed_time(end) / repeats
+        print(f"| {name} | {ms['naive']:.2f} | {ms['kernel']:.2f} | {ms['naive'] / ms['kernel']:.2f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=20, help="timed forward + backward passes per shape")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_gpu_check.py: no CUDA device is visible; tests/test_model_kernel*.py check the kernels in "
+              "Triton's CPU interpreter.", file=sys.stderr)
+        return 2
+    print(f"## {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    ok = check_cases()
+    time_shapes(args.repeats)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
