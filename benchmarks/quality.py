@@ -318,7 +318,10 @@ def continual_models(seed: int, names: str | None = None, steps_a: int = CONTINU
     """(d)'s model entries of the architectures ``names`` (as ``--models``; all of ``ARCHS`` when None): Hope with
     1, 2, 3 CMS levels (the CMS width split over the levels), Titans and Transformer++, all at 130K parameters
     within 3% and trained ``steps_a`` steps on A, plus Transformer++ trained LONGER_ON_A times as long on A; and,
-    only when named, Hope-narrowProj with 2 levels (its projection memories at quarter width, the CMS wider)."""
+    only when named, Hope-narrowProj with 2 levels (its projection memories at quarter width, the CMS wider) and
+    Hope-narrowProj-1freq, the same with its second level at the first one's period (in training both levels step
+    every optimizer step either way, a step being 4096 tokens; at test time the second level then updates as often
+    as the first, not a quarter as often)."""
     from hope_scale.eval.continual import ModelEntry
 
     chosen, p = selected(names), CONTINUAL_PERIODS
@@ -328,6 +331,8 @@ def continual_models(seed: int, names: str | None = None, steps_a: int = CONTINU
                           make(seed, arch="hope", cms_levels=lv((p[0], 2 / 9), (p[1], 2 / 9), (p[2], 2 / 9)))),
                ModelEntry("Hope-narrowProj, 2 levels", make(seed, arch="hope", proj_hidden_mult=0.25,
                                                             cms_levels=lv((p[0], 1.0), (p[1], 1.0)))),
+               ModelEntry("Hope-narrowProj-1freq, 2 levels", make(seed, arch="hope", proj_hidden_mult=0.25,
+                                                                  cms_levels=lv((p[0], 1.0), (p[0], 1.0)))),
                ModelEntry("Titans", make(seed, **ARCHS["Titans"])),
                ModelEntry("Transformer++", make(seed, **ARCHS["Transformer++"])),
                ModelEntry(f"Transformer++, {LONGER_ON_A}x steps on A", make(seed, **ARCHS["Transformer++"]),
@@ -341,7 +346,8 @@ def section_d(corpus: str, seed: int, args, tok) -> dict:
     steps_a = steps(CONTINUAL_STEPS_A, args.scale)
     entries = continual_models(seed, args.models, steps_a)
     if not entries:
-        raise SystemExit(f"--models: section (d) has only Hope, Hope-narrowProj, Titans and Transformer++, "
+        raise SystemExit(f"--models: section (d) has only Hope, Hope-narrowProj, Hope-narrowProj-1freq, Titans and "
+                         f"Transformer++, "
                          f"not {args.models}")
     dom_a = load_domain(CORPORA["shakespeare"], tok, 0.1, max_chars=600_000, name="shakespeare")
     dom_b = load_domain("builtin:pydoc", tok, 0.1, max_chars=600_000, name="python-docs")

@@ -36,9 +36,10 @@ def test_every_section_compares_models_at_equal_parameters(quality):
     same_count = ("Hope", "Hope-wideCMS", "Hope-widerCMS", "Hope-narrowProj", "Hope-narrowProj-1freq")
     assert spread(quality.make(0, **every[n]) for n in same_count) == 0  # 130,248
     assert spread(e.model for e in quality.continual_models(0)) <= 0.03
-    hope_2, narrow_2 = (next(e.model for e in quality.continual_models(0, n) if "2 levels" in e.name)
-                        for n in ("Hope", "Hope-narrowProj"))
-    assert narrow_2.num_parameters() == hope_2.num_parameters()
+    hope_2, narrow_2, narrow_1freq = (next(e.model for e in quality.continual_models(0, n) if "2 levels" in e.name)
+                                      for n in ("Hope", "Hope-narrowProj", "Hope-narrowProj-1freq"))
+    assert narrow_2.num_parameters() == hope_2.num_parameters() == narrow_1freq.num_parameters()
+    assert [lv.period for lv in narrow_1freq.cfg.cms_levels] == [quality.CONTINUAL_PERIODS[0]] * 2
 
 
 def test_continual_section_takes_the_model_choice(quality):
@@ -52,8 +53,9 @@ def test_continual_section_takes_the_model_choice(quality):
     assert names("Transformer++") == ["Transformer++", "Transformer++, 3x steps on A"]
     assert names("Hope, Titans") == ["Hope, 1 level", "Hope, 2 levels", "Hope, 3 levels", "Titans"]
     assert names("Hope-narrowProj") == ["Hope-narrowProj, 2 levels"]
+    assert names("Hope-narrowProj-1freq") == ["Hope-narrowProj-1freq, 2 levels"]
     assert [e.steps_a for e in quality.continual_models(0, "Transformer++", steps_a=40)] == [None, 120]
-    with pytest.raises(SystemExit, match="only Hope, Hope-narrowProj, Titans and Transformer"):
+    with pytest.raises(SystemExit, match="only Hope, Hope-narrowProj, Hope-narrowProj-1freq, Titans and Transformer"):
         quality.section_d("shakespeare-pydoc", 0, argparse.Namespace(models="Hope-Attention", scale=1.0), tok=None)
 
 
