@@ -90,6 +90,11 @@ class MemoryState:
         z = torch.zeros_like
         return MemoryState(w1, w2, s1, s2, z(self.keys), z(self.targets), z(self.eta), z(self.alpha))
 
+    def advanced(self, w1, w2, s1, s2) -> "MemoryState":
+        """``committed`` for a chunk none of whose tokens were buffered (it began in this forward): the buffers are
+        still empty, so they are kept rather than reallocated (four fewer operations per chunk)."""
+        return MemoryState(w1, w2, s1, s2, self.keys, self.targets, self.eta, self.alpha)
+
     def buffered(self, start: int, keys, targets, eta, alpha) -> "MemoryState":
         """The same chunk-start state with tokens written into buffer rows start.. (the chunk is not complete)."""
         def put(buf, new, matrix):
@@ -152,16 +157,23 @@ class ChunkCoefficients:
 
         One ``unbind`` per field rather than indexing chunk n: the backward of an index allocates and fills a
         zero gradient of the whole [..., N, C, ...] tensor for every chunk (O(N^2) for N chunks); unbind's
-        backward stacks the N chunk gradients once."""
+        backward stacks the N chunk gradients once. The chunk axis is moved first and made contiguous before the
+        unbind (``chunk_major``), so that each chunk's fields are contiguous: the Triton kernel needs contiguous
+        inputs, and one copy per field and sequence replaces one per field and chunk."""
         n_chunks = self.eta.shape[-2]
 
         def split(name, t):
             if t is None:
                 return [None] * n_chunks
             matrix = name in ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
-            return t.unbind(-3 if matrix else -2)
+            return chunk_major(t, t.dim() - (3 if matrix else 2))
         fields = {k: split(k, v) for k, v in self.__dict__.items()}
         return [ChunkCoefficients(**{k: v[n] for k, v in fields.items()}) for n in range(n_chunks)]
+
+
+def chunk_major(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
+    """The slices of ``t`` along its chunk axis ``axis``, each contiguous (one copy of ``t``, then views)."""
+    return t.movedim(axis, 0).contiguous().unbind(0)
 
 
 def chunk_coefficients(keys: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, beta: float, erase: bool,

@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CausalShortConv
-from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_step, mlp_apply
+from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_major, chunk_step, mlp_apply
 from .write_cost import charge_writes, eta_gradient
 
 # index of each projection memory in the stacked projection weights
@@ -220,7 +220,7 @@ class SelfModifyingTitans(nn.Module):
                 else:
                     r = self._update(proj, *proj.with_pending(p, *new), projection=True)
                     note("proj", r)
-                    proj = proj.committed(r.w1, r.w2, r.s1, r.s2)
+                    proj = (proj.committed if p else proj.advanced)(r.w1, r.w2, r.s1, r.s2)
                 pieces.append((k, v, q, eta, alpha))
             k, v, q, eta, alpha = (torch.cat(p, dim=2) for p in zip(*pieces))
         else:
@@ -257,8 +257,9 @@ class SelfModifyingTitans(nn.Module):
         if n_chunks:
             k_c, v_c, q_c, eta_c, alpha_c = chunked(k), chunked(v), chunked(q), chunked(eta), chunked(alpha, 1.0)
             coefs = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c).unbind()
-            # per-chunk views by unbind, not indexing: an index's backward fills a whole-sequence zero gradient
-            k_c, v_c, q_c, eta_c, alpha_c = (t.unbind(2) for t in (k_c, v_c, q_c, eta_c, alpha_c))
+            # per-chunk slices by unbind, not indexing (an index's backward fills a whole-sequence zero gradient),
+            # each contiguous (chunk_major: what the Triton kernel takes without a copy per chunk)
+            k_c, v_c, q_c, eta_c, alpha_c = (chunk_major(t, 2) for t in (k_c, v_c, q_c, eta_c, alpha_c))
         for n in range(n_chunks):
             n_valid = c_mem if n < n_chunks - 1 else c_mem - pad
             targets = self.memory_targets(mem, v_c[n])
@@ -266,9 +267,9 @@ class SelfModifyingTitans(nn.Module):
             # and they do not depend on it; an int argument would compile a graph per value under ``model.compile``
             r = self._update(mem, k_c[n], targets, None, None, queries=q_c[n], coef=coefs[n])
             outs.append(r.reads)
-            if n_valid == c_mem:
+            if n_valid == c_mem:  # the chunk began in this forward at a chunk boundary: nothing was buffered
                 note("mem", r)
-                mem = mem.committed(r.w1, r.w2, r.s1, r.s2)
+                mem = mem.advanced(r.w1, r.w2, r.s1, r.s2)
             else:
                 mem = mem.buffered(0, k_c[n][:, :, :n_valid], targets[:, :, :n_valid], eta_c[n][:, :, :n_valid],
                                    alpha_c[n][:, :, :n_valid])
