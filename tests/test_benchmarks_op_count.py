@@ -23,7 +23,7 @@ def test_counter_counts_compute_not_views_or_allocations():
     assert counter.ops == 7 and counter.launches == 0
 
 
-def test_step_counts_grow_with_chunks_and_depth():
+def test_step_counts_grow_with_chunks():
     """More tokens mean more memory chunks, hence more operations for Hope; a Transformer's count does not depend on
     the sequence length; the script prints one row per model and kernel."""
     bench = load_benchmark("op_count")

@@ -230,15 +230,24 @@ def test_model_with_kernel_equals_naive(compile, interpreted_kernel, no_fallback
     for kernel in ("naive", "triton"):
         torch.manual_seed(0)
         model = build_model(layer_config(kernel, compile=compile and kernel == "triton"))
-        ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(2))
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
+        results.append(loss_and_grads(model))
         layers = [m for m in model.modules() if isinstance(m, SelfModifyingTitans)]
         expected = kernel_module.kernel_chunk_step if kernel == "triton" else chunk_step
         assert layers and all(m.chunk_step is expected for m in layers)
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     torch._dynamo.reset()
-    (ref_loss, ref_grads), (loss, grads) = results
+    assert_same_loss_and_grads(results[1], results[0])
+
+
+def loss_and_grads(model) -> tuple[torch.Tensor, dict]:
+    """The loss of ``model`` on a fixed random batch and every parameter's gradient of it."""
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(2))
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_loss_and_grads(result, reference) -> None:
+    (loss, grads), (ref_loss, ref_grads) = result, reference
     assert abs(loss.item() - ref_loss.item()) < 1e-6 * abs(ref_loss.item())
     assert grads.keys() == ref_grads.keys()
     for name, g in ref_grads.items():
@@ -255,15 +264,9 @@ def test_kernel_under_activation_checkpointing(checkpointing, interpreted_kernel
     results = []
     for kernel, mode in (("naive", "none"), ("triton", checkpointing)):
         torch.manual_seed(0)
-        model = apply_activation_checkpointing(build_model(layer_config(kernel)), mode)
-        ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(2))
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (ref_loss, ref_grads), (loss, grads) = results
-    assert abs(loss.item() - ref_loss.item()) < 1e-6 * abs(ref_loss.item())
-    for name, g in ref_grads.items():
-        assert rel_err(grads[name], g) < 1e-4, name
+        results.append(loss_and_grads(apply_activation_checkpointing(build_model(layer_config(kernel)), mode)))
+    assert_same_loss_and_grads(results[1], results[0])
+
 
 def test_unsupported_rule_runs_naive_with_a_warning(interpreted_kernel, monkeypatch):
     """Momentum (beta > 0) is not in the kernel: apply_kernel leaves the naive step on such a layer, and a direct
