@@ -13,9 +13,16 @@ compiled for the GPU it finds, against the naive ``memory.chunk_update`` on the 
   (the tests' tolerance);
 - no chunk fell back to the naive path (every fallback warns once; the reasons are printed).
 
-Then it times one chunk's forward + backward (bf16, kernel vs naive) at the shipped 760m/1.3b memory shapes: the main
-memory (batch 1 x 24 heads, C = 16, d = h = 64, reads) and the stacked projection memories (x 5, C = 64, no reads).
-Exits 1 if a case fails, 2 without a CUDA device.
+The main memory's sequence kernel (``kernels/sequence_update.py``, a forward's whole chunks in one launch) is checked
+the same way on tests/test_model_kernel_sequence.py's ``CASES`` against ``titans.scan_chunks`` with the naive chunk
+step (fp32: every output and gradient within 1e-5; bf16: within 5e-2 of the fp32 result and no further than the naive
+bf16 scan plus 2e-2).
+
+Then it times forward + backward (bf16) at the shipped 760m/1.3b memory shapes: one chunk, kernel vs naive, of the
+main memory (batch 1 x 24 heads, C = 16, d = h = 64, reads) and of the stacked projection memories (x 5, C = 64, no
+reads); and the main memory's scan over a 4096-token forward (256 chunks): one naive chunk step each, one per-chunk
+kernel step each, and the sequence kernel. ``--parts`` picks what runs. Exits 1 if a case fails, 2 without a CUDA
+device.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import torch
 
 from hope_scale.model import memory
 from hope_scale.model.kernels import chunk_update as kernel_module
+from hope_scale.model.kernels.sequence_update import kernel_scan_chunks
+from hope_scale.model.titans import scan_chunks
+from tests import test_model_kernel_sequence as sequence_tests
 from tests.test_model_kernel import RESULT_FIELDS, rel_err
 from tests.test_model_kernel_backward import CASES, chunk_leaves, update_with_grads
 
@@ -87,6 +97,72 @@ def check_cases() -> bool:
     return ok_all
 
 
+def check_sequence_cases() -> bool:
+    """The sequence kernel against the naive scan on the GPU (tests/test_model_kernel_sequence.py's cases)."""
+    print("\n| sequence case | dtype | worst output rel. err | worst gradient rel. err (input) | naive bf16 err | "
+          "fallbacks | ok |")
+    print("|---|---|---|---|---|---|---|")
+    ok_all = True
+    for name, (overrides, self_modifying, kw) in sequence_tests.CASES.items():
+        x, n_valid = sequence_tests.scan_inputs(**kw)
+        x = on_cuda(x)
+        layer = sequence_tests.make_layer(overrides, self_modifying).cuda()
+        results = {}
+        for label, fn, dtype in (("ref", scan_chunks, torch.float32), ("fp32", kernel_scan_chunks, torch.float32),
+                                 ("naive bf16", scan_chunks, torch.bfloat16), ("bf16", kernel_scan_chunks,
+                                                                           torch.bfloat16)):
+            kernel_module._warned.clear()
+            out, grads = sequence_tests.scan(layer, fn, x, n_valid, dtype=dtype)
+            results[label] = (out, grads, set(kernel_module._warned))  # (scan casts the layer: fp32 runs first)
+        ref_out, ref_grads, _ = results["ref"]
+        errs = {}
+        for label in ("fp32", "naive bf16", "bf16"):
+            out, grads, _ = results[label]
+            errs[label] = ({k: rel_err(out[k], v) for k, v in ref_out.items() if v is not None and v.abs().max() > 0},
+                           {k: rel_err(grads[k], v) for k, v in ref_grads.items() if v is not None and v.any()})
+        for label in ("fp32", "bf16"):
+            (fe, _), (ge, at) = worst(errs[label][0]), worst(errs[label][1])
+            fell = results[label][2]
+            if label == "fp32":
+                ok, naive = fe < 1e-5 and ge < 1e-5 and not fell, ""
+            else:
+                naive_g = errs["naive bf16"][1]
+                ok = ge < 5e-2 and all(errs[label][1][k] <= naive_g[k] + 2e-2 for k in naive_g) and not fell
+                naive = f"{max(naive_g.values()):.1e}"
+            print(f"| {name} | {label} | {fe:.1e} | {ge:.1e} ({at}) | {naive} | {'; '.join(fell) or 'none'} | "
+                  f"{'yes' if ok else 'NO'} |", flush=True)
+            ok_all &= ok
+    return ok_all
+
+
+def time_scan(repeats: int, n_chunks: int = 256) -> None:
+    """Forward + backward of the main memory's scan over ``n_chunks`` chunks at the shipped shape (bf16)."""
+    from hope_scale.model.kernels.chunk_update import kernel_chunk_step
+    from hope_scale.model.memory import chunk_step
+
+    layer = sequence_tests.make_layer(dict(d_model=1536, n_heads=24), True).cuda()
+    x, n_valid = sequence_tests.scan_inputs(n_chunks=n_chunks, batch=(1, 24), c=16, d=64, hid=64)
+    x = on_cuda(x)
+    print(f"\n| main memory scan, 1 x 24 heads, {n_chunks} chunks of 16, d = h = 64, bf16 | ms (fwd+bwd) | "
+          "naive / this |")
+    print("|---|---|---|")
+    ms = {}
+    for label, step, fn in (("naive chunk steps", chunk_step, scan_chunks),
+                            ("per-chunk kernel steps", kernel_chunk_step, scan_chunks),
+                            ("sequence kernel", kernel_chunk_step, kernel_scan_chunks)):
+        layer.chunk_step = step
+        for _ in range(2):
+            sequence_tests.scan(layer, fn, x, n_valid, dtype=torch.bfloat16)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            sequence_tests.scan(layer, fn, x, n_valid, dtype=torch.bfloat16)
+        end.record()
+        torch.cuda.synchronize()
+        ms[label] = start.elapsed_time(end) / repeats
+        print(f"| {label} | {ms[label]:.1f} | {ms['naive chunk steps'] / ms[label]:.1f} |", flush=True)
+
+
 def time_shapes(repeats: int) -> None:
     rule = CASES["reads, default rule (bound 1)"][1]
     print("\n| memory shape | naive ms (fwd+bwd) | kernel ms (fwd+bwd) | naive / kernel |")
@@ -110,14 +186,23 @@ def time_shapes(repeats: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20, help="timed forward + backward passes per shape")
+    ap.add_argument("--parts", nargs="+", default=["sequence", "sequence-timing", "chunk", "chunk-timing"],
+                    choices=["sequence", "sequence-timing", "chunk", "chunk-timing"], help="what to run, in this order")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_gpu_check.py: no CUDA device is visible; tests/test_model_kernel*.py check the kernels in "
               "Triton's CPU interpreter.", file=sys.stderr)
         return 2
     print(f"## {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    ok = check_cases()
-    time_shapes(args.repeats)
+    ok = True
+    if "sequence" in args.parts:
+        ok &= check_sequence_cases()
+    if "sequence-timing" in args.parts:
+        time_scan(max(1, args.repeats // 4))
+    if "chunk" in args.parts:
+        ok &= check_cases()
+    if "chunk-timing" in args.parts:
+        time_shapes(args.repeats)
     return 0 if ok else 1
 
 

@@ -11,6 +11,8 @@ size d and memory hidden width h -- and each dtype, both kernels are compiled wi
 ``hope_scale.model.kernels.sm90.compile_sm90`` (triton's front end and bundled ptxas), and the table gives the
 shared memory per program, whether it fits, and whether the layer would run the kernel (the backward's tile
 limit, ``triton_chunk.BWD_MAX_BLOCK``, is per dtype: where it is exceeded the backward recomputes in PyTorch).
+The main memory's rows include the sequence kernels (``kernels/sequence_update.py``: a forward's whole chunks in
+one program), which run only within the backward's tile limit.
 Compiling takes about 10-60 s per row on a CPU in 16 bits; fp32 at 64 tiles takes many minutes (its IEEE
 products unroll into scalar code), and rows the layer would not run (the fp32 backward beyond 32) are skipped.
 """
@@ -52,8 +54,11 @@ def main(argv=None) -> None:
     for (c, d, h, reads), users in shapes.items():
         tiles = max(tc.block(c), tc.block(d), tc.block(h))
         for dtype in args.dtypes:
-            largest = {"forward": tc.MAX_BLOCK, "backward": tc.BWD_MAX_BLOCK[getattr(torch, sm90.DTYPES[dtype])]}
-            for kernel in ("forward", "backward"):
+            bwd_largest = tc.BWD_MAX_BLOCK[getattr(torch, sm90.DTYPES[dtype])]
+            largest = {"forward": tc.MAX_BLOCK, "backward": bwd_largest, "sequence forward": bwd_largest,
+                       "sequence backward": bwd_largest}
+            # the main memory also scans whole chunks with the sequence kernels (both need the backward's tiles)
+            for kernel in ("forward", "backward") + (("sequence forward", "sequence backward") if reads else ()):
                 if tiles > largest[kernel]:
                     size, fits, runs = "not compiled", "-", f"no: tiles {tiles} > {largest[kernel]}, PyTorch"
                 else:

@@ -70,7 +70,8 @@ def count_step(cfg: ModelConfig, seq_len: int, checkpointing: str) -> tuple[int,
     if cfg.kernel == "triton":
         from hope_scale.model.kernels import triton_chunk
 
-        for name in ("launch_chunk_update", "launch_chunk_update_bwd"):
+        for name in ("launch_chunk_update", "launch_chunk_update_bwd", "launch_sequence_update",
+                     "launch_sequence_update_bwd"):
             patched[name] = getattr(triton_chunk, name)
             setattr(triton_chunk, name, counter.counting(patched[name]))
     try:

@@ -359,7 +359,8 @@ def test_kernel_compiles_for_sm90(tmp_path, interpreted_kernel):
     """The interpreter runs code that the GPU compiler may reject, and does not see shared memory: the kernels are
     compiled for sm_90 (H100/H200; front end to cubin with triton's bundled ptxas, no GPU needed) with every
     branch on and off, and at the largest supported 16-bit shapes (C = d = h = 64, the shipped models' head size
-    and projection chunks, in bf16 for both kernels), each within the shared memory one block may use there. The
+    and projection chunks, in bf16 for both kernels; the sequence kernels at the main memory's C = 16), each
+    within the shared memory one block may use there. The
     fp32 backward is compiled at 16 with every branch on: at its limit, 32 (92 KiB of 227), its IEEE fp32
     products unroll into scalar code that takes over 2 minutes to compile, so that row is left to
     ``benchmarks/kernel_shared_memory.py --dtypes fp32``."""
@@ -374,7 +375,10 @@ def test_kernel_compiles_for_sm90(tmp_path, interpreted_kernel):
                ["backward", "fp32", 8, 8, 12, off],
                ["backward", "fp32", 16, 16, 16, on],
                ["backward", "bf16", 64, 64, 64, on],
-               ["backward", "bf16", 64, 64, 64, dict(on, reads=False)]]  # the projection memories
+               ["backward", "bf16", 64, 64, 64, dict(on, reads=False)],  # the projection memories
+               ["sequence forward", "bf16", 16, 64, 64, on],  # the shipped models' main memory, whole chunks
+               ["sequence backward", "bf16", 16, 64, 64, on],
+               ["sequence backward", "fp32", 16, 16, 16, dict(off, normalized=True)]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))  # compiled afresh
     proc = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps(configs)], env=env, cwd=REPO,

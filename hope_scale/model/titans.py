@@ -32,7 +32,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import CausalShortConv
-from .memory import ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_major, chunk_step, mlp_apply
+from .memory import (ChunkCoefficients, ChunkResult, MemoryState, UpdateRule, chunk_coefficients, chunk_major,
+                     chunk_step, mlp_apply)
 from .write_cost import charge_writes, eta_gradient
 
 # index of each projection memory in the stacked projection weights
@@ -56,6 +57,36 @@ def _chunk_spans(start: int, length: int, chunk: int):
         b = min(length, a + chunk - (start + a) % chunk)
         yield a, b
         a = b
+
+
+def scan_chunks(layer: "SelfModifyingTitans", mem: MemoryState, keys: torch.Tensor, values: torch.Tensor,
+                queries: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, coef: ChunkCoefficients,
+                n_valid: int) -> tuple[torch.Tensor, MemoryState, list]:
+    """The main memory over whole chunks that begin at a chunk boundary, one ``layer.chunk_step`` each: keys,
+    values, queries [B, H, N, C, d], eta, alpha [B, H, N, C] and ``coef`` with the chunk axis N; the last chunk has
+    ``n_valid`` real tokens (the rest padding: eta = 0, alpha = 1). Every chunk reads (o_t = M_t(q_t)) after the
+    updates of tokens <= t from its start weights, where its targets M(v) are also taken (``memory_targets``); a
+    complete chunk is applied, a padded last one waits in the state. Returns the reads [B, H, N * C, d], the state
+    after the last chunk, and the (overshoot, scale) of every applied chunk."""
+    n_chunks, c_len = keys.shape[2], keys.shape[3]
+    coefs = coef.unbind()
+    # per-chunk slices by unbind, not indexing (an index's backward fills a whole-sequence zero gradient), each
+    # contiguous (chunk_major: what the per-chunk Triton kernel takes without a copy per chunk)
+    k_c, v_c, q_c, eta_c, alpha_c = (chunk_major(t, 2) for t in (keys, values, queries, eta, alpha))
+    reads, bounds = [], []
+    for n in range(n_chunks):
+        targets = layer.memory_targets(mem, v_c[n])
+        # no ``n_valid`` for a padded last chunk: only its reads are kept (its tokens are buffered, not applied),
+        # and they do not depend on it; an int argument would compile a graph per value under ``model.compile``
+        r = layer._update(mem, k_c[n], targets, None, None, queries=q_c[n], coef=coefs[n])
+        reads.append(r.reads)
+        if n < n_chunks - 1 or n_valid == c_len:  # began at a chunk boundary: nothing was buffered
+            bounds.append((r.overshoot, r.scale))
+            mem = mem.advanced(r.w1, r.w2, r.s1, r.s2)
+        else:
+            mem = mem.buffered(0, k_c[n][:, :, :n_valid], targets[:, :, :n_valid], eta_c[n][:, :, :n_valid],
+                               alpha_c[n][:, :, :n_valid])
+    return torch.cat(reads, dim=2), mem, bounds
 
 
 class SelfModifyingTitans(nn.Module):
@@ -169,6 +200,9 @@ class SelfModifyingTitans(nn.Module):
     # (hope_scale/model/accel.py), or the Triton kernel's by ``model.kernel`` (hope_scale/model/kernels; the same
     # computation)
     chunk_step = staticmethod(chunk_step)
+    # the main memory's whole chunks of a forward: ``scan_chunks`` (one ``chunk_step`` each), or the Triton sequence
+    # kernel's (``model.kernel: triton``: all of them in one launch; the same computation)
+    scan_chunks = staticmethod(scan_chunks)
 
     def retention_anchor(self, projection: bool):
         """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``, or
@@ -256,30 +290,17 @@ class SelfModifyingTitans(nn.Module):
 
         if n_chunks:
             k_c, v_c, q_c, eta_c, alpha_c = chunked(k), chunked(v), chunked(q), chunked(eta), chunked(alpha, 1.0)
-            coefs = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c).unbind()
-            # per-chunk slices by unbind, not indexing (an index's backward fills a whole-sequence zero gradient),
-            # each contiguous (chunk_major: what the Triton kernel takes without a copy per chunk)
-            k_c, v_c, q_c, eta_c, alpha_c = (chunk_major(t, 2) for t in (k_c, v_c, q_c, eta_c, alpha_c))
-        for n in range(n_chunks):
-            n_valid = c_mem if n < n_chunks - 1 else c_mem - pad
-            targets = self.memory_targets(mem, v_c[n])
-            # no ``n_valid`` for a padded last chunk: only its reads are kept (its tokens are buffered, not applied),
-            # and they do not depend on it; an int argument would compile a graph per value under ``model.compile``
-            r = self._update(mem, k_c[n], targets, None, None, queries=q_c[n], coef=coefs[n])
-            outs.append(r.reads)
-            if n_valid == c_mem:  # the chunk began in this forward at a chunk boundary: nothing was buffered
-                note("mem", r)
-                mem = mem.advanced(r.w1, r.w2, r.s1, r.s2)
-            else:
-                mem = mem.buffered(0, k_c[n][:, :, :n_valid], targets[:, :, :n_valid], eta_c[n][:, :, :n_valid],
-                                   alpha_c[n][:, :, :n_valid])
+            coef = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c)
+            reads, mem, chunk_bounds = self.scan_chunks(self, mem, k_c, v_c, q_c, eta_c, alpha_c, coef, c_mem - pad)
+            outs.append(reads)
+            bounds["mem"] += chunk_bounds
         o = torch.cat(outs, dim=2)[:, :, :t_len]
         self.last_stats = {"eta": eta.detach().mean(), "alpha": alpha.detach().mean(),
                            "mem_w1_norm": mem.w1.detach().norm(dim=(-2, -1)).mean(),
                            "mem_w2_norm": mem.w2.detach().norm(dim=(-2, -1)).mean()}
         for prefix, chunks in bounds.items():
             if chunks:
-                overshoot, scale = (torch.stack(t) for t in zip(*chunks))
+                overshoot, scale = (torch.cat([x.reshape(-1) for x in t]) for t in zip(*chunks))
                 self.last_stats.update({f"{prefix}_overshoot": overshoot.mean(), f"{prefix}_step_scale": scale.mean(),
                                         f"{prefix}_bounded": (scale < 1).float().mean()})
         return self.project_output(o, x), TitansState(pos + t_len, conv_state, proj, mem)

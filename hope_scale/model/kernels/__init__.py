@@ -7,7 +7,10 @@
   (``triton_chunk.py``); its backward (first-order rule) is one more Triton kernel that recomputes the chunk's
   intermediates on chip, while the second-order rule and chunks beyond the backward's tiles (padded C, d or h
   above 32) recompute the chunk in PyTorch for the backward. Rules, dtypes and shapes the kernel does not
-  implement run the naive update, with a warning naming the reason.
+  implement run the naive update, with a warning naming the reason. The main memory's whole chunks of a forward
+  (``titans.scan_chunks``) run as one launch per direction (``sequence_update.kernel_scan_chunks``: all chunks of
+  a memory in one program, the targets M(v) computed in it), where the rule is first-order and the backward's
+  tiles fit; the rest scans one chunk step at a time.
 
 ``apply_kernel`` sets the step on every memory layer, the way ``accel.compile_model`` sets the compiled one; with
 ``triton`` it replaces a compiled chunk step (the kernel is not traced by ``torch.compile``), and where no kernel
@@ -22,6 +25,7 @@ from torch import nn
 
 from ..config import KERNELS
 from .chunk_update import kernel_chunk_step, kernel_mode_unavailable, rule_unsupported, warn_once
+from .sequence_update import kernel_scan_chunks
 
 
 def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
@@ -46,4 +50,5 @@ def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
             warn_once(f"model.kernel=triton: {reason}; the memory layers run the naive PyTorch update")
             continue
         layer.chunk_step = kernel_chunk_step
+        layer.scan_chunks = kernel_scan_chunks
     return model

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
-KERNELS = {"forward": "_chunk_update_kernel", "backward": "_chunk_update_bwd_kernel"}
+KERNELS = {"forward": "_chunk_update_kernel", "backward": "_chunk_update_bwd_kernel",
+           "sequence forward": "_sequence_update_kernel", "sequence backward": "_sequence_update_bwd_kernel"}
+INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 
@@ -26,9 +28,10 @@ class Compiled:
 
 def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized: bool = True, bound: bool = True,
                  erase: bool = True, reads: bool = True, anchor: bool = True) -> Compiled:
-    """Compile ``kernel`` ("forward" or "backward") for sm_90 with inputs of ``dtype`` ("fp32", "bf16", "fp16"),
+    """Compile ``kernel`` (a key of ``KERNELS``) for sm_90 with inputs of ``dtype`` ("fp32", "bf16", "fp16"),
     chunk size c, key width d and hidden width h (padded as at launch) and the given constexpr branches, as
-    ``launch_chunk_update`` / ``launch_chunk_update_bwd`` would launch it."""
+    ``launch_chunk_update`` / ``launch_chunk_update_bwd`` (``launch_sequence_update`` / ``_bwd``: with reads, and
+    Hope's self-generated targets) would launch it."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -39,11 +42,12 @@ def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized:
     if tc.INTERPRETED:
         raise RuntimeError("triton_chunk was imported with TRITON_INTERPRET=1: its kernels cannot be compiled")
     fn = getattr(tc, KERNELS[kernel])
-    sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out", "_grad")) else "i32" if n in ("C", "D", "HID", "last")
+    sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out", "_grad")) else "i32" if n in INTEGERS
                else "fp32" if n == "step_bound" else "constexpr") for n in fn.arg_names}
     blocks = dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h))
-    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, ANCHOR=anchor,
+    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, ANCHOR=anchor,
                   PRECISION=tc.PRECISION[getattr(torch, DTYPES[dtype])])
+    consts.update(SELF_TARGET=True) if kernel.startswith("sequence") else consts.update(READS=reads)
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget(*TARGET),
                               options=dict(num_warps=tc.num_warps(*blocks.values())))
     return Compiled(compiled.metadata.shared, len(compiled.asm["cubin"]))

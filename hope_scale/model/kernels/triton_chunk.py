@@ -320,6 +320,81 @@ def _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, et
 
 
 @triton.jit
+def _chunk_forward(
+    w1, w2, targets, idx, sid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+    reads_out, overshoot_out, scale_out,
+    C, D, HID, last, step_bound,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
+    ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One chunk from its start weights w1 [d, h], w2 [h, d] and its targets V̂ [C, d] (fp32 tiles): the chunk's
+    other inputs are entry ``idx`` of their pointers, the anchor entry ``sid``. Stores the reads, overshoot and
+    scale as entry ``idx``; returns the weights and momentum after token ``last`` (the module docstring's
+    equations)."""
+    at_last = tl.arange(0, BC) == last
+    keys = _load_tile(keys_ptr, idx, C, D, BC, BD)  # [C, d]
+    eta = _load_vec(eta_ptr, idx, C, BC)  # [C]
+    gamma = _load_vec(gamma_ptr, idx, C, BC)
+
+    z, h, dsilu, u, p, delta = _factors(keys, targets, w1, w2, PRECISION)
+    rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
+    eta_u = rate[:, None] * u
+    eta_delta = rate[:, None] * delta
+    lam, scale = _overshoots(e_ptr, idx, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+                             BC, BOUND, READS, PRECISION)
+    s_end = _at(scale, at_last)
+    if ERASE:
+        gamma_prev = _load_vec(gamma_prev_ptr, idx, C, BC)
+        inverse = _load_tile(inverse_ptr, idx, C, C, BC, BC)
+        e_kk_prev = _load_tile(e_kk_prev_ptr, idx, C, C, BC, BC)
+        known, _ = _erase_known(z, keys, _load_tile(a2_ptr, sid, HID, D, BH, BD) if ANCHOR else w2, gamma_prev,
+                                ANCHOR, PRECISION)
+        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
+
+    # the state after the last valid token L
+    gamma_end = _at(gamma, at_last)
+    e_end = _load_row(e_ptr, idx, last, C, BC)
+    if ANCHOR:  # retention decays toward (A1, A2) (loaded where used: fewer live tiles)
+        w1_end = gamma_end * w1 + (1.0 - gamma_end) * _load_tile(a1_ptr, sid, D, HID, BD, BH)
+        w2_end = gamma_end * w2 + (1.0 - gamma_end) * _load_tile(a2_ptr, sid, HID, D, BH, BD)
+    else:
+        w1_end, w2_end = gamma_end * w1, gamma_end * w2
+    new_w1 = w1_end - s_end * _dot(tl.trans(e_end[:, None] * eta_u), h, PRECISION)
+    new_w2 = w2_end - s_end * _dot(tl.trans(e_end[:, None] * eta_delta), keys, PRECISION)
+    if ERASE:
+        d_end = _load_row(d_ptr, idx, last, C, BC)
+        new_w2 += _dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, PRECISION)
+    new_s1 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, PRECISION)
+    new_s2 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, PRECISION)
+    tl.store(overshoot_out + idx, _at(lam, at_last).to(overshoot_out.dtype.element_ty))
+    tl.store(scale_out + idx, s_end.to(scale_out.dtype.element_ty))
+
+    if READS:  # o_t = m_{W_t}(q_t), the gradient parts of W_t scaled by s_t
+        queries = _load_tile(queries_ptr, idx, C, D, BC, BD)
+        e_qk = _load_tile(e_qk_ptr, idx, C, C, BC, BC)
+        if ERASE:
+            d_qk = _load_tile(d_qk_ptr, idx, C, C, BC, BC)
+        else:
+            d_qk, x_state, x_grad = e_qk, h, h  # unused without erase
+        a2 = _load_tile(a2_ptr, sid, HID, D, BH, BD) if ANCHOR else w2
+        _, zq_state, zq_grad = _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
+                                                    ANCHOR, ERASE, PRECISION)
+        zq = zq_state + scale[:, None] * zq_grad
+        hq = zq * _sigmoid(zq)
+        e_mat = _load_tile(e_ptr, idx, C, C, BC, BC)
+        hq_h = e_mat * _dot(hq, tl.trans(h), PRECISION)  # E_ti (hq_t . h_i)
+        branch = (gamma[:, None] * _dot(hq, tl.trans(w1), PRECISION)
+                  - scale[:, None] * _dot(hq_h, eta_u, PRECISION))
+        if ANCHOR:
+            a1 = _load_tile(a1_ptr, sid, D, HID, BD, BH)
+            branch += (1.0 - gamma)[:, None] * _dot(hq, tl.trans(a1), PRECISION)
+        _store_tile(reads_out, idx, queries + branch, C, D, BC, BD)
+    return new_w1, new_w2, new_s1, new_s2
+
+
+@triton.jit
 def _chunk_update_kernel(
     w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
@@ -329,72 +404,18 @@ def _chunk_update_kernel(
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
     ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One chunk per program (entry pid of every input): ``_chunk_forward`` from the stored start weights."""
     pid = tl.program_id(0).to(tl.int64)
-    at_last = tl.arange(0, BC) == last
-    w1 = _load_tile(w1_ptr, pid, D, HID, BD, BH)  # [d, h]
-    w2 = _load_tile(w2_ptr, pid, HID, D, BH, BD)  # [h, d]
-    keys = _load_tile(keys_ptr, pid, C, D, BC, BD)  # [C, d]
-    targets = _load_tile(targets_ptr, pid, C, D, BC, BD)
-    eta = _load_vec(eta_ptr, pid, C, BC)  # [C]
-    gamma = _load_vec(gamma_ptr, pid, C, BC)
-
-    z, h, dsilu, u, p, delta = _factors(keys, targets, w1, w2, PRECISION)
-    rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
-    eta_u = rate[:, None] * u
-    eta_delta = rate[:, None] * delta
-    lam, scale = _overshoots(e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
-                             BC, BOUND, READS, PRECISION)
-    s_end = _at(scale, at_last)
-    if ERASE:
-        gamma_prev = _load_vec(gamma_prev_ptr, pid, C, BC)
-        inverse = _load_tile(inverse_ptr, pid, C, C, BC, BC)
-        e_kk_prev = _load_tile(e_kk_prev_ptr, pid, C, C, BC, BC)
-        known, _ = _erase_known(z, keys, _load_tile(a2_ptr, pid, HID, D, BH, BD) if ANCHOR else w2, gamma_prev,
-                                ANCHOR, PRECISION)
-        x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
-
-    # the state after the last valid token L
-    gamma_end = _at(gamma, at_last)
-    e_end = _load_row(e_ptr, pid, last, C, BC)
-    if ANCHOR:  # retention decays toward (A1, A2) (loaded where used: fewer live tiles)
-        w1_end = gamma_end * w1 + (1.0 - gamma_end) * _load_tile(a1_ptr, pid, D, HID, BD, BH)
-        w2_end = gamma_end * w2 + (1.0 - gamma_end) * _load_tile(a2_ptr, pid, HID, D, BH, BD)
-    else:
-        w1_end, w2_end = gamma_end * w1, gamma_end * w2
-    new_w1 = w1_end - s_end * _dot(tl.trans(e_end[:, None] * eta_u), h, PRECISION)
-    new_w2 = w2_end - s_end * _dot(tl.trans(e_end[:, None] * eta_delta), keys, PRECISION)
-    if ERASE:
-        d_end = _load_row(d_ptr, pid, last, C, BC)
-        new_w2 += _dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, PRECISION)
-    new_s1 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, PRECISION)
-    new_s2 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, PRECISION)
+    new_w1, new_w2, new_s1, new_s2 = _chunk_forward(
+        _load_tile(w1_ptr, pid, D, HID, BD, BH), _load_tile(w2_ptr, pid, HID, D, BH, BD),
+        _load_tile(targets_ptr, pid, C, D, BC, BD), pid, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+        eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+        reads_out, overshoot_out, scale_out, C, D, HID, last, step_bound,
+        BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
     _store_tile(w1_out, pid, new_w1, D, HID, BD, BH)
     _store_tile(w2_out, pid, new_w2, HID, D, BH, BD)
     _store_tile(s1_out, pid, new_s1, D, HID, BD, BH)
     _store_tile(s2_out, pid, new_s2, HID, D, BH, BD)
-    tl.store(overshoot_out + pid, _at(lam, at_last).to(overshoot_out.dtype.element_ty))
-    tl.store(scale_out + pid, s_end.to(scale_out.dtype.element_ty))
-
-    if READS:  # o_t = m_{W_t}(q_t), the gradient parts of W_t scaled by s_t
-        queries = _load_tile(queries_ptr, pid, C, D, BC, BD)
-        e_qk = _load_tile(e_qk_ptr, pid, C, C, BC, BC)
-        if ERASE:
-            d_qk = _load_tile(d_qk_ptr, pid, C, C, BC, BC)
-        else:
-            d_qk, x_state, x_grad = e_qk, h, h  # unused without erase
-        a2 = _load_tile(a2_ptr, pid, HID, D, BH, BD) if ANCHOR else w2
-        _, zq_state, zq_grad = _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, eta_delta,
-                                                    ANCHOR, ERASE, PRECISION)
-        zq = zq_state + scale[:, None] * zq_grad
-        hq = zq * _sigmoid(zq)
-        e_mat = _load_tile(e_ptr, pid, C, C, BC, BC)
-        hq_h = e_mat * _dot(hq, tl.trans(h), PRECISION)  # E_ti (hq_t . h_i)
-        branch = (gamma[:, None] * _dot(hq, tl.trans(w1), PRECISION)
-                  - scale[:, None] * _dot(hq_h, eta_u, PRECISION))
-        if ANCHOR:
-            a1 = _load_tile(a1_ptr, pid, D, HID, BD, BH)
-            branch += (1.0 - gamma)[:, None] * _dot(hq, tl.trans(a1), PRECISION)
-        _store_tile(reads_out, pid, queries + branch, C, D, BC, BD)
 
 
 # ---- the backward (first order: the chunk-start weights inside the inner gradients are constants)
@@ -609,32 +630,29 @@ def _factors_bwd(g_u, g_delta, g_dsilu, g_h, g_z, z, p, dsilu, w1, w2, PRECISION
 
 
 @triton.jit
-def _chunk_update_bwd_kernel(
-    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
-    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
-    g_w1_ptr, g_w2_ptr, g_s1_ptr, g_s2_ptr, g_reads_ptr,
-    w1_grad, w2_grad, keys_grad, targets_grad, queries_grad, a1_grad, a2_grad, eta_grad, gamma_grad, d_grad, e_grad,
-    gamma_prev_grad, e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad,
+def _chunk_backward(
+    w1, w2, targets, g_w1, g_w2, g_s1, g_s2, idx, sid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr, g_reads_ptr,
+    keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad, e_kk_prev_grad, inverse_grad,
+    d_qk_grad, e_qk_grad,
     C, D, HID, last, step_bound,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
     ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Gradients of the forward kernel's inputs (``*_grad``) from those of its outputs W1', W2', S1', S2' and
-    the reads (``g_*_ptr``); the same constexpr branches as the forward."""
-    pid = tl.program_id(0).to(tl.int64)
+    """Backward of ``_chunk_forward`` for one chunk: from its start weights w1, w2 and targets (fp32 tiles) and the
+    gradients of its end weights and momentum (g_w1, g_w2, g_s1, g_s2, tiles) and of its reads (entry ``idx`` of
+    ``g_reads_ptr``). Stores the gradients of the chunk's other inputs as entry ``idx``; returns those of the start
+    weights, the targets and the anchor (tiles: 0 without an anchor)."""
     rc = tl.arange(0, BC)
     at_last = rc == last
     # recompute the forward's intermediates (the forward stores none)
-    w1 = _load_tile(w1_ptr, pid, D, HID, BD, BH)
-    w2 = _load_tile(w2_ptr, pid, HID, D, BH, BD)
-    keys = _load_tile(keys_ptr, pid, C, D, BC, BD)
-    targets = _load_tile(targets_ptr, pid, C, D, BC, BD)
-    eta = _load_vec(eta_ptr, pid, C, BC)
-    gamma = _load_vec(gamma_ptr, pid, C, BC)
+    keys = _load_tile(keys_ptr, idx, C, D, BC, BD)
+    eta = _load_vec(eta_ptr, idx, C, BC)
+    gamma = _load_vec(gamma_ptr, idx, C, BC)
     if ANCHOR:
-        a1 = _load_tile(a1_ptr, pid, D, HID, BD, BH)
-        a2 = _load_tile(a2_ptr, pid, HID, D, BH, BD)
+        a1 = _load_tile(a1_ptr, sid, D, HID, BD, BH)
+        a2 = _load_tile(a2_ptr, sid, HID, D, BH, BD)
         w1_d, w2_d = w1 - a1, w2 - a2  # d/dgamma of gamma W + (1 - gamma) A
     else:
         a1, a2 = w1, w2  # unused without an anchor
@@ -643,26 +661,24 @@ def _chunk_update_bwd_kernel(
     rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
     eta_u = rate[:, None] * u
     eta_delta = rate[:, None] * delta
-    lam, scale = _overshoots(e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+    lam, scale = _overshoots(e_ptr, idx, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
                              BC, BOUND, READS, PRECISION)
     s_end = _at(scale, at_last)
-    e_end = _load_row(e_ptr, pid, last, C, BC)
+    e_end = _load_row(e_ptr, idx, last, C, BC)
     if ERASE:
-        gamma_prev = _load_vec(gamma_prev_ptr, pid, C, BC)
-        inverse = _load_tile(inverse_ptr, pid, C, C, BC, BC)
-        e_kk_prev = _load_tile(e_kk_prev_ptr, pid, C, C, BC, BC)
+        gamma_prev = _load_vec(gamma_prev_ptr, idx, C, BC)
+        inverse = _load_tile(inverse_ptr, idx, C, C, BC, BC)
+        e_kk_prev = _load_tile(e_kk_prev_ptr, idx, C, C, BC, BC)
         known, known_diff = _erase_known(z, keys, a2, gamma_prev, ANCHOR, PRECISION)
         x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
-        d_end = _load_row(d_ptr, pid, last, C, BC)
+        d_end = _load_row(d_ptr, idx, last, C, BC)
     else:
         x_state, x_grad, d_end = h, h, e_end  # unused without erase
 
     # backward, from the outputs to the inputs: the state after token L
-    g_w1 = _load_tile(g_w1_ptr, pid, D, HID, BD, BH)
-    g_w2 = _load_tile(g_w2_ptr, pid, HID, D, BH, BD)
     g_gamma_end, g_s_end, g_e_end, g_d_end, g_eu, g_ed, g_h, g_k, g_xs, g_xg = _end_state_bwd(
-        g_w1, g_w2, _load_tile(g_s1_ptr, pid, D, HID, BD, BH), _load_tile(g_s2_ptr, pid, HID, D, BH, BD),
-        w1_d, w2_d, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last, x_state, x_grad, ERASE, PRECISION)
+        g_w1, g_w2, g_s1, g_s2, w1_d, w2_d, keys, h, eta_u, eta_delta, e_end, d_end, s_end, at_last, x_state, x_grad,
+        ERASE, PRECISION)
     g_a1 = (1.0 - _at(gamma, at_last)) * g_w1  # used with an anchor only
     g_a2 = (1.0 - _at(gamma, at_last)) * g_w2
     g_w1 = _at(gamma, at_last) * g_w1
@@ -671,22 +687,22 @@ def _chunk_update_bwd_kernel(
     g_scale = tl.where(at_last, g_s_end, 0.0)
     g_e = tl.where(at_last[:, None], g_e_end[None, :], 0.0)
     if ERASE:  # D enters through row L only (and nothing without erase)
-        _store_tile(d_grad, pid, tl.where(at_last[:, None], g_d_end[None, :], 0.0), C, C, BC, BC)
+        _store_tile(d_grad, idx, tl.where(at_last[:, None], g_d_end[None, :], 0.0), C, C, BC, BC)
     if READS:
-        queries = _load_tile(queries_ptr, pid, C, D, BC, BD)
-        e_qk = _load_tile(e_qk_ptr, pid, C, C, BC, BC)
+        queries = _load_tile(queries_ptr, idx, C, D, BC, BD)
+        e_qk = _load_tile(e_qk_ptr, idx, C, C, BC, BC)
         if ERASE:
-            d_qk = _load_tile(d_qk_ptr, pid, C, C, BC, BC)
+            d_qk = _load_tile(d_qk_ptr, idx, C, C, BC, BC)
         else:
             d_qk = e_qk  # unused without erase
         (g_q, g_w1_r, g_w2_r, g_a1_r, g_a2_r, g_gamma_r, g_scale_r, g_e_r, g_h_r, g_eu_r, g_ed_r, g_dqk, g_eqk,
-         g_xs_r, g_xg_r) = _reads_bwd(_load_tile(g_reads_ptr, pid, C, D, BC, BD), queries, w1, w2, a1, a2, h, eta_u,
-                                      eta_delta, gamma, scale, _load_tile(e_ptr, pid, C, C, BC, BC), d_qk, e_qk,
+         g_xs_r, g_xg_r) = _reads_bwd(_load_tile(g_reads_ptr, idx, C, D, BC, BD), queries, w1, w2, a1, a2, h, eta_u,
+                                      eta_delta, gamma, scale, _load_tile(e_ptr, idx, C, C, BC, BC), d_qk, e_qk,
                                       x_state, x_grad, ANCHOR, ERASE, PRECISION)
-        _store_tile(queries_grad, pid, g_q, C, D, BC, BD)
-        _store_tile(e_qk_grad, pid, g_eqk, C, C, BC, BC)
+        _store_tile(queries_grad, idx, g_q, C, D, BC, BD)
+        _store_tile(e_qk_grad, idx, g_eqk, C, C, BC, BC)
         if ERASE:
-            _store_tile(d_qk_grad, pid, g_dqk, C, C, BC, BC)
+            _store_tile(d_qk_grad, idx, g_dqk, C, C, BC, BC)
         g_w1 += g_w1_r
         g_w2 += g_w2_r
         g_a1 += g_a1_r
@@ -699,8 +715,7 @@ def _chunk_update_bwd_kernel(
         g_ed += g_ed_r
         g_xs += g_xs_r
         g_xg += g_xg_r
-    _store_tile(w1_grad, pid, g_w1, D, HID, BD, BH)
-    _store_vec(gamma_grad, pid, g_gamma, C, BC)
+    _store_vec(gamma_grad, idx, g_gamma, C, BC)
 
     g_eta = eta * 0.0
     g_z = z * 0.0  # through the erase vectors' state part, K W2^T with W2 the state (not a constant)
@@ -708,20 +723,16 @@ def _chunk_update_bwd_kernel(
         g_inv, g_eta, g_known, g_ekk, g_ed_x = _erase_bwd(g_xs, g_xg, inverse, e_kk_prev, eta, known, eta_delta,
                                                           ekk_ed, PRECISION)
         g_ed += g_ed_x
-        _store_tile(inverse_grad, pid, g_inv, C, C, BC, BC)
+        _store_tile(inverse_grad, idx, g_inv, C, C, BC, BC)
         # known = gamma_prev * z + (1 - gamma_prev) * K A2^T
-        _store_vec(gamma_prev_grad, pid, _sum(g_known * known_diff, axis=1), C, BC)
-        _store_tile(e_kk_prev_grad, pid, g_ekk, C, C, BC, BC)
+        _store_vec(gamma_prev_grad, idx, _sum(g_known * known_diff, axis=1), C, BC)
+        _store_tile(e_kk_prev_grad, idx, g_ekk, C, C, BC, BC)
         g_z = gamma_prev[:, None] * g_known
         g_w2 += _dot(tl.trans(g_z), keys, PRECISION)
         if ANCHOR:
             g_z_a = (1.0 - gamma_prev)[:, None] * g_known
             g_a2 += _dot(tl.trans(g_z_a), keys, PRECISION)
             g_k += _dot(g_z_a, a2, PRECISION)
-    _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
-    if ANCHOR:
-        _store_tile(a1_grad, pid, g_a1, D, HID, BD, BH)
-        _store_tile(a2_grad, pid, g_a2, HID, D, BH, BD)
 
     # the step bound, then r u and r delta, the rate and the rank-1 factors
     g_u = rate[:, None] * g_eu
@@ -730,21 +741,175 @@ def _chunk_update_bwd_kernel(
     g_dsilu = delta * 0.0
     if BOUND:
         g_rate_b, g_e_b, g_u_b, g_delta_b, g_dsilu, g_h_b, g_k_b = _overshoots_bwd(
-            g_scale, lam, e_ptr, pid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound, BC, READS, PRECISION)
+            g_scale, lam, e_ptr, idx, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound, BC, READS, PRECISION)
         g_rate += g_rate_b
         g_e += g_e_b
         g_u += g_u_b
         g_delta += g_delta_b
         g_h += g_h_b
         g_k += g_k_b
-    _store_tile(e_grad, pid, g_e, C, C, BC, BC)
+    _store_tile(e_grad, idx, g_e, C, C, BC, BC)
     g_eta_r, g_u_r, g_delta_r, g_dsilu_r, g_h_r, g_k_r = _rate_bwd(g_rate, eta, keys, h, u, delta, dsilu, w1,
                                                                    NORMALIZED, PRECISION)
-    _store_vec(eta_grad, pid, g_eta + g_eta_r, C, BC)
+    _store_vec(eta_grad, idx, g_eta + g_eta_r, C, BC)
     g_k_f, g_v = _factors_bwd(g_u + g_u_r, g_delta + g_delta_r, g_dsilu + g_dsilu_r, g_h + g_h_r, g_z, z, p, dsilu,
                               w1, w2, PRECISION)
-    _store_tile(keys_grad, pid, g_k + g_k_r + g_k_f, C, D, BC, BD)
+    _store_tile(keys_grad, idx, g_k + g_k_r + g_k_f, C, D, BC, BD)
+    return g_w1, g_w2, g_v, g_a1, g_a2
+
+
+@triton.jit
+def _chunk_update_bwd_kernel(
+    w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
+    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+    g_w1_ptr, g_w2_ptr, g_s1_ptr, g_s2_ptr, g_reads_ptr,
+    w1_grad, w2_grad, keys_grad, targets_grad, queries_grad, a1_grad, a2_grad, eta_grad, gamma_grad, d_grad, e_grad,
+    gamma_prev_grad, e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad,
+    C, D, HID, last, step_bound,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
+    ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Gradients of the forward kernel's inputs (``*_grad``) from those of its outputs W1', W2', S1', S2' and
+    the reads (``g_*_ptr``); the same constexpr branches as the forward. One chunk per program:
+    ``_chunk_backward``."""
+    pid = tl.program_id(0).to(tl.int64)
+    g_w1, g_w2, g_v, g_a1, g_a2 = _chunk_backward(
+        _load_tile(w1_ptr, pid, D, HID, BD, BH), _load_tile(w2_ptr, pid, HID, D, BH, BD),
+        _load_tile(targets_ptr, pid, C, D, BC, BD), _load_tile(g_w1_ptr, pid, D, HID, BD, BH),
+        _load_tile(g_w2_ptr, pid, HID, D, BH, BD), _load_tile(g_s1_ptr, pid, D, HID, BD, BH),
+        _load_tile(g_s2_ptr, pid, HID, D, BH, BD), pid, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+        eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr, g_reads_ptr,
+        keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad, e_kk_prev_grad, inverse_grad,
+        d_qk_grad, e_qk_grad, C, D, HID, last, step_bound,
+        BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
+    _store_tile(w1_grad, pid, g_w1, D, HID, BD, BH)
+    _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
     _store_tile(targets_grad, pid, g_v, C, D, BC, BD)
+    if ANCHOR:
+        _store_tile(a1_grad, pid, g_a1, D, HID, BD, BH)
+        _store_tile(a2_grad, pid, g_a2, HID, D, BH, BD)
+
+
+# ---- a whole sequence of chunks per program (the main memory's scan over a layer's chunks)
+
+@triton.jit
+def _targets(values, w1, w2, SELF_TARGET: tl.constexpr, PRECISION: tl.constexpr):
+    """The chunk's targets from its values [C, d]: V̂ = M(V) = V + silu(V W2^T) W1^T at the chunk-start weights
+    (Hope's self-generated targets), or V (``SELF_TARGET=False``, the Titans baseline)."""
+    if SELF_TARGET:
+        zv = _dot(values, tl.trans(w2), PRECISION)  # [C, h]
+        return values + _dot(zv * _sigmoid(zv), tl.trans(w1), PRECISION)
+    else:
+        return values
+
+
+@triton.jit
+def _targets_bwd(g_t, values, w1, w2, SELF_TARGET: tl.constexpr, PRECISION: tl.constexpr):
+    """dLoss/dV from dLoss/dV̂ (first order: the weights in M(V) are constants, as ``self_target`` detaches them):
+    g_V = g_V̂ + ((g_V̂ W1) * silu'(V W2^T)) W2."""
+    if SELF_TARGET:
+        zv = _dot(values, tl.trans(w2), PRECISION)
+        sig = _sigmoid(zv)
+        return g_t + _dot(_dot(g_t, w1, PRECISION) * sig * (1.0 + zv * (1.0 - sig)), w2, PRECISION)
+    else:
+        return g_t
+
+
+@triton.jit
+def _as_stored(x, PRECISION: tl.constexpr):
+    """x rounded to the inputs' dtype and back to fp32: the state between two chunks, as the per-chunk kernels
+    (and the backward, which reloads the stored chunk-start states) see it."""
+    if PRECISION == "bf16":
+        return _round_bf16(x)
+    elif PRECISION == "fp16":
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _sequence_update_kernel(
+    w1_ptr, w2_ptr, values_ptr, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+    w1_out, w2_out, s1_out, s2_out, w1_starts_out, w2_starts_out, reads_out, overshoot_out, scale_out,
+    n_chunks, n_full, C, D, HID, step_bound,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, ANCHOR: tl.constexpr,
+    SELF_TARGET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """A memory's ``n_chunks`` consecutive whole chunks in one program (one memory of the batch x heads), the
+    weights kept on chip from chunk to chunk: per chunk n (inputs: entry pid * n_chunks + n, chunk-major per
+    program), its start weights are stored (``*_starts_out``, for the backward), its targets computed
+    (``_targets``), and ``_chunk_forward`` reads and updates. The weights and momentum after chunk ``n_full`` - 1
+    are the outputs (a padded last chunk, n_full = n_chunks - 1, is read and not kept)."""
+    pid = tl.program_id(0).to(tl.int64)
+    w1 = _load_tile(w1_ptr, pid, D, HID, BD, BH)
+    w2 = _load_tile(w2_ptr, pid, HID, D, BH, BD)
+    for n in range(n_chunks):
+        idx = pid * n_chunks + n
+        _store_tile(w1_starts_out, idx, w1, D, HID, BD, BH)
+        _store_tile(w2_starts_out, idx, w2, HID, D, BH, BD)
+        targets = _targets(_load_tile(values_ptr, idx, C, D, BC, BD), w1, w2, SELF_TARGET, PRECISION)
+        w1, w2, s1, s2 = _chunk_forward(
+            w1, w2, targets, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+            eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+            reads_out, overshoot_out, scale_out, C, D, HID, C - 1, step_bound,
+            BC, BD, BH, NORMALIZED, BOUND, ERASE, True, ANCHOR, PRECISION)
+        w1 = _as_stored(w1, PRECISION)
+        w2 = _as_stored(w2, PRECISION)
+        if n == n_full - 1:
+            _store_tile(w1_out, pid, w1, D, HID, BD, BH)
+            _store_tile(w2_out, pid, w2, HID, D, BH, BD)
+            _store_tile(s1_out, pid, s1, D, HID, BD, BH)
+            _store_tile(s2_out, pid, s2, HID, D, BH, BD)
+
+
+@triton.jit
+def _sequence_update_bwd_kernel(
+    w1_starts_ptr, w2_starts_ptr, values_ptr, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+    eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+    g_w1_ptr, g_w2_ptr, g_s1_ptr, g_s2_ptr, g_reads_ptr,
+    w1_grad, w2_grad, values_grad, keys_grad, queries_grad, a1_grad, a2_grad, eta_grad, gamma_grad, d_grad, e_grad,
+    gamma_prev_grad, e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad,
+    n_chunks, n_full, C, D, HID, step_bound,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, ANCHOR: tl.constexpr,
+    SELF_TARGET: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Backward of ``_sequence_update_kernel``: the chunks in reverse, each from its stored start weights, carrying
+    dLoss/dW (the gradient of chunk n's end weights is that of chunk n + 1's start weights, plus the outputs' at
+    chunk n_full - 1) and summing the anchor's gradient over the chunks."""
+    pid = tl.program_id(0).to(tl.int64)
+    g_w1 = tl.full([BD, BH], 0.0, dtype=tl.float32)
+    g_w2 = tl.full([BH, BD], 0.0, dtype=tl.float32)
+    g_a1 = tl.full([BD, BH], 0.0, dtype=tl.float32)
+    g_a2 = tl.full([BH, BD], 0.0, dtype=tl.float32)
+    for i in range(n_chunks):
+        n = n_chunks - 1 - i
+        idx = pid * n_chunks + n
+        end = tl.where(n == n_full - 1, 1.0, 0.0)  # the outputs are chunk n_full - 1's end state
+        g_w1 += end * _load_tile(g_w1_ptr, pid, D, HID, BD, BH)
+        g_w2 += end * _load_tile(g_w2_ptr, pid, HID, D, BH, BD)
+        w1 = _load_tile(w1_starts_ptr, idx, D, HID, BD, BH)
+        w2 = _load_tile(w2_starts_ptr, idx, HID, D, BH, BD)
+        values = _load_tile(values_ptr, idx, C, D, BC, BD)
+        g_w1, g_w2, g_t, g_a1_n, g_a2_n = _chunk_backward(
+            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2,
+            end * _load_tile(g_s1_ptr, pid, D, HID, BD, BH), end * _load_tile(g_s2_ptr, pid, HID, D, BH, BD),
+            idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+            eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
+            g_reads_ptr, keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad,
+            e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad, C, D, HID, C - 1, step_bound,
+            BC, BD, BH, NORMALIZED, BOUND, ERASE, True, ANCHOR, PRECISION)
+        _store_tile(values_grad, idx, _targets_bwd(g_t, values, w1, w2, SELF_TARGET, PRECISION), C, D, BC, BD)
+        g_a1 += g_a1_n
+        g_a2 += g_a2_n
+    _store_tile(w1_grad, pid, g_w1, D, HID, BD, BH)
+    _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
+    if ANCHOR:
+        _store_tile(a1_grad, pid, g_a1, D, HID, BD, BH)
+        _store_tile(a2_grad, pid, g_a2, HID, D, BH, BD)
 
 
 INTERPRETED = not isinstance(_chunk_update_kernel, triton.runtime.JITFunction)
@@ -825,4 +990,63 @@ def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, norm
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=reads,
             ANCHOR=x["anchor1"] is not None, PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
         )
+    return tuple(out)
+
+
+# the sequence kernel's tensor inputs, in its argument order (its backward takes the stored chunk-start weights,
+# [N, n_chunks, ...], in place of w1 and w2)
+SEQUENCE_INPUTS = ("w1", "w2", "values", "keys", "queries", "anchor1", "anchor2", "eta", "gamma", "d_mat", "e_mat",
+                   "gamma_prev", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
+
+
+def _sequence_constexprs(x: dict, step_bound: float, normalized_eta: bool, self_target: bool) -> dict:
+    """The sequence kernels' tile sizes, branches and warps for inputs ``x`` (``SEQUENCE_INPUTS``)."""
+    c, d, hid = x["keys"].shape[-2], x["keys"].shape[-1], x["w1"].shape[-1]
+    blocks = dict(BC=block(c), BD=block(d), BH=block(hid))
+    return dict(blocks, NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=x["erase_inverse"] is not None,
+                ANCHOR=x["anchor1"] is not None, SELF_TARGET=self_target, PRECISION=PRECISION[x["w1"].dtype],
+                num_warps=num_warps(*blocks.values()))
+
+
+def launch_sequence_update(inputs, *, n_full: int, step_bound: float, normalized_eta: bool, self_target: bool):
+    """Run ``_sequence_update_kernel`` on flat contiguous inputs (``SEQUENCE_INPUTS``: w1, w2, anchors [N, ...];
+    values, keys, queries and the coefficients [N, n_chunks, C, ...]; None where absent, as in
+    ``launch_chunk_update``). Returns w1, w2, s1, s2 after chunk ``n_full`` - 1 (unset if n_full = 0), the
+    chunk-start weights [N, n_chunks, ...] (for the backward), reads [N, n_chunks, C, d], overshoot and scale
+    [N, n_chunks]."""
+    x = dict(zip(SEQUENCE_INPUTS, inputs))
+    w1, w2, keys = x["w1"], x["w2"], x["keys"]
+    n, n_chunks, c, d = keys.shape
+    outs = [torch.empty_like(w1), torch.empty_like(w2), torch.empty_like(w1), torch.empty_like(w2),
+            w1.new_empty(n, n_chunks, *w1.shape[1:]), w2.new_empty(n, n_chunks, *w2.shape[1:]),
+            torch.empty_like(x["queries"]), x["eta"].new_empty(n, n_chunks), x["eta"].new_empty(n, n_chunks)]
+    dummy = x["eta"]  # pointer arguments that a constexpr branch never reads
+    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
+    with device:
+        _sequence_update_kernel[(n,)](
+            *(t if t is not None else dummy for t in inputs), *outs, n_chunks, n_full, c, d, w1.shape[-1],
+            float(step_bound), **_sequence_constexprs(x, step_bound, normalized_eta, self_target))
+    return tuple(outs)
+
+
+def launch_sequence_update_bwd(inputs, starts, grads, *, n_full: int, step_bound: float, normalized_eta: bool,
+                               self_target: bool):
+    """Run ``_sequence_update_bwd_kernel``: ``inputs`` as for ``launch_sequence_update``, ``starts`` the chunk-start
+    weights it returned, ``grads`` those of its outputs (w1, w2, s1, s2, reads; None: zero). Returns the gradients
+    of the inputs, in ``SEQUENCE_INPUTS`` order: None for an absent input, and for d_mat and d_qk without erase."""
+    x = dict(zip(SEQUENCE_INPUTS, inputs))
+    w1, keys = x["w1"], x["keys"]
+    n, n_chunks, c, d = keys.shape
+    erase = x["erase_inverse"] is not None
+    dummy = x["eta"]
+    g_w1, g_w2, g_s1, g_s2, g_reads = (g.contiguous() if g is not None else torch.zeros_like(like)
+                                       for g, like in zip(grads, (w1, x["w2"], w1, x["w2"], x["queries"])))
+    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
+    out = [torch.empty_like(t) if ok else None for t, ok in zip(inputs, present)]
+    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
+    with device:
+        _sequence_update_bwd_kernel[(n,)](
+            *starts, *(t if t is not None else dummy for t in inputs[2:]), g_w1, g_w2, g_s1, g_s2, g_reads,
+            *(t if t is not None else dummy for t in out), n_chunks, n_full, c, d, w1.shape[-1], float(step_bound),
+            **_sequence_constexprs(x, step_bound, normalized_eta, self_target))
     return tuple(out)
