@@ -36,6 +36,12 @@ row's rho_t = num / den differentiated through c_t., the Gram matrices and J_j d
 negligible) and the rank-1 factors (``_factors_bwd``). It writes the gradients of every input of the forward
 kernel: W1, W2, K, V̂, Q, A1, A2, eta, gamma, D (row L), E, gamma_prev, E_kk_prev, A^-1, D_qk, E_qk. Tiles up to
 ``BWD_MAX_BLOCK`` (per dtype: the backward has more live tiles than the forward, see there).
+**Sequence kernels** (``_sequence_update_kernel`` and its backward, ``kernels/sequence_update.py``): one program
+per memory runs all of a forward's whole chunks of the main memory, the weights kept in registers between chunks;
+per chunk the targets V̂ = M(V) (``_targets``) and the same chunk body as the per-chunk kernels (``_chunk_forward``,
+``_chunk_backward``: inputs at entry ``idx`` = pid * n_chunks + n of chunk-major tensors, the anchor at pid). The
+backward runs the chunks in reverse from the chunk-start weights the forward stored, carrying dL/dW.
+
 Tiles are padded to powers of two >= 16 (``tl.dot``'s minimum) with masked loads: padded rows and columns are zero
 and contribute nothing. Everything is computed and accumulated in fp32 and stored in the inputs' dtype; the
 operands of the matrix products (``_dot``) are fp32 for fp32 inputs and rounded to the inputs' dtype for 16-bit
@@ -395,6 +401,15 @@ def _chunk_forward(
 
 
 @triton.jit
+def _store_state(w1_out, w2_out, s1_out, s2_out, pid, w1, w2, s1, s2, D, HID, BD: tl.constexpr, BH: tl.constexpr):
+    """Store a memory's weights W1 [d, h], W2 [h, d] and momentum S1, S2 as program pid's."""
+    _store_tile(w1_out, pid, w1, D, HID, BD, BH)
+    _store_tile(w2_out, pid, w2, HID, D, BH, BD)
+    _store_tile(s1_out, pid, s1, D, HID, BD, BH)
+    _store_tile(s2_out, pid, s2, HID, D, BH, BD)
+
+
+@triton.jit
 def _chunk_update_kernel(
     w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
@@ -412,10 +427,7 @@ def _chunk_update_kernel(
         eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
         reads_out, overshoot_out, scale_out, C, D, HID, last, step_bound,
         BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
-    _store_tile(w1_out, pid, new_w1, D, HID, BD, BH)
-    _store_tile(w2_out, pid, new_w2, HID, D, BH, BD)
-    _store_tile(s1_out, pid, new_s1, D, HID, BD, BH)
-    _store_tile(s2_out, pid, new_s2, HID, D, BH, BD)
+    _store_state(w1_out, w2_out, s1_out, s2_out, pid, new_w1, new_w2, new_s1, new_s2, D, HID, BD, BH)
 
 
 # ---- the backward (first order: the chunk-start weights inside the inner gradients are constants)
@@ -859,10 +871,7 @@ def _sequence_update_kernel(
         w1 = _as_stored(w1, PRECISION)
         w2 = _as_stored(w2, PRECISION)
         if n == n_full - 1:
-            _store_tile(w1_out, pid, w1, D, HID, BD, BH)
-            _store_tile(w2_out, pid, w2, HID, D, BH, BD)
-            _store_tile(s1_out, pid, s1, D, HID, BD, BH)
-            _store_tile(s2_out, pid, s2, HID, D, BH, BD)
+            _store_state(w1_out, w2_out, s1_out, s2_out, pid, w1, w2, s1, s2, D, HID, BD, BH)
 
 
 @triton.jit
