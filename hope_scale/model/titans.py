@@ -300,7 +300,7 @@ class SelfModifyingTitans(nn.Module):
                            "mem_w2_norm": mem.w2.detach().norm(dim=(-2, -1)).mean()}
         for prefix, chunks in bounds.items():
             if chunks:
-                overshoot, scale = (torch.cat([x.reshape(-1) for x in t]) for t in zip(*chunks))
+                overshoot, scale = (torch.stack(t) for t in zip(*chunks))
                 self.last_stats.update({f"{prefix}_overshoot": overshoot.mean(), f"{prefix}_step_scale": scale.mean(),
                                         f"{prefix}_bounded": (scale < 1).float().mean()})
         return self.project_output(o, x), TitansState(pos + t_len, conv_state, proj, mem)
