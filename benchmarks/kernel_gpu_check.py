@@ -40,6 +40,7 @@ from tests import test_model_kernel_sequence as sequence_tests
 from tests.test_model_kernel import RESULT_FIELDS, rel_err
 from tests.test_model_kernel_backward import CASES, chunk_leaves, update_with_grads
 
+PARTS = ("sequence", "sequence-timing", "chunk", "chunk-timing")
 SHAPES = {  # name: chunk_leaves kwargs at the shipped models' memory shapes
     "main memory (1 x 24, C16 d64 h64, reads)": dict(batch=(1, 24), c=16, d=64, hid=64),
     "projection memories (1 x 24 x 5, C64 d64 h64)": dict(batch=(1, 24, 5), c=64, d=64, hid=64, reads=False,
@@ -72,6 +73,25 @@ def worst(errs: dict[str, float]) -> tuple[float, str]:
     return errs[name], name
 
 
+def bf16_ok(kernel: dict[str, float], naive: dict[str, float], fell: set) -> bool:
+    """The tests' bf16 criterion on gradient errors against the fp32 reference: the kernel within 5e-2, no further
+    than the naive bf16 path plus 2e-2, and no fallback."""
+    return max(kernel.values()) < 5e-2 and all(kernel[k] <= naive[k] + 2e-2 for k in naive) and not fell
+
+
+def cuda_ms(run, repeats: int, warmup: int) -> float:
+    """Milliseconds per call of ``run()`` on the GPU, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def check_cases() -> bool:
     print("| case | dtype | forward rel. err | worst gradient rel. err (input) | naive bf16 err | fallbacks | ok |")
     print("|---|---|---|---|---|---|---|")
@@ -90,7 +110,7 @@ def check_cases() -> bool:
         _, n16, _ = run(memory.chunk_update, x, rule, n_valid, torch.bfloat16)
         kernel, naive = grad_errs(g16, ref_g), grad_errs(n16, ref_g)
         fe, (ge, at) = forward_err(r16, ref_r), worst(kernel)
-        ok = ge < 5e-2 and all(kernel[k] <= naive[k] + 2e-2 for k in naive) and not fell
+        ok = bf16_ok(kernel, naive, fell)
         print(f"| {name} | bf16 | {fe:.1e} | {ge:.1e} ({at}) | {max(naive.values()):.1e} | "
               f"{'; '.join(fell) or 'none'} | {'yes' if ok else 'NO'} |", flush=True)
         ok_all &= ok
@@ -127,7 +147,7 @@ def check_sequence_cases() -> bool:
                 ok, naive = fe < 1e-5 and ge < 1e-5 and not fell, ""
             else:
                 naive_g = errs["naive bf16"][1]
-                ok = ge < 5e-2 and all(errs[label][1][k] <= naive_g[k] + 2e-2 for k in naive_g) and not fell
+                ok = bf16_ok(errs[label][1], naive_g, fell)
                 naive = f"{max(naive_g.values()):.1e}"
             print(f"| {name} | {label} | {fe:.1e} | {ge:.1e} ({at}) | {naive} | {'; '.join(fell) or 'none'} | "
                   f"{'yes' if ok else 'NO'} |", flush=True)
@@ -151,15 +171,7 @@ def time_scan(repeats: int, n_chunks: int = 256) -> None:
                             ("per-chunk kernel steps", kernel_chunk_step, scan_chunks),
                             ("sequence kernel", kernel_chunk_step, kernel_scan_chunks)):
         layer.chunk_step = step
-        for _ in range(2):
-            sequence_tests.scan(layer, fn, x, n_valid, dtype=torch.bfloat16)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            sequence_tests.scan(layer, fn, x, n_valid, dtype=torch.bfloat16)
-        end.record()
-        torch.cuda.synchronize()
-        ms[label] = start.elapsed_time(end) / repeats
+        ms[label] = cuda_ms(lambda: sequence_tests.scan(layer, fn, x, n_valid, dtype=torch.bfloat16), repeats, 2)
         print(f"| {label} | {ms[label]:.1f} | {ms['naive chunk steps'] / ms[label]:.1f} |", flush=True)
 
 
@@ -171,23 +183,14 @@ def time_shapes(repeats: int) -> None:
         x = on_cuda(chunk_leaves(**kwargs))
         ms = {}
         for label, update in (("naive", memory.chunk_update), ("kernel", kernel_module.kernel_chunk_update)):
-            for _ in range(3):
-                update_with_grads(update, x, rule, None, dtype=torch.bfloat16)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                update_with_grads(update, x, rule, None, dtype=torch.bfloat16)
-            end.record()
-            torch.cuda.synchronize()
-            ms[label] = start.elapsed_time(end) / repeats
+            ms[label] = cuda_ms(lambda: update_with_grads(update, x, rule, None, dtype=torch.bfloat16), repeats, 3)
         print(f"| {name} | {ms['naive']:.2f} | {ms['kernel']:.2f} | {ms['naive'] / ms['kernel']:.2f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20, help="timed forward + backward passes per shape")
-    ap.add_argument("--parts", nargs="+", default=["sequence", "sequence-timing", "chunk", "chunk-timing"],
-                    choices=["sequence", "sequence-timing", "chunk", "chunk-timing"], help="what to run, in this order")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to run, in this order")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_gpu_check.py: no CUDA device is visible; tests/test_model_kernel*.py check the kernels in "

@@ -145,20 +145,26 @@ class ChunkUpdate(torch.autograd.Function):
         return (None, None, None) + recompute_backward(ctx, saved, grads)
 
 
+def backward_tiles_unsupported(keys: torch.Tensor, w1: torch.Tensor, kernel: str) -> str | None:
+    """Why a backward kernel (``kernel`` names it in the reason) cannot hold the chunks of ``keys`` [..., C, d] and
+    weights ``w1`` [..., d, h] on chip: padded C, d or h beyond ``triton_chunk.BWD_MAX_BLOCK`` (None: it can)."""
+    from .triton_chunk import BWD_MAX_BLOCK, block
+
+    c, d, hid = keys.shape[-2], keys.shape[-1], w1.shape[-1]
+    largest = BWD_MAX_BLOCK[keys.dtype]
+    if max(block(c), block(d), block(hid)) > largest:
+        return (f"C={c}, d={d}, h={hid}: {kernel} keeps a chunk on chip in tiles up to {largest} in {keys.dtype} "
+                "(triton_chunk.BWD_MAX_BLOCK)")
+    return None
+
+
 def fused_backward_unsupported(ctx, saved: tuple) -> str | None:
     """Why the backward kernel cannot run for this chunk (None: it can): the second-order rule, or tiles beyond
     ``triton_chunk.BWD_MAX_BLOCK``."""
     if not ctx.rule.first_order:
         return "first_order=False (the kernel's backward is first-order)"
-    from .triton_chunk import BWD_MAX_BLOCK, block
-
     saved = dict(zip(INPUTS, saved))
-    c, d, hid = saved["keys"].shape[-2], saved["keys"].shape[-1], saved["w1"].shape[-1]
-    largest = BWD_MAX_BLOCK[saved["keys"].dtype]
-    if max(block(c), block(d), block(hid)) > largest:
-        return (f"C={c}, d={d}, h={hid}: the backward kernel keeps a chunk on chip in tiles up to {largest} in "
-                f"{saved['keys'].dtype} (triton_chunk.BWD_MAX_BLOCK)")
-    return None
+    return backward_tiles_unsupported(saved["keys"], saved["w1"], "the backward kernel")
 
 
 def fused_backward(ctx, saved: tuple, grads) -> tuple:

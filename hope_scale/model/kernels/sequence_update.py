@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..memory import ChunkCoefficients, MemoryState, UpdateRule
-from .chunk_update import _flat, triton_out_of_resources, unsupported_reason, warn_once
+from .chunk_update import (MATRIX_FIELDS, _flat, backward_tiles_unsupported, triton_out_of_resources,
+                           unsupported_reason, warn_once)
 
 # coefficient fields the kernel reads (c_vec and c_prev carry the momentum, which it does not have: beta = 0)
 COEF_FIELDS = ("eta", "gamma", "d_mat", "e_mat", "gamma_prev", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
-MATRIX_FIELDS = ("d_mat", "e_mat", "e_kk_prev", "erase_inverse", "d_qk", "e_qk")
 
 
 class SequenceUpdate(torch.autograd.Function):
@@ -66,14 +66,7 @@ def scan_unsupported(layer, mem: MemoryState, keys: torch.Tensor, values: torch.
         return reason
     if not rule.first_order:
         return "first_order=False (the sequence kernel's targets and backward are first-order)"
-    from .triton_chunk import BWD_MAX_BLOCK, block
-
-    c, d, hid = keys.shape[-2], keys.shape[-1], mem.w1.shape[-1]
-    largest = BWD_MAX_BLOCK[keys.dtype]
-    if max(block(c), block(d), block(hid)) > largest:
-        return (f"C={c}, d={d}, h={hid}: the sequence kernel's backward keeps a chunk on chip in tiles up to "
-                f"{largest} in {keys.dtype} (triton_chunk.BWD_MAX_BLOCK)")
-    return None
+    return backward_tiles_unsupported(keys, mem.w1, "the sequence kernel's backward")
 
 
 def kernel_scan_chunks(layer, mem: MemoryState, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,

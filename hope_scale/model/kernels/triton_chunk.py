@@ -897,16 +897,18 @@ def _sequence_update_bwd_kernel(
     for i in range(n_chunks):
         n = n_chunks - 1 - i
         idx = pid * n_chunks + n
-        end = tl.where(n == n_full - 1, 1.0, 0.0)  # the outputs are chunk n_full - 1's end state
-        g_w1 += end * _load_tile(g_w1_ptr, pid, D, HID, BD, BH)
-        g_w2 += end * _load_tile(g_w2_ptr, pid, HID, D, BH, BD)
+        g_s1 = tl.full([BD, BH], 0.0, dtype=tl.float32)
+        g_s2 = tl.full([BH, BD], 0.0, dtype=tl.float32)
+        if n == n_full - 1:  # the outputs are chunk n_full - 1's end state
+            g_w1 += _load_tile(g_w1_ptr, pid, D, HID, BD, BH)
+            g_w2 += _load_tile(g_w2_ptr, pid, HID, D, BH, BD)
+            g_s1 = _load_tile(g_s1_ptr, pid, D, HID, BD, BH)
+            g_s2 = _load_tile(g_s2_ptr, pid, HID, D, BH, BD)
         w1 = _load_tile(w1_starts_ptr, idx, D, HID, BD, BH)
         w2 = _load_tile(w2_starts_ptr, idx, HID, D, BH, BD)
         values = _load_tile(values_ptr, idx, C, D, BC, BD)
         g_w1, g_w2, g_t, g_a1_n, g_a2_n = _chunk_backward(
-            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2,
-            end * _load_tile(g_s1_ptr, pid, D, HID, BD, BH), end * _load_tile(g_s2_ptr, pid, HID, D, BH, BD),
-            idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2, g_s1, g_s2, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
             eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
             g_reads_ptr, keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad,
             e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad, C, D, HID, C - 1, step_bound,
@@ -935,6 +937,28 @@ def num_warps(*blocks: int) -> int:
     return 4 if max(blocks) <= 32 else 8
 
 
+def _tiles(c: int, d: int, hid: int) -> dict:
+    """A kernel's padded tile sizes and warps per program for chunk size c, key width d and hidden width hid."""
+    blocks = dict(BC=block(c), BD=block(d), BH=block(hid))
+    return dict(blocks, num_warps=num_warps(*blocks.values()))
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, whichever is current (nothing to do on CPU, under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _grad_buffers(x: dict, grads, dummy: torch.Tensor) -> tuple[tuple, list]:
+    """For a backward kernel: the gradients of the forward's outputs w1, w2, s1, s2, reads (contiguous; None: zero,
+    or ``dummy`` where the output does not exist), and empty gradient buffers for the inputs ``x`` (None for an
+    absent input, and for d_mat and d_qk without erase: they enter nothing)."""
+    outputs = tuple(g.contiguous() if g is not None else torch.zeros_like(like) if like is not None else dummy
+                    for g, like in zip(grads, (x["w1"], x["w2"], x["w1"], x["w2"], x["queries"])))
+    erase = x["erase_inverse"] is not None
+    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
+    return outputs, [torch.empty_like(t) if ok else None for t, ok in zip(x.values(), present)]
+
+
 def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, gamma, d_mat, e_mat, gamma_prev,
                         e_kk_prev, inverse, d_qk, e_qk, *, last: int, step_bound: float, normalized_eta: bool):
     """Run the kernel on flat contiguous inputs (``KERNEL_INPUTS``; leading axis N: one program each); returns new
@@ -948,10 +972,8 @@ def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, g
     overshoot = eta.new_empty(n)
     scale = eta.new_empty(n)
     erase = inverse is not None
-    precision = PRECISION[w1.dtype]
     dummy = eta  # pointer arguments that a constexpr branch never reads
-    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
-    with device:  # launch on the inputs' GPU, whichever is current
+    with _on_device(keys):
         _chunk_update_kernel[(n,)](
             w1, w2, keys, targets, queries if queries is not None else dummy,
             anchor1 if anchor1 is not None else dummy, anchor2 if anchor2 is not None else dummy,
@@ -959,10 +981,9 @@ def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, g
             inverse if erase else dummy, d_qk if queries is not None and erase else dummy,
             e_qk if queries is not None else dummy,
             new_w1, new_w2, new_s1, new_s2, reads if reads is not None else dummy, overshoot, scale,
-            c, d, hid, last, float(step_bound),
-            BC=block(c), BD=block(d), BH=block(hid),
+            c, d, hid, last, float(step_bound), **_tiles(c, d, hid),
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
-            ANCHOR=anchor1 is not None, PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
+            ANCHOR=anchor1 is not None, PRECISION=PRECISION[w1.dtype],
         )
     return new_w1, new_w2, new_s1, new_s2, reads, overshoot, scale
 
@@ -981,23 +1002,15 @@ def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, norm
     w1, keys = x["w1"], x["keys"]
     n, c, d = keys.shape
     hid = w1.shape[-1]
-    erase, reads = x["erase_inverse"] is not None, x["queries"] is not None
     dummy = x["eta"]  # pointer arguments that a constexpr branch never reads or writes
-    g_w1, g_w2, g_s1, g_s2, g_reads = (
-        g.contiguous() if g is not None else torch.zeros_like(like) if like is not None else dummy
-        for g, like in zip(grads, (w1, x["w2"], w1, x["w2"], x["queries"])))
-    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
-    out = [torch.empty_like(t) if ok else None for t, ok in zip(inputs, present)]
-    precision = PRECISION[w1.dtype]
-    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
-    with device:
+    output_grads, out = _grad_buffers(x, grads, dummy)
+    with _on_device(keys):
         _chunk_update_bwd_kernel[(n,)](
-            *(t if t is not None else dummy for t in inputs), g_w1, g_w2, g_s1, g_s2, g_reads,
+            *(t if t is not None else dummy for t in inputs), *output_grads,
             *(t if t is not None else dummy for t in out),
-            c, d, hid, last, float(step_bound),
-            BC=block(c), BD=block(d), BH=block(hid),
-            NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=reads,
-            ANCHOR=x["anchor1"] is not None, PRECISION=precision, num_warps=num_warps(block(c), block(d), block(hid)),
+            c, d, hid, last, float(step_bound), **_tiles(c, d, hid),
+            NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=x["erase_inverse"] is not None,
+            READS=x["queries"] is not None, ANCHOR=x["anchor1"] is not None, PRECISION=PRECISION[w1.dtype],
         )
     return tuple(out)
 
@@ -1010,11 +1023,9 @@ SEQUENCE_INPUTS = ("w1", "w2", "values", "keys", "queries", "anchor1", "anchor2"
 
 def _sequence_constexprs(x: dict, step_bound: float, normalized_eta: bool, self_target: bool) -> dict:
     """The sequence kernels' tile sizes, branches and warps for inputs ``x`` (``SEQUENCE_INPUTS``)."""
-    c, d, hid = x["keys"].shape[-2], x["keys"].shape[-1], x["w1"].shape[-1]
-    blocks = dict(BC=block(c), BD=block(d), BH=block(hid))
-    return dict(blocks, NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=x["erase_inverse"] is not None,
-                ANCHOR=x["anchor1"] is not None, SELF_TARGET=self_target, PRECISION=PRECISION[x["w1"].dtype],
-                num_warps=num_warps(*blocks.values()))
+    return dict(_tiles(x["keys"].shape[-2], x["keys"].shape[-1], x["w1"].shape[-1]), NORMALIZED=normalized_eta,
+                BOUND=step_bound > 0, ERASE=x["erase_inverse"] is not None, ANCHOR=x["anchor1"] is not None,
+                SELF_TARGET=self_target, PRECISION=PRECISION[x["w1"].dtype])
 
 
 def launch_sequence_update(inputs, *, n_full: int, step_bound: float, normalized_eta: bool, self_target: bool):
@@ -1030,8 +1041,7 @@ def launch_sequence_update(inputs, *, n_full: int, step_bound: float, normalized
             w1.new_empty(n, n_chunks, *w1.shape[1:]), w2.new_empty(n, n_chunks, *w2.shape[1:]),
             torch.empty_like(x["queries"]), x["eta"].new_empty(n, n_chunks), x["eta"].new_empty(n, n_chunks)]
     dummy = x["eta"]  # pointer arguments that a constexpr branch never reads
-    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
-    with device:
+    with _on_device(keys):
         _sequence_update_kernel[(n,)](
             *(t if t is not None else dummy for t in inputs), *outs, n_chunks, n_full, c, d, w1.shape[-1],
             float(step_bound), **_sequence_constexprs(x, step_bound, normalized_eta, self_target))
@@ -1046,16 +1056,11 @@ def launch_sequence_update_bwd(inputs, starts, grads, *, n_full: int, step_bound
     x = dict(zip(SEQUENCE_INPUTS, inputs))
     w1, keys = x["w1"], x["keys"]
     n, n_chunks, c, d = keys.shape
-    erase = x["erase_inverse"] is not None
     dummy = x["eta"]
-    g_w1, g_w2, g_s1, g_s2, g_reads = (g.contiguous() if g is not None else torch.zeros_like(like)
-                                       for g, like in zip(grads, (w1, x["w2"], w1, x["w2"], x["queries"])))
-    present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
-    out = [torch.empty_like(t) if ok else None for t, ok in zip(inputs, present)]
-    device = torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext()
-    with device:
+    output_grads, out = _grad_buffers(x, grads, dummy)
+    with _on_device(keys):
         _sequence_update_bwd_kernel[(n,)](
-            *starts, *(t if t is not None else dummy for t in inputs[2:]), g_w1, g_w2, g_s1, g_s2, g_reads,
+            *starts, *(t if t is not None else dummy for t in inputs[2:]), *output_grads,
             *(t if t is not None else dummy for t in out), n_chunks, n_full, c, d, w1.shape[-1], float(step_bound),
             **_sequence_constexprs(x, step_bound, normalized_eta, self_target))
     return tuple(out)
