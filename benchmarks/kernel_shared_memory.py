@@ -12,7 +12,8 @@ size d and memory hidden width h -- and each dtype, both kernels are compiled wi
 shared memory per program, whether it fits, and whether the layer would run the kernel (the backward's tile
 limit, ``triton_chunk.BWD_MAX_BLOCK``, is per dtype: where it is exceeded the backward recomputes in PyTorch).
 The main memory's rows include the sequence kernels (``kernels/sequence_update.py``: a forward's whole chunks in
-one program), which run only within the backward's tile limit.
+one program), which run only within the backward's tile limit, and every memory's rows the chunk-coefficient
+kernels (``kernels/coefficients.py``).
 Compiling takes about 10-60 s per row on a CPU in 16 bits; fp32 at 64 tiles takes many minutes (its IEEE
 products unroll into scalar code), and rows the layer would not run (the fp32 backward beyond 32) are skipped.
 """
@@ -26,6 +27,7 @@ import torch
 from hope_scale.model import ModelConfig
 from hope_scale.model.kernels import sm90
 from hope_scale.model.kernels import triton_chunk as tc
+from hope_scale.model.kernels import triton_coefficients as tcoef
 
 KIB = 1024
 
@@ -56,9 +58,12 @@ def main(argv=None) -> None:
         for dtype in args.dtypes:
             bwd_largest = tc.BWD_MAX_BLOCK[getattr(torch, sm90.DTYPES[dtype])]
             largest = {"forward": tc.MAX_BLOCK, "backward": bwd_largest, "sequence forward": bwd_largest,
-                       "sequence backward": bwd_largest}
-            # the main memory also scans whole chunks with the sequence kernels (both need the backward's tiles)
-            for kernel in ("forward", "backward") + (("sequence forward", "sequence backward") if reads else ()):
+                       "sequence backward": bwd_largest, "coefficients forward": tcoef.MAX_BLOCK,
+                       "coefficients backward": tcoef.MAX_BLOCK}
+            # the main memory also scans whole chunks with the sequence kernels (both need the backward's tiles);
+            # every memory's chunk coefficients are one more kernel each way
+            kernels = ("forward", "backward") + (("sequence forward", "sequence backward") if reads else ())
+            for kernel in kernels + ("coefficients forward", "coefficients backward"):
                 if tiles > largest[kernel]:
                     size, fits, runs = "not compiled", "-", f"no: tiles {tiles} > {largest[kernel]}, PyTorch"
                 else:

@@ -66,20 +66,22 @@ def count_step(cfg: ModelConfig, seq_len: int, checkpointing: str) -> tuple[int,
     model = apply_activation_checkpointing(build_model(cfg).to(torch.bfloat16), checkpointing)  # as trained
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len + 1))
     counter = OpCounter()
-    patched = {}
+    patched = []  # (module, name, launcher)
     if cfg.kernel == "triton":
-        from hope_scale.model.kernels import triton_chunk
+        from hope_scale.model.kernels import triton_chunk, triton_coefficients
 
-        for name in ("launch_chunk_update", "launch_chunk_update_bwd", "launch_sequence_update",
-                     "launch_sequence_update_bwd"):
-            patched[name] = getattr(triton_chunk, name)
-            setattr(triton_chunk, name, counter.counting(patched[name]))
+        for module, names in ((triton_chunk, ("launch_chunk_update", "launch_chunk_update_bwd",
+                                              "launch_sequence_update", "launch_sequence_update_bwd")),
+                              (triton_coefficients, ("launch_chunk_coefficients", "launch_chunk_coefficients_bwd"))):
+            for name in names:
+                patched.append((module, name, getattr(module, name)))
+                setattr(module, name, counter.counting(getattr(module, name)))
     try:
         with counter:
             model.loss(ids[:, :-1], ids[:, 1:]).backward()
     finally:
-        for name, launch in patched.items():
-            setattr(triton_chunk, name, launch)
+        for module, name, launch in patched:
+            setattr(module, name, launch)
     return counter.ops, counter.launches
 
 

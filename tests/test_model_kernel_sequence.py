@@ -144,22 +144,29 @@ def test_unsupported_scan_runs_chunk_steps_with_a_warning(interpreted_kernel, mo
 def test_model_scans_the_main_memory_in_one_launch(interpreted_kernel, no_fallback, monkeypatch):
     """A Hope model with ``model.kernel: triton`` runs its main memory's whole chunks through the sequence kernel:
     one forward and one backward launch per layer and training step, whatever the number of chunks; the per-chunk
-    kernel runs the projection memories' complete chunks only (forward and backward). Without this the layer
-    would silently keep the per-chunk path, which gives the same numbers."""
+    kernel runs the projection memories' complete chunks only (forward and backward), and every coefficient
+    computation is one launch per direction (the main memory's for all its chunks at once, the projection memories'
+    per chunk). Without this the layer would silently keep the per-chunk path, or the coefficients in PyTorch, which
+    give the same numbers."""
     from hope_scale.model import build_model
+    from hope_scale.model.kernels import triton_coefficients
     from tests.test_model_kernel import layer_config
 
     launches = {}
-    for name in ("launch_chunk_update", "launch_chunk_update_bwd", "launch_sequence_update",
-                 "launch_sequence_update_bwd"):
-        def counted(*args, _launch=getattr(interpreted_kernel, name), _name=name, **kwargs):
-            launches[_name] = launches.get(_name, 0) + 1
-            return _launch(*args, **kwargs)
-        monkeypatch.setattr(interpreted_kernel, name, counted)
+    for module, names in ((interpreted_kernel, ("launch_chunk_update", "launch_chunk_update_bwd",
+                                                "launch_sequence_update", "launch_sequence_update_bwd")),
+                          (triton_coefficients, ("launch_chunk_coefficients", "launch_chunk_coefficients_bwd"))):
+        for name in names:
+            def counted(*args, _launch=getattr(module, name), _name=name, **kwargs):
+                launches[_name] = launches.get(_name, 0) + 1
+                return _launch(*args, **kwargs)
+            monkeypatch.setattr(module, name, counted)
     torch.manual_seed(0)
     model = build_model(layer_config("triton", n_layers=2))
     ids = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(2))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
     # 40 tokens: main memory 2 whole chunks of 16 and a padded one; projection memories 2 complete chunks of 16
+    # (coefficients: per layer one main-memory launch and two projection ones, each way)
     assert launches == {"launch_sequence_update": 2, "launch_sequence_update_bwd": 2,
-                        "launch_chunk_update": 4, "launch_chunk_update_bwd": 4}, launches
+                        "launch_chunk_update": 4, "launch_chunk_update_bwd": 4,
+                        "launch_chunk_coefficients": 6, "launch_chunk_coefficients_bwd": 6}, launches

@@ -157,7 +157,7 @@ def test_oracle_detects_a_wrong_fast_path(monkeypatch):
     def no_erase(keys, eta, alpha, beta, erase, queries=None):
         return real(keys, eta, alpha, beta, False, queries)
 
-    monkeypatch.setattr("hope_scale.model.titans.chunk_coefficients", no_erase)
+    monkeypatch.setattr(layer, "coefficients", no_erase)  # the main memory's coefficients
     y_bad, _ = layer(x)
     assert rel_err(y_bad, y_ref) > 1e-4
 

@@ -142,7 +142,7 @@ class ChunkCoefficients:
 
     eta: torch.Tensor  # [..., C]
     gamma: torch.Tensor  # gamma_t = prod_{j<=t} alpha_j                     [..., C]
-    c_vec: torch.Tensor  # c_t = sum_{j<=t} (gamma_t/gamma_j) beta^j           [..., C]
+    c_vec: torch.Tensor | None  # c_t = sum_{j<=t} (gamma_t/gamma_j) beta^j  [..., C]  (None: zero, no momentum)
     d_mat: torch.Tensor  # D_ts = gamma_t / gamma_s for s <= t                 [..., C, C]
     e_mat: torch.Tensor  # E = D @ B, B_ji = beta^(j-i)                        [..., C, C]
     gamma_prev: torch.Tensor | None  # gamma_{s-1}, c_{s-1}, E_{s-1,i} k_i.k_s: what W2_{s-1} k_s needs
@@ -365,7 +365,8 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
     # state after the last valid token L: row L of the coefficients, momentum carried by beta^(L-i)
     sc = lambda v: v[..., None, None]  # noqa: E731  scalar per batch element -> broadcast over a matrix
     s_end = sc(scale[..., last])
-    g_end, c_end = sc(coef.gamma[..., last]), sc(coef.c_vec[..., last])
+    g_end = sc(coef.gamma[..., last])
+    c_end = sc(coef.c_vec[..., last]) if momentum else None  # c = 0 without momentum (c_vec may be None then)
     e_end, d_end = coef.e_mat[..., last, :, None], coef.d_mat[..., last, :, None]
 
     def carried(w0, s0, j):  # what the chunk-start weights and momentum leave: gamma W_0 + (1 - gamma) A + c S_0
@@ -414,11 +415,13 @@ def chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, 
 def chunk_step(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, eta: torch.Tensor | None,
                alpha: torch.Tensor | None, beta: float, erase: bool, rule: UpdateRule,
                queries: torch.Tensor | None = None, coef: ChunkCoefficients | None = None,
-               n_valid: int | None = None, update=chunk_update, anchor=None) -> ChunkResult:
+               n_valid: int | None = None, update=chunk_update, anchor=None,
+               coefficients=chunk_coefficients) -> ChunkResult:
     """One chunk of a memory: its state-independent coefficients (unless given, e.g. computed for all chunks at
-    once by ``chunk_coefficients`` on a chunk axis) and ``update`` (``chunk_update``, or the Triton kernel's
-    ``kernels.chunk_update.kernel_chunk_update`` with the same arguments and result). The unit ``model.compile``
+    once on a chunk axis) by ``coefficients`` and ``update`` (``chunk_coefficients`` and ``chunk_update``, or the
+    Triton kernels' ``kernels.coefficients.kernel_chunk_coefficients`` and
+    ``kernels.chunk_update.kernel_chunk_update`` with the same arguments and results). The unit ``model.compile``
     compiles (``accel.py``)."""
     if coef is None:
-        coef = chunk_coefficients(keys, eta, alpha, beta, erase, queries=queries)
+        coef = coefficients(keys, eta, alpha, beta, erase, queries=queries)
     return update(state, keys, targets, coef, beta, rule, queries=queries, n_valid=n_valid, anchor=anchor)

@@ -203,6 +203,9 @@ class SelfModifyingTitans(nn.Module):
     # the main memory's whole chunks of a forward: ``scan_chunks`` (one ``chunk_step`` each), or the Triton sequence
     # kernel's (``model.kernel: triton``: all of them in one launch; the same computation)
     scan_chunks = staticmethod(scan_chunks)
+    # the coefficients of all the main memory's chunks at once: ``memory.chunk_coefficients``, or the Triton kernel's
+    # (``model.kernel: triton``; the same coefficients)
+    coefficients = staticmethod(chunk_coefficients)
 
     def retention_anchor(self, projection: bool):
         """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``, or
@@ -290,7 +293,7 @@ class SelfModifyingTitans(nn.Module):
 
         if n_chunks:
             k_c, v_c, q_c, eta_c, alpha_c = chunked(k), chunked(v), chunked(q), chunked(eta), chunked(alpha, 1.0)
-            coef = chunk_coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c)
+            coef = self.coefficients(k_c, eta_c, alpha_c, self.beta, self.erase, queries=q_c)
             reads, mem, chunk_bounds = self.scan_chunks(self, mem, k_c, v_c, q_c, eta_c, alpha_c, coef, c_mem - pad)
             outs.append(reads)
             bounds["mem"] += chunk_bounds

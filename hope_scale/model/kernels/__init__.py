@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import KERNELS
 from .chunk_update import kernel_chunk_step, kernel_mode_unavailable, rule_unsupported, warn_once
+from .coefficients import kernel_chunk_coefficients
 from .sequence_update import kernel_scan_chunks
 
 
@@ -51,4 +52,5 @@ def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
             continue
         layer.chunk_step = kernel_chunk_step
         layer.scan_chunks = kernel_scan_chunks
+        layer.coefficients = kernel_chunk_coefficients
     return model

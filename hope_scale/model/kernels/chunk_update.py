@@ -61,6 +61,26 @@ def kernel_mode_unavailable() -> str | None:
     return None
 
 
+def tensors_unsupported(tensors: list, interpreted: bool) -> str | None:
+    """Why a kernel loaded in this mode (``interpreted``: under TRITON_INTERPRET=1) cannot take ``tensors`` (None
+    where absent), whatever their shapes: mixed or unsupported dtypes, several devices, a device the kernel was not
+    loaded for, autocast (None: it can)."""
+    tensors = [t for t in tensors if t is not None]
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
+        return f"dtypes {sorted(map(str, dtypes))} (the kernel needs one of float32, bfloat16, float16)"
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return "inputs on several devices"
+    if device.type != "cuda" and not interpreted:
+        return f"tensors on {device.type} and the kernel was not loaded under TRITON_INTERPRET=1"
+    if device.type == "cuda" and interpreted:
+        return "tensors on cuda but the kernel was loaded under TRITON_INTERPRET=1 (CPU interpreter)"
+    if torch.is_autocast_enabled(device.type):
+        return "autocast is enabled (the kernel computes in fp32 and stores in the inputs' dtype)"
+    return None
+
+
 def unsupported_reason(state: MemoryState, keys: torch.Tensor, targets: torch.Tensor, coef: ChunkCoefficients,
                        beta: float, rule: UpdateRule, queries: torch.Tensor | None,
                        anchor: tuple[torch.Tensor, torch.Tensor] | None = None) -> str | None:
@@ -70,21 +90,11 @@ def unsupported_reason(state: MemoryState, keys: torch.Tensor, targets: torch.Te
         return reason
     tensors = [state.w1, state.w2, state.s1, state.s2, keys, targets, queries, *(anchor or ()),
                *(getattr(coef, f) for f in COEF_FIELDS)]
-    tensors = [t for t in tensors if t is not None]
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPES:
-        return f"dtypes {sorted(map(str, dtypes))} (the kernel needs one of float32, bfloat16, float16)"
     from . import triton_chunk
 
-    device = keys.device
-    if any(t.device != device for t in tensors):
-        return "inputs on several devices"
-    if device.type != "cuda" and not triton_chunk.INTERPRETED:
-        return f"tensors on {device.type} and the kernel was not loaded under TRITON_INTERPRET=1"
-    if device.type == "cuda" and triton_chunk.INTERPRETED:
-        return "tensors on cuda but the kernel was loaded under TRITON_INTERPRET=1 (CPU interpreter)"
-    if torch.is_autocast_enabled(device.type):
-        return "autocast is enabled (the kernel computes in fp32 and stores in the inputs' dtype)"
+    reason = tensors_unsupported(tensors, triton_chunk.INTERPRETED)
+    if reason:
+        return reason
     c, d, hid = keys.shape[-2], keys.shape[-1], state.w1.shape[-1]
     if max(c, d, hid) > MAX_DIM:
         return f"C={c}, d={d}, h={hid}: the kernel keeps a chunk on chip, up to {MAX_DIM} each"
@@ -242,7 +252,9 @@ def kernel_chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.T
 
 
 def kernel_chunk_step(*args, **kwargs) -> ChunkResult:
-    """``memory.chunk_step`` (same arguments) with its update through ``kernel_chunk_update``: the coefficients
-    (unless given) by ``memory.chunk_coefficients`` in PyTorch, the state-dependent rest of the chunk in one
-    kernel."""
-    return chunk_step(*args, update=kernel_chunk_update, **kwargs)
+    """``memory.chunk_step`` (same arguments) through the kernels: the coefficients (unless given) in one launch
+    (``coefficients.kernel_chunk_coefficients``), the state-dependent rest of the chunk in another
+    (``kernel_chunk_update``)."""
+    from .coefficients import kernel_chunk_coefficients
+
+    return chunk_step(*args, update=kernel_chunk_update, coefficients=kernel_chunk_coefficients, **kwargs)

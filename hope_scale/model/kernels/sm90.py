@@ -10,9 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
-KERNELS = {"forward": "_chunk_update_kernel", "backward": "_chunk_update_bwd_kernel",
-           "sequence forward": "_sequence_update_kernel", "sequence backward": "_sequence_update_bwd_kernel"}
+KERNELS = {  # name: (module of this package, kernel)
+    "forward": ("triton_chunk", "_chunk_update_kernel"), "backward": ("triton_chunk", "_chunk_update_bwd_kernel"),
+    "sequence forward": ("triton_chunk", "_sequence_update_kernel"),
+    "sequence backward": ("triton_chunk", "_sequence_update_bwd_kernel"),
+    "coefficients forward": ("triton_coefficients", "_chunk_coefficients_kernel"),
+    "coefficients backward": ("triton_coefficients", "_chunk_coefficients_bwd_kernel")}
 INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full")
+FLOATS = ("step_bound", "tiny")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 
@@ -29,9 +34,11 @@ class Compiled:
 def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized: bool = True, bound: bool = True,
                  erase: bool = True, reads: bool = True, anchor: bool = True) -> Compiled:
     """Compile ``kernel`` (a key of ``KERNELS``) for sm_90 with inputs of ``dtype`` ("fp32", "bf16", "fp16"),
-    chunk size c, key width d and hidden width h (padded as at launch) and the given constexpr branches, as
-    ``launch_chunk_update`` / ``launch_chunk_update_bwd`` (``launch_sequence_update`` / ``_bwd``: with reads, and
-    Hope's self-generated targets) would launch it."""
+    chunk size c, key width d and hidden width h (padded as at launch) and the given constexpr branches (those
+    the kernel has: the sequence kernels always read, with Hope's self-generated targets), as its launcher would
+    launch it."""
+    import importlib
+
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -39,18 +46,17 @@ def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized:
 
     from . import triton_chunk as tc
 
-    if tc.INTERPRETED:
-        raise RuntimeError("triton_chunk was imported with TRITON_INTERPRET=1: its kernels cannot be compiled")
-    fn = getattr(tc, KERNELS[kernel])
+    module_name, kernel_name = KERNELS[kernel]
+    module = importlib.import_module(f".{module_name}", __package__)
+    if module.INTERPRETED:
+        raise RuntimeError(f"{module_name} was imported with TRITON_INTERPRET=1: its kernels cannot be compiled")
+    fn = getattr(module, kernel_name)
     sig = {n: ("*" + dtype if n.endswith(("_ptr", "_out", "_grad")) else "i32" if n in INTEGERS
-               else "fp32" if n == "step_bound" else "constexpr") for n in fn.arg_names}
-    blocks = dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h))
-    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, ANCHOR=anchor,
-                  PRECISION=tc.PRECISION[getattr(torch, DTYPES[dtype])])
-    if kernel.startswith("sequence"):  # always with reads; Hope's self-generated targets
-        consts["SELF_TARGET"] = True
-    else:
-        consts["READS"] = reads
+               else "fp32" if n in FLOATS else "constexpr") for n in fn.arg_names}
+    blocks = {k: v for k, v in dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h)).items() if k in fn.arg_names}
+    consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, ANCHOR=anchor,
+                  SELF_TARGET=True, PRECISION=tc.PRECISION[getattr(torch, DTYPES[dtype])])
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget(*TARGET),
                               options=dict(num_warps=tc.num_warps(*blocks.values())))
     return Compiled(compiled.metadata.shared, len(compiled.asm["cubin"]))
