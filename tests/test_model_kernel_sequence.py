@@ -146,16 +146,17 @@ def test_model_scans_the_main_memory_in_one_launch(interpreted_kernel, no_fallba
     one forward and one backward launch per layer and training step, whatever the number of chunks; the per-chunk
     kernel runs the projection memories' complete chunks only (forward and backward), and every coefficient
     computation is one launch per direction (the main memory's for all its chunks at once, the projection memories'
-    per chunk). Without this the layer would silently keep the per-chunk path, or the coefficients in PyTorch, which
-    give the same numbers."""
+    per chunk), and so is every projection chunk's reads. Without this the layer would silently keep the per-chunk
+    path, or the coefficients or reads in PyTorch, which give the same numbers."""
     from hope_scale.model import build_model
-    from hope_scale.model.kernels import triton_coefficients
+    from hope_scale.model.kernels import triton_coefficients, triton_projection
     from tests.test_model_kernel import layer_config
 
     launches = {}
     for module, names in ((interpreted_kernel, ("launch_chunk_update", "launch_chunk_update_bwd",
                                                 "launch_sequence_update", "launch_sequence_update_bwd")),
-                          (triton_coefficients, ("launch_chunk_coefficients", "launch_chunk_coefficients_bwd"))):
+                          (triton_coefficients, ("launch_chunk_coefficients", "launch_chunk_coefficients_bwd")),
+                          (triton_projection, ("launch_projection_reads", "launch_projection_reads_bwd"))):
         for name in names:
             def counted(*args, _launch=getattr(module, name), _name=name, **kwargs):
                 launches[_name] = launches.get(_name, 0) + 1
@@ -166,7 +167,9 @@ def test_model_scans_the_main_memory_in_one_launch(interpreted_kernel, no_fallba
     ids = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(2))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
     # 40 tokens: main memory 2 whole chunks of 16 and a padded one; projection memories 2 complete chunks of 16
-    # (coefficients: per layer one main-memory launch and two projection ones, each way)
+    # (coefficients: per layer one main-memory launch and two projection ones, each way; the projection memories
+    # read every chunk, the buffered third too, in one launch each way)
     assert launches == {"launch_sequence_update": 2, "launch_sequence_update_bwd": 2,
                         "launch_chunk_update": 4, "launch_chunk_update_bwd": 4,
-                        "launch_chunk_coefficients": 6, "launch_chunk_coefficients_bwd": 6}, launches
+                        "launch_chunk_coefficients": 6, "launch_chunk_coefficients_bwd": 6,
+                        "launch_projection_reads": 6, "launch_projection_reads_bwd": 6}, launches

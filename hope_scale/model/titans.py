@@ -89,6 +89,15 @@ def scan_chunks(layer: "SelfModifyingTitans", mem: MemoryState, keys: torch.Tens
     return torch.cat(reads, dim=2), mem, bounds
 
 
+def projection_reads(layer: "SelfModifyingTitans", w1: torch.Tensor, w2: torch.Tensor, inputs: torch.Tensor,
+                     static_q: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """A projection chunk's k, v, q [B, H, n, d], eta, alpha [B, H, n] read from the projection memories' chunk-start
+    weights [B, H, P, ...] (``read_projections``), and every projection memory's targets M_□(v) there
+    [B, H, P, n, d] (``self_target``)."""
+    k, v, q, eta, alpha = layer.read_projections(w1, w2, inputs, static_q)
+    return k, v, q, eta, alpha, layer.self_target((w1, w2), v[:, :, None])
+
+
 class SelfModifyingTitans(nn.Module):
     def __init__(self, cfg: ModelConfig, self_modifying: bool = True):
         super().__init__()
@@ -206,6 +215,8 @@ class SelfModifyingTitans(nn.Module):
     # the coefficients of all the main memory's chunks at once: ``memory.chunk_coefficients``, or the Triton kernel's
     # (``model.kernel: triton``; the same coefficients)
     coefficients = staticmethod(chunk_coefficients)
+    # a projection chunk's reads and targets: ``projection_reads``, or the Triton kernel's (``model.kernel: triton``)
+    projection_reads = staticmethod(projection_reads)
 
     def retention_anchor(self, projection: bool):
         """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``, or
@@ -248,10 +259,9 @@ class SelfModifyingTitans(nn.Module):
             static_q = [None] * len(spans) if static_q is None else static_q.split(sizes, dim=2)
             for (a, b), chunk_inputs, chunk_q in zip(spans, inputs, static_q):
                 p = (pos + a) % c_proj
-                k, v, q, eta, alpha = self.read_projections(proj.w1, proj.w2, chunk_inputs, chunk_q)
+                k, v, q, eta, alpha, targets = self.projection_reads(self, proj.w1, proj.w2, chunk_inputs, chunk_q)
                 eta = charge_writes(eta, write_grad)
-                new = (k[:, :, None], self.self_target((proj.w1, proj.w2), v[:, :, None]),
-                       eta[:, :, None], alpha[:, :, None])
+                new = (k[:, :, None], targets, eta[:, :, None], alpha[:, :, None])
                 if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
                     proj = proj.buffered(p, *new)
                 else:

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import KERNELS
 from .chunk_update import kernel_chunk_step, kernel_mode_unavailable, rule_unsupported, warn_once
 from .coefficients import kernel_chunk_coefficients
+from .projection_reads import kernel_projection_reads
 from .sequence_update import kernel_scan_chunks
 
 
@@ -53,4 +54,6 @@ def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
         layer.chunk_step = kernel_chunk_step
         layer.scan_chunks = kernel_scan_chunks
         layer.coefficients = kernel_chunk_coefficients
+        if layer.self_modifying:
+            layer.projection_reads = kernel_projection_reads
     return model

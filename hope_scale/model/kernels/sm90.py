@@ -15,9 +15,11 @@ KERNELS = {  # name: (module of this package, kernel)
     "sequence forward": ("triton_chunk", "_sequence_update_kernel"),
     "sequence backward": ("triton_chunk", "_sequence_update_bwd_kernel"),
     "coefficients forward": ("triton_coefficients", "_chunk_coefficients_kernel"),
-    "coefficients backward": ("triton_coefficients", "_chunk_coefficients_bwd_kernel")}
-INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full")
-FLOATS = ("step_bound", "tiny")
+    "coefficients backward": ("triton_coefficients", "_chunk_coefficients_bwd_kernel"),
+    "projection reads forward": ("triton_projection", "_projection_reads_kernel"),
+    "projection reads backward": ("triton_projection", "_projection_reads_bwd_kernel")}
+INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full", "P", "PX", "H")
+FLOATS = ("step_bound", "tiny", "eta_max")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)
 
@@ -35,8 +37,8 @@ def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized:
                  erase: bool = True, reads: bool = True, anchor: bool = True) -> Compiled:
     """Compile ``kernel`` (a key of ``KERNELS``) for sm_90 with inputs of ``dtype`` ("fp32", "bf16", "fp16"),
     chunk size c, key width d and hidden width h (padded as at launch) and the given constexpr branches (those
-    the kernel has: the sequence kernels always read, with Hope's self-generated targets), as its launcher would
-    launch it."""
+    the kernel has: the sequence kernels always read, with Hope's self-generated targets; the projection reads
+    with normalized values, adaptive q and the memory on), as its launcher would launch it."""
     import importlib
 
     import torch
@@ -55,7 +57,8 @@ def compile_sm90(kernel: str, dtype: str, c: int, d: int, h: int, *, normalized:
                else "fp32" if n in FLOATS else "constexpr") for n in fn.arg_names}
     blocks = {k: v for k, v in dict(BC=tc.block(c), BD=tc.block(d), BH=tc.block(h)).items() if k in fn.arg_names}
     consts = dict(blocks, NORMALIZED=normalized, BOUND=bound, ERASE=erase, READS=reads, ANCHOR=anchor,
-                  SELF_TARGET=True, PRECISION=tc.PRECISION[getattr(torch, DTYPES[dtype])])
+                  SELF_TARGET=True, NORM_V=True, ADAPTIVE_Q=True, FROZEN=False,
+                  PRECISION=tc.PRECISION[getattr(torch, DTYPES[dtype])])
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget(*TARGET),
                               options=dict(num_warps=tc.num_warps(*blocks.values())))
