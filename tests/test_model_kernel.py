@@ -135,6 +135,9 @@ CASES = {  # name: (chunk_inputs kwargs, run kwargs)
     "C=32, d=16, h=32": (dict(batch=(1, 2), c=32, hid=32), dict()),
     "plain eta, no step bound": (dict(), dict(rule=UpdateRule(step_bound=0.0, normalized_eta=False))),
     "not first-order, tighter bound": (dict(), dict(rule=UpdateRule(step_bound=0.5, first_order=False))),
+    # the recomputed backward with shared keys and coefficients and an anchor broadcast over the batch
+    "projection stack, anchor, not first-order": (dict(batch=(2, 2, 3), reads=False, shared_keys_axis=True,
+                                                       anchor=True), dict(rule=UpdateRule(first_order=False))),
 }
 
 
@@ -147,6 +150,23 @@ def test_kernel_equals_naive_float32(case, interpreted_kernel, no_fallback):
     assert_results_close(out, ref, tol=1e-5)
     if kw.get("rule", UpdateRule()).step_bound > 0:
         assert (ref.scale < 1).any()  # the step bound is active somewhere: its path is exercised
+
+
+def test_projection_stack_shares_keys_coefficients_and_anchor(interpreted_kernel, no_fallback, monkeypatch):
+    """The stacked projection memories' kernel reads their shared keys, eta and coefficients once per head and
+    the anchor once per head and memory (program n: entry n // P, n % (H P)), not a copy per memory and sample:
+    with B, H, P = 2, 2, 3 the launch gets 4 rows of keys and coefficients and 6 of anchors for 12 programs."""
+    rows = {}
+
+    def recorded(*args, _launch=interpreted_kernel.launch_chunk_update, **kwargs):
+        x = dict(zip(interpreted_kernel.KERNEL_INPUTS, args))
+        rows.update({name: x[name].shape[0] for name in ("w1", "keys", "eta", "erase_inverse", "anchor1")})
+        return _launch(*args, **kwargs)
+
+    monkeypatch.setattr(interpreted_kernel, "launch_chunk_update", recorded)
+    inputs, kw = CASES["projection stack, no reads, anchor"]
+    run(kernel_module.kernel_chunk_step, chunk_inputs(**inputs), **kw)
+    assert rows == dict(w1=12, keys=4, eta=4, erase_inverse=4, anchor1=6), rows
 
 
 @pytest.mark.parametrize("case", ["main memory, reads, erase, anchor", "projection stack [B,H,P], no reads"])

@@ -200,7 +200,13 @@ def recompute_backward(ctx, saved: tuple, grads) -> tuple:
     inputs = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip(saved, needs)]
     w1, w2, s1, s2, keys, targets, queries, anchor1, anchor2, *coef = inputs
-    with torch.enable_grad():
+    with torch.enable_grad():  # inputs shared by several programs (launch_chunk_update) repeated for each
+        n = w1.shape[0]
+        share, n_anchors = n // keys.shape[0], anchor1.shape[0] if anchor1 is not None else n
+        each = lambda t: t.repeat_interleave(share, 0) if t is not None and share > 1 else t  # noqa: E731
+        keys, queries, coef = each(keys), each(queries), [each(t) for t in coef]
+        if n_anchors < n:
+            anchor1, anchor2 = (a.repeat(n // n_anchors, 1, 1) for a in (anchor1, anchor2))
         r = chunk_update(MemoryState(w1, w2, s1, s2, None, None, None, None), keys, targets,
                          ChunkCoefficients(**dict(zip(COEF_FIELDS, coef))), ctx.beta, ctx.rule,
                          queries=queries, n_valid=ctx.n_valid,
@@ -238,9 +244,20 @@ def kernel_chunk_update(state: MemoryState, keys: torch.Tensor, targets: torch.T
                if getattr(coef, f) is not None]
     batch = torch.broadcast_shapes(*shapes)
     anchor1, anchor2 = anchor if anchor is not None else (None, None)
-    tensors = [_flat(t, batch, 2) for t in (state.w1, state.w2, state.s1, state.s2, keys, targets, queries,
-                                            anchor1, anchor2)]
-    tensors += [_flat(getattr(coef, f), batch, 2 if f in MATRIX_FIELDS else 1) for f in COEF_FIELDS]
+    shared = [keys, queries] + [getattr(coef, f) for f in COEF_FIELDS]
+    shared_trailing = [2, 2] + [2 if f in MATRIX_FIELDS else 1 for f in COEF_FIELDS]
+    # the stacked projection memories share their keys and coefficients (a singleton last batch axis): the kernel
+    # reads them at program // share instead of a copy per memory; likewise an anchor broadcast over the batch
+    share_batch = (*batch[:-1], 1)
+    shares = len(batch) > 0 and all(t is None or t.shape[:t.dim() - k] == share_batch
+                                    for t, k in zip(shared, shared_trailing))
+    anchors_batch = batch[1:] if anchor1 is not None and anchor1.shape[:-2] == batch[1:] else batch
+    tensors = [_flat(t, batch, 2) for t in (state.w1, state.w2, state.s1, state.s2)]
+    tensors += [_flat(keys, share_batch if shares else batch, 2), _flat(targets, batch, 2),
+                _flat(queries, share_batch if shares else batch, 2)]
+    tensors += [_flat(t, anchors_batch, 2) for t in (anchor1, anchor2)]
+    tensors += [_flat(getattr(coef, f), share_batch if shares else batch, 2 if f in MATRIX_FIELDS else 1)
+                for f in COEF_FIELDS]
     try:
         w1, w2, s1, s2, overshoot, scale, *reads = ChunkUpdate.apply(beta, rule, n_valid, *tensors)
     except triton_out_of_resources() as e:  # a GPU with less shared memory than an H100's: the tiles do not fit

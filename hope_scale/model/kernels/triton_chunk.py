@@ -327,7 +327,7 @@ def _read_preactivations(queries, w2, a2, gamma, d_qk, e_qk, x_state, x_grad, et
 
 @triton.jit
 def _chunk_forward(
-    w1, w2, targets, idx, sid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+    w1, w2, targets, idx, cid, sid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
     reads_out, overshoot_out, scale_out,
     C, D, HID, last, step_bound,
@@ -336,32 +336,32 @@ def _chunk_forward(
     ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One chunk from its start weights w1 [d, h], w2 [h, d] and its targets V̂ [C, d] (fp32 tiles): the chunk's
-    other inputs are entry ``idx`` of their pointers, the anchor entry ``sid``. Stores the reads, overshoot and
-    scale as entry ``idx``; returns the weights and momentum after token ``last`` (the module docstring's
+    keys, queries and coefficients are entry ``cid`` of their pointers (shared by the programs of one chunk's
+    stacked memories), the anchor entry ``sid``. Stores the reads, overshoot and scale as entry ``idx``; returns the weights and momentum after token ``last`` (the module docstring's
     equations)."""
     at_last = tl.arange(0, BC) == last
-    keys = _load_tile(keys_ptr, idx, C, D, BC, BD)  # [C, d]
-    eta = _load_vec(eta_ptr, idx, C, BC)  # [C]
-    gamma = _load_vec(gamma_ptr, idx, C, BC)
+    keys = _load_tile(keys_ptr, cid, C, D, BC, BD)  # [C, d]
+    eta = _load_vec(eta_ptr, cid, C, BC)  # [C]
+    gamma = _load_vec(gamma_ptr, cid, C, BC)
 
     z, h, dsilu, u, p, delta = _factors(keys, targets, w1, w2, PRECISION)
     rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
     eta_u = rate[:, None] * u
     eta_delta = rate[:, None] * delta
-    lam, scale = _overshoots(e_ptr, idx, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+    lam, scale = _overshoots(e_ptr, cid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
                              BC, BOUND, READS, PRECISION)
     s_end = _at(scale, at_last)
     if ERASE:
-        gamma_prev = _load_vec(gamma_prev_ptr, idx, C, BC)
-        inverse = _load_tile(inverse_ptr, idx, C, C, BC, BC)
-        e_kk_prev = _load_tile(e_kk_prev_ptr, idx, C, C, BC, BC)
+        gamma_prev = _load_vec(gamma_prev_ptr, cid, C, BC)
+        inverse = _load_tile(inverse_ptr, cid, C, C, BC, BC)
+        e_kk_prev = _load_tile(e_kk_prev_ptr, cid, C, C, BC, BC)
         known, _ = _erase_known(z, keys, _load_tile(a2_ptr, sid, HID, D, BH, BD) if ANCHOR else w2, gamma_prev,
                                 ANCHOR, PRECISION)
         x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
 
     # the state after the last valid token L
     gamma_end = _at(gamma, at_last)
-    e_end = _load_row(e_ptr, idx, last, C, BC)
+    e_end = _load_row(e_ptr, cid, last, C, BC)
     if ANCHOR:  # retention decays toward (A1, A2) (loaded where used: fewer live tiles)
         w1_end = gamma_end * w1 + (1.0 - gamma_end) * _load_tile(a1_ptr, sid, D, HID, BD, BH)
         w2_end = gamma_end * w2 + (1.0 - gamma_end) * _load_tile(a2_ptr, sid, HID, D, BH, BD)
@@ -370,7 +370,7 @@ def _chunk_forward(
     new_w1 = w1_end - s_end * _dot(tl.trans(e_end[:, None] * eta_u), h, PRECISION)
     new_w2 = w2_end - s_end * _dot(tl.trans(e_end[:, None] * eta_delta), keys, PRECISION)
     if ERASE:
-        d_end = _load_row(d_ptr, idx, last, C, BC)
+        d_end = _load_row(d_ptr, cid, last, C, BC)
         new_w2 += _dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, PRECISION)
     new_s1 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, PRECISION)
     new_s2 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, PRECISION)
@@ -378,10 +378,10 @@ def _chunk_forward(
     tl.store(scale_out + idx, s_end.to(scale_out.dtype.element_ty))
 
     if READS:  # o_t = m_{W_t}(q_t), the gradient parts of W_t scaled by s_t
-        queries = _load_tile(queries_ptr, idx, C, D, BC, BD)
-        e_qk = _load_tile(e_qk_ptr, idx, C, C, BC, BC)
+        queries = _load_tile(queries_ptr, cid, C, D, BC, BD)
+        e_qk = _load_tile(e_qk_ptr, cid, C, C, BC, BC)
         if ERASE:
-            d_qk = _load_tile(d_qk_ptr, idx, C, C, BC, BC)
+            d_qk = _load_tile(d_qk_ptr, cid, C, C, BC, BC)
         else:
             d_qk, x_state, x_grad = e_qk, h, h  # unused without erase
         a2 = _load_tile(a2_ptr, sid, HID, D, BH, BD) if ANCHOR else w2
@@ -389,7 +389,7 @@ def _chunk_forward(
                                                     ANCHOR, ERASE, PRECISION)
         zq = zq_state + scale[:, None] * zq_grad
         hq = zq * _sigmoid(zq)
-        e_mat = _load_tile(e_ptr, idx, C, C, BC, BC)
+        e_mat = _load_tile(e_ptr, cid, C, C, BC, BC)
         hq_h = e_mat * _dot(hq, tl.trans(h), PRECISION)  # E_ti (hq_t . h_i)
         branch = (gamma[:, None] * _dot(hq, tl.trans(w1), PRECISION)
                   - scale[:, None] * _dot(hq_h, eta_u, PRECISION))
@@ -414,16 +414,18 @@ def _chunk_update_kernel(
     w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
     w1_out, w2_out, s1_out, s2_out, reads_out, overshoot_out, scale_out,
-    C, D, HID, last, step_bound,
+    C, D, HID, last, step_bound, share, n_anchors,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
     ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One chunk per program (entry pid of every input): ``_chunk_forward`` from the stored start weights."""
+    """One chunk per program: ``_chunk_forward`` from the stored start weights (entry pid of the weights and
+    targets; ``share`` consecutive programs share their keys, queries and coefficients, the stacked projection
+    memories of one head; the anchor is entry pid % ``n_anchors``, broadcast over the batch)."""
     pid = tl.program_id(0).to(tl.int64)
     new_w1, new_w2, new_s1, new_s2 = _chunk_forward(
         _load_tile(w1_ptr, pid, D, HID, BD, BH), _load_tile(w2_ptr, pid, HID, D, BH, BD),
-        _load_tile(targets_ptr, pid, C, D, BC, BD), pid, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+        _load_tile(targets_ptr, pid, C, D, BC, BD), pid, pid // share, pid % n_anchors, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
         eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
         reads_out, overshoot_out, scale_out, C, D, HID, last, step_bound,
         BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
@@ -643,7 +645,7 @@ def _factors_bwd(g_u, g_delta, g_dsilu, g_h, g_z, z, p, dsilu, w1, w2, PRECISION
 
 @triton.jit
 def _chunk_backward(
-    w1, w2, targets, g_w1, g_w2, g_s1, g_s2, idx, sid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+    w1, w2, targets, g_w1, g_w2, g_s1, g_s2, idx, cid, sid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr, g_reads_ptr,
     keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad, e_kk_prev_grad, inverse_grad,
     d_qk_grad, e_qk_grad,
@@ -654,14 +656,15 @@ def _chunk_backward(
 ):
     """Backward of ``_chunk_forward`` for one chunk: from its start weights w1, w2 and targets (fp32 tiles) and the
     gradients of its end weights and momentum (g_w1, g_w2, g_s1, g_s2, tiles) and of its reads (entry ``idx`` of
-    ``g_reads_ptr``). Stores the gradients of the chunk's other inputs as entry ``idx``; returns those of the start
-    weights, the targets and the anchor (tiles: 0 without an anchor)."""
+    ``g_reads_ptr``), with its keys, queries and coefficients at entry ``cid`` (as ``_chunk_forward``). Stores the
+    gradients of the chunk's other inputs as entry ``idx`` (per program: shared inputs' are summed by the caller);
+    returns those of the start weights, the targets and the anchor (tiles: 0 without an anchor)."""
     rc = tl.arange(0, BC)
     at_last = rc == last
     # recompute the forward's intermediates (the forward stores none)
-    keys = _load_tile(keys_ptr, idx, C, D, BC, BD)
-    eta = _load_vec(eta_ptr, idx, C, BC)
-    gamma = _load_vec(gamma_ptr, idx, C, BC)
+    keys = _load_tile(keys_ptr, cid, C, D, BC, BD)
+    eta = _load_vec(eta_ptr, cid, C, BC)
+    gamma = _load_vec(gamma_ptr, cid, C, BC)
     if ANCHOR:
         a1 = _load_tile(a1_ptr, sid, D, HID, BD, BH)
         a2 = _load_tile(a2_ptr, sid, HID, D, BH, BD)
@@ -673,17 +676,17 @@ def _chunk_backward(
     rate = _rate(eta, keys, h, u, delta, dsilu, w1, NORMALIZED, PRECISION)
     eta_u = rate[:, None] * u
     eta_delta = rate[:, None] * delta
-    lam, scale = _overshoots(e_ptr, idx, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
+    lam, scale = _overshoots(e_ptr, cid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound,
                              BC, BOUND, READS, PRECISION)
     s_end = _at(scale, at_last)
-    e_end = _load_row(e_ptr, idx, last, C, BC)
+    e_end = _load_row(e_ptr, cid, last, C, BC)
     if ERASE:
-        gamma_prev = _load_vec(gamma_prev_ptr, idx, C, BC)
-        inverse = _load_tile(inverse_ptr, idx, C, C, BC, BC)
-        e_kk_prev = _load_tile(e_kk_prev_ptr, idx, C, C, BC, BC)
+        gamma_prev = _load_vec(gamma_prev_ptr, cid, C, BC)
+        inverse = _load_tile(inverse_ptr, cid, C, C, BC, BC)
+        e_kk_prev = _load_tile(e_kk_prev_ptr, cid, C, C, BC, BC)
         known, known_diff = _erase_known(z, keys, a2, gamma_prev, ANCHOR, PRECISION)
         x_state, x_grad, ekk_ed = _erase_vectors(inverse, e_kk_prev, eta, known, eta_delta, PRECISION)
-        d_end = _load_row(d_ptr, idx, last, C, BC)
+        d_end = _load_row(d_ptr, cid, last, C, BC)
     else:
         x_state, x_grad, d_end = h, h, e_end  # unused without erase
 
@@ -701,15 +704,15 @@ def _chunk_backward(
     if ERASE:  # D enters through row L only (and nothing without erase)
         _store_tile(d_grad, idx, tl.where(at_last[:, None], g_d_end[None, :], 0.0), C, C, BC, BC)
     if READS:
-        queries = _load_tile(queries_ptr, idx, C, D, BC, BD)
-        e_qk = _load_tile(e_qk_ptr, idx, C, C, BC, BC)
+        queries = _load_tile(queries_ptr, cid, C, D, BC, BD)
+        e_qk = _load_tile(e_qk_ptr, cid, C, C, BC, BC)
         if ERASE:
-            d_qk = _load_tile(d_qk_ptr, idx, C, C, BC, BC)
+            d_qk = _load_tile(d_qk_ptr, cid, C, C, BC, BC)
         else:
             d_qk = e_qk  # unused without erase
         (g_q, g_w1_r, g_w2_r, g_a1_r, g_a2_r, g_gamma_r, g_scale_r, g_e_r, g_h_r, g_eu_r, g_ed_r, g_dqk, g_eqk,
          g_xs_r, g_xg_r) = _reads_bwd(_load_tile(g_reads_ptr, idx, C, D, BC, BD), queries, w1, w2, a1, a2, h, eta_u,
-                                      eta_delta, gamma, scale, _load_tile(e_ptr, idx, C, C, BC, BC), d_qk, e_qk,
+                                      eta_delta, gamma, scale, _load_tile(e_ptr, cid, C, C, BC, BC), d_qk, e_qk,
                                       x_state, x_grad, ANCHOR, ERASE, PRECISION)
         _store_tile(queries_grad, idx, g_q, C, D, BC, BD)
         _store_tile(e_qk_grad, idx, g_eqk, C, C, BC, BC)
@@ -753,7 +756,7 @@ def _chunk_backward(
     g_dsilu = delta * 0.0
     if BOUND:
         g_rate_b, g_e_b, g_u_b, g_delta_b, g_dsilu, g_h_b, g_k_b = _overshoots_bwd(
-            g_scale, lam, e_ptr, idx, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound, BC, READS, PRECISION)
+            g_scale, lam, e_ptr, cid, C, last, rate, keys, h, u, delta, dsilu, w1, step_bound, BC, READS, PRECISION)
         g_rate += g_rate_b
         g_e += g_e_b
         g_u += g_u_b
@@ -777,20 +780,21 @@ def _chunk_update_bwd_kernel(
     g_w1_ptr, g_w2_ptr, g_s1_ptr, g_s2_ptr, g_reads_ptr,
     w1_grad, w2_grad, keys_grad, targets_grad, queries_grad, a1_grad, a2_grad, eta_grad, gamma_grad, d_grad, e_grad,
     gamma_prev_grad, e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad,
-    C, D, HID, last, step_bound,
+    C, D, HID, last, step_bound, share, n_anchors,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     NORMALIZED: tl.constexpr, BOUND: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr,
     ANCHOR: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Gradients of the forward kernel's inputs (``*_grad``) from those of its outputs W1', W2', S1', S2' and
-    the reads (``g_*_ptr``); the same constexpr branches as the forward. One chunk per program:
-    ``_chunk_backward``."""
+    the reads (``g_*_ptr``); the same constexpr branches and indexing as the forward. One chunk per program:
+    ``_chunk_backward``; every gradient is stored per program (the launcher sums shared inputs' and the
+    anchor's)."""
     pid = tl.program_id(0).to(tl.int64)
     g_w1, g_w2, g_v, g_a1, g_a2 = _chunk_backward(
         _load_tile(w1_ptr, pid, D, HID, BD, BH), _load_tile(w2_ptr, pid, HID, D, BH, BD),
         _load_tile(targets_ptr, pid, C, D, BC, BD), _load_tile(g_w1_ptr, pid, D, HID, BD, BH),
         _load_tile(g_w2_ptr, pid, HID, D, BH, BD), _load_tile(g_s1_ptr, pid, D, HID, BD, BH),
-        _load_tile(g_s2_ptr, pid, HID, D, BH, BD), pid, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+        _load_tile(g_s2_ptr, pid, HID, D, BH, BD), pid, pid // share, pid % n_anchors, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
         eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr, g_reads_ptr,
         keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad, e_kk_prev_grad, inverse_grad,
         d_qk_grad, e_qk_grad, C, D, HID, last, step_bound,
@@ -864,7 +868,7 @@ def _sequence_update_kernel(
         _store_tile(w2_starts_out, idx, w2, HID, D, BH, BD)
         targets = _targets(_load_tile(values_ptr, idx, C, D, BC, BD), w1, w2, SELF_TARGET, PRECISION)
         w1, w2, s1, s2 = _chunk_forward(
-            w1, w2, targets, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+            w1, w2, targets, idx, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
             eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
             reads_out, overshoot_out, scale_out, C, D, HID, C - 1, step_bound,
             BC, BD, BH, NORMALIZED, BOUND, ERASE, True, ANCHOR, PRECISION)
@@ -908,7 +912,7 @@ def _sequence_update_bwd_kernel(
         w2 = _load_tile(w2_starts_ptr, idx, HID, D, BH, BD)
         values = _load_tile(values_ptr, idx, C, D, BC, BD)
         g_w1, g_w2, g_t, g_a1_n, g_a2_n = _chunk_backward(
-            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2, g_s1, g_s2, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2, g_s1, g_s2, idx, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
             eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
             g_reads_ptr, keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad,
             e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad, C, D, HID, C - 1, step_bound,
@@ -948,27 +952,43 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _grad_buffers(x: dict, grads, dummy: torch.Tensor) -> tuple[tuple, list]:
-    """For a backward kernel: the gradients of the forward's outputs w1, w2, s1, s2, reads (contiguous; None: zero,
-    or ``dummy`` where the output does not exist), and empty gradient buffers for the inputs ``x`` (None for an
+def _grad_buffers(x: dict, grads, reads: torch.Tensor | None, dummy: torch.Tensor) -> tuple[tuple, list]:
+    """For a backward kernel: the gradients of the forward's outputs w1, w2, s1, s2 and ``reads`` (an empty tensor
+    of the reads' shape, None without reads) (contiguous; None: zero, or ``dummy`` where the output does not exist),
+    and empty gradient buffers for the inputs ``x``, one entry per program (the leading size of w1; None for an
     absent input, and for d_mat and d_qk without erase: they enter nothing)."""
+    n = x["w1"].shape[0]
     outputs = tuple(g.contiguous() if g is not None else torch.zeros_like(like) if like is not None else dummy
-                    for g, like in zip(grads, (x["w1"], x["w2"], x["w1"], x["w2"], x["queries"])))
+                    for g, like in zip(grads, (x["w1"], x["w2"], x["w1"], x["w2"], reads)))
     erase = x["erase_inverse"] is not None
     present = [t is not None and (name not in ("d_mat", "d_qk") or erase) for name, t in x.items()]
-    return outputs, [torch.empty_like(t) if ok else None for t, ok in zip(x.values(), present)]
+    return outputs, [t.new_empty(n, *t.shape[1:]) if ok else None for t, ok in zip(x.values(), present)]
+
+
+def _summed(grads: list, names, share: int, n_anchors: int) -> tuple:
+    """Per-program gradients of ``names`` (``KERNEL_INPUTS``) summed as the inputs were shared: the keys, queries
+    and coefficients over their ``share`` consecutive programs, the anchors over the batch (entry pid % n_anchors)."""
+    def summed(name, g):
+        if g is None:
+            return None
+        if name in ("anchor1", "anchor2"):
+            return g.view(-1, n_anchors, *g.shape[1:]).sum(0) if g.shape[0] > n_anchors else g
+        if name not in ("w1", "w2", "targets") and share > 1:
+            return g.view(-1, share, *g.shape[1:]).sum(1)
+        return g
+    return tuple(summed(name, g) for name, g in zip(names, grads))
 
 
 def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, gamma, d_mat, e_mat, gamma_prev,
                         e_kk_prev, inverse, d_qk, e_qk, *, last: int, step_bound: float, normalized_eta: bool):
-    """Run the kernel on flat contiguous inputs (``KERNEL_INPUTS``; leading axis N: one program each); returns new
-    (w1, w2, s1, s2), reads (None without queries), overshoot [N] and scale [N]. ``inverse`` None: no erase term;
-    ``anchor1/2`` None: retention toward zero."""
-    n, c, d = keys.shape
-    hid = w1.shape[-1]
+    """Run the kernel on flat contiguous inputs (``KERNEL_INPUTS``: weights and targets [N, ...], one program each;
+    keys, queries and coefficients [N / share, ...], shared by ``share`` consecutive programs; anchors [N_A, ...],
+    program n's the entry n % N_A); returns new (w1, w2, s1, s2), reads [N, C, d] (None without queries), overshoot
+    [N] and scale [N]. ``inverse`` None: no erase term; ``anchor1/2`` None: retention toward zero."""
+    n, (c, d), hid = w1.shape[0], keys.shape[1:], w1.shape[-1]
     new_w1, new_w2 = torch.empty_like(w1), torch.empty_like(w2)
     new_s1, new_s2 = torch.empty_like(w1), torch.empty_like(w2)
-    reads = torch.empty_like(queries) if queries is not None else None
+    reads = queries.new_empty(n, c, d) if queries is not None else None
     overshoot = eta.new_empty(n)
     scale = eta.new_empty(n)
     erase = inverse is not None
@@ -981,7 +1001,8 @@ def launch_chunk_update(w1, w2, keys, targets, queries, anchor1, anchor2, eta, g
             inverse if erase else dummy, d_qk if queries is not None and erase else dummy,
             e_qk if queries is not None else dummy,
             new_w1, new_w2, new_s1, new_s2, reads if reads is not None else dummy, overshoot, scale,
-            c, d, hid, last, float(step_bound), **_tiles(c, d, hid),
+            c, d, hid, last, float(step_bound), n // keys.shape[0], anchor1.shape[0] if anchor1 is not None else 1,
+            **_tiles(c, d, hid),
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=erase, READS=queries is not None,
             ANCHOR=anchor1 is not None, PRECISION=PRECISION[w1.dtype],
         )
@@ -995,24 +1016,25 @@ KERNEL_INPUTS = ("w1", "w2", "keys", "targets", "queries", "anchor1", "anchor2",
 
 def launch_chunk_update_bwd(inputs, grads, *, last: int, step_bound: float, normalized_eta: bool):
     """Run the backward kernel on the forward's flat contiguous inputs (``KERNEL_INPUTS``; None where absent, as
-    in ``launch_chunk_update``) and the gradients of its outputs (w1, w2, s1, s2, reads; None: zero). Returns the
-    gradients of the inputs, in that order: None for an absent input, and for d_mat and d_qk without erase (they
-    enter nothing)."""
+    in ``launch_chunk_update``, shared ones too) and the gradients of its outputs (w1, w2, s1, s2, reads; None:
+    zero). Returns the gradients of the inputs, in that order and in their shapes: None for an absent input, and
+    for d_mat and d_qk without erase (they enter nothing)."""
     x = dict(zip(KERNEL_INPUTS, inputs))
-    w1, keys = x["w1"], x["keys"]
-    n, c, d = keys.shape
-    hid = w1.shape[-1]
+    w1, keys, anchor1 = x["w1"], x["keys"], x["anchor1"]
+    n, (c, d), hid = w1.shape[0], keys.shape[1:], w1.shape[-1]
+    share, n_anchors = n // keys.shape[0], anchor1.shape[0] if anchor1 is not None else 1
     dummy = x["eta"]  # pointer arguments that a constexpr branch never reads or writes
-    output_grads, out = _grad_buffers(x, grads, dummy)
+    reads = x["queries"].new_empty(n, c, d) if x["queries"] is not None else None
+    output_grads, out = _grad_buffers(x, grads, reads, dummy)
     with _on_device(keys):
         _chunk_update_bwd_kernel[(n,)](
             *(t if t is not None else dummy for t in inputs), *output_grads,
             *(t if t is not None else dummy for t in out),
-            c, d, hid, last, float(step_bound), **_tiles(c, d, hid),
+            c, d, hid, last, float(step_bound), share, n_anchors, **_tiles(c, d, hid),
             NORMALIZED=normalized_eta, BOUND=step_bound > 0, ERASE=x["erase_inverse"] is not None,
-            READS=x["queries"] is not None, ANCHOR=x["anchor1"] is not None, PRECISION=PRECISION[w1.dtype],
+            READS=x["queries"] is not None, ANCHOR=anchor1 is not None, PRECISION=PRECISION[w1.dtype],
         )
-    return tuple(out)
+    return _summed(out, KERNEL_INPUTS, share, n_anchors)
 
 
 # the sequence kernel's tensor inputs, in its argument order (its backward takes the stored chunk-start weights,
@@ -1057,7 +1079,7 @@ def launch_sequence_update_bwd(inputs, starts, grads, *, n_full: int, step_bound
     w1, keys = x["w1"], x["keys"]
     n, n_chunks, c, d = keys.shape
     dummy = x["eta"]
-    output_grads, out = _grad_buffers(x, grads, dummy)
+    output_grads, out = _grad_buffers(x, grads, x["queries"], dummy)
     with _on_device(keys):
         _sequence_update_bwd_kernel[(n,)](
             *starts, *(t if t is not None else dummy for t in inputs[2:]), *output_grads,
