@@ -16,7 +16,9 @@ compiled for the GPU it finds, against the naive ``memory.chunk_update`` on the 
 The main memory's sequence kernel (``kernels/sequence_update.py``, a forward's whole chunks in one launch) is checked
 the same way on tests/test_model_kernel_sequence.py's ``CASES`` against ``titans.scan_chunks`` with the naive chunk
 step (fp32: every output and gradient within 1e-5; bf16: within 5e-2 of the fp32 result and no further than the naive
-bf16 scan plus 2e-2).
+bf16 scan plus 2e-2). The chunk-coefficient and projection-reads kernels (``kernels/coefficients.py``,
+``kernels/projection_reads.py``) on their tests' cases against a float64 reference (fp32: within 2e-5, or twice the
+naive fp32 path's error; bf16: within 2e-2, or the naive bf16 path's error plus 1e-2).
 
 Then it times forward + backward (bf16) at the shipped 760m/1.3b memory shapes: one chunk, kernel vs naive, of the
 main memory (batch 1 x 24 heads, C = 16, d = h = 64, reads) and of the stacked projection memories (x 5, C = 64, no
@@ -36,11 +38,13 @@ from hope_scale.model import memory
 from hope_scale.model.kernels import chunk_update as kernel_module
 from hope_scale.model.kernels.sequence_update import kernel_scan_chunks
 from hope_scale.model.titans import scan_chunks
+from tests import test_model_kernel_coefficients as coefficient_tests
+from tests import test_model_kernel_projection as projection_tests
 from tests import test_model_kernel_sequence as sequence_tests
 from tests.test_model_kernel import RESULT_FIELDS, rel_err
 from tests.test_model_kernel_backward import CASES, chunk_leaves, update_with_grads
 
-PARTS = ("sequence", "sequence-timing", "chunk", "chunk-timing")
+PARTS = ("sequence", "sequence-timing", "projection", "chunk", "chunk-timing")
 SHAPES = {  # name: chunk_leaves kwargs at the shipped models' memory shapes
     "main memory (1 x 24, C16 d64 h64, reads)": dict(batch=(1, 24), c=16, d=64, hid=64),
     "projection memories (1 x 24 x 5, C64 d64 h64)": dict(batch=(1, 24, 5), c=64, d=64, hid=64, reads=False,
@@ -155,6 +159,52 @@ def check_sequence_cases() -> bool:
     return ok_all
 
 
+def reference_errs(got, want) -> dict[str, float]:
+    """Relative errors of every output and gradient of ``got`` against ``want`` ((outputs, gradients) as the
+    coefficient and projection-reads tests' ``run`` return them)."""
+    (outs, grads), (ref_outs, ref_grads) = got, want
+    items = ref_outs.items() if isinstance(ref_outs, dict) else enumerate(ref_outs)
+    errs = {f"output {k}": rel_err(outs[k], v) for k, v in items if v is not None and v.abs().max() > 0}
+    errs.update({k: rel_err(grads[k], v) for k, v in ref_grads.items() if v is not None and v.abs().max() > 0})
+    return errs
+
+
+def check_projection_cases() -> bool:
+    """The coefficient and projection-reads kernels against float64 on the GPU (their tests' cases)."""
+    from hope_scale.model.kernels.coefficients import kernel_chunk_coefficients
+    from hope_scale.model.kernels.projection_reads import kernel_projection_reads
+    from hope_scale.model.titans import projection_reads
+
+    print("\n| kernel case | dtype | worst rel. err vs float64 (what) | naive err | fallbacks | ok |")
+    print("|---|---|---|---|---|---|")
+    runs = []  # (name, run(fn, dtype) -> (outputs, gradients), kernel fn, naive fn)
+    for name, (c, d, erase, reads) in coefficient_tests.CASES.items():
+        x = on_cuda(coefficient_tests.inputs(c, d))
+        runs.append((f"coefficients: {name}", lambda fn, dtype, x=x, e=erase, r=reads:
+                     coefficient_tests.run(fn, x, e, r, dtype), kernel_chunk_coefficients, memory.chunk_coefficients))
+    for name, (overrides, frozen) in projection_tests.CASES.items():
+        layer = projection_tests.make_layer(overrides, frozen)
+        x = on_cuda(projection_tests.inputs(layer))
+        layer.cuda()
+        runs.append((f"projection reads: {name}", lambda fn, dtype, x=x, layer=layer:
+                     projection_tests.run(layer, fn, x, dtype), kernel_projection_reads, projection_reads))
+    ok_all = True
+    for name, run_case, kernel, naive in runs:
+        ref = run_case(naive, torch.float64)
+        for dtype, tol, slack in ((torch.float32, 2e-5, None), (torch.bfloat16, 2e-2, 1e-2)):
+            kernel_module._warned.clear()
+            errs = reference_errs(run_case(kernel, dtype), ref)
+            fell = set(kernel_module._warned)
+            naive_errs = reference_errs(run_case(naive, dtype), ref)
+            limit = {k: max(tol, 2 * naive_errs[k] if slack is None else naive_errs[k] + slack) for k in errs}
+            ok = all(errs[k] <= limit[k] for k in errs) and not fell
+            err, at = worst(errs)
+            print(f"| {name} | {str(dtype).split('.')[-1]} | {err:.1e} ({at}) | {max(naive_errs.values()):.1e} | "
+                  f"{'; '.join(fell) or 'none'} | {'yes' if ok else 'NO'} |", flush=True)
+            ok_all &= ok
+    return ok_all
+
+
 def time_scan(repeats: int, n_chunks: int = 256) -> None:
     """Forward + backward of the main memory's scan over ``n_chunks`` chunks at the shipped shape (bf16)."""
     from hope_scale.model.kernels.chunk_update import kernel_chunk_step
@@ -202,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         ok &= check_sequence_cases()
     if "sequence-timing" in args.parts:
         time_scan(max(1, args.repeats // 4))
+    if "projection" in args.parts:
+        ok &= check_projection_cases()
     if "chunk" in args.parts:
         ok &= check_cases()
     if "chunk-timing" in args.parts:

@@ -59,6 +59,16 @@ class OpCounter(TorchDispatchMode):
                 self.inside_launch -= 1
         return wrapped
 
+    def counting_kernel(self, kernel):
+        """A kernel whose launches ``kernel[grid](...)`` are counted (the launchers' own tensor work is not a
+        launch: it counts as operations)."""
+        counter = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                return counter.counting(kernel[grid])
+        return Counted()
+
 
 def count_step(cfg: ModelConfig, seq_len: int, checkpointing: str) -> tuple[int, int]:
     """(ATen operations, Triton launches) of one bf16 training step (loss, backward) of ``cfg`` on one sequence."""
@@ -66,16 +76,16 @@ def count_step(cfg: ModelConfig, seq_len: int, checkpointing: str) -> tuple[int,
     model = apply_activation_checkpointing(build_model(cfg).to(torch.bfloat16), checkpointing)  # as trained
     ids = torch.randint(0, cfg.vocab_size, (1, seq_len + 1))
     counter = OpCounter()
-    patched = []  # (module, name, launcher)
+    patched = []  # (module, name, kernel)
     if cfg.kernel == "triton":
-        from hope_scale.model.kernels import triton_chunk, triton_coefficients
+        import importlib
 
-        for module, names in ((triton_chunk, ("launch_chunk_update", "launch_chunk_update_bwd",
-                                              "launch_sequence_update", "launch_sequence_update_bwd")),
-                              (triton_coefficients, ("launch_chunk_coefficients", "launch_chunk_coefficients_bwd"))):
-            for name in names:
-                patched.append((module, name, getattr(module, name)))
-                setattr(module, name, counter.counting(getattr(module, name)))
+        from hope_scale.model.kernels import sm90
+
+        for module_name, name in sm90.KERNELS.values():  # every Triton kernel of model.kernel: triton
+            module = importlib.import_module(f"hope_scale.model.kernels.{module_name}")
+            patched.append((module, name, getattr(module, name)))
+            setattr(module, name, counter.counting_kernel(getattr(module, name)))
     try:
         with counter:
             model.loss(ids[:, :-1], ids[:, 1:]).backward()

@@ -43,7 +43,7 @@ def run(fn, x: dict, erase: bool, reads: bool, dtype) -> tuple[dict, dict]:
               queries=F.normalize(leaves["queries"], dim=-1) if reads else None)
     out = {f: getattr(coef, f) for f in FIELDS}
     g = torch.Generator().manual_seed(1)
-    loss = sum((torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) * t).sum()
+    loss = sum((torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, dtype) * t).sum()
                for t in out.values() if t is not None)
     loss.backward()
     return out, {k: v.grad for k, v in leaves.items()}

@@ -41,7 +41,8 @@ def inputs(layer: SelfModifyingTitans, batch: int = 2, seed: int = 3) -> dict:
     g = torch.Generator().manual_seed(seed)
     h, p, d, hp = layer.proj_w1.shape
     c = layer.cfg.chunk_size_projection
-    near = lambda w: w.detach()[None].expand(batch, *w.shape) + 0.1 * torch.randn(batch, *w.shape, generator=g)  # noqa: E731
+    def near(w):
+        return w.detach()[None].expand(batch, *w.shape) + 0.1 * torch.randn(batch, *w.shape, generator=g)
     return dict(w1=near(layer.proj_w1), w2=near(layer.proj_w2),
                 inputs=torch.randn(batch, h, p if layer.cfg.per_memory_inputs else 1, c, d, generator=g),
                 static_q=torch.randn(batch, h, c, d, generator=g))
@@ -55,7 +56,7 @@ def run(layer, fn, x: dict, dtype) -> tuple[tuple, dict]:
     leaves = {k: v.detach().to(dtype, copy=True).requires_grad_() for k, v in x.items()}
     outs = fn(layer, leaves["w1"], leaves["w2"], leaves["inputs"], None if layer.adaptive_q else leaves["static_q"])
     g = torch.Generator().manual_seed(1)
-    sum((torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype) * o).sum() for o in outs).backward()
+    sum((torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device, dtype) * o).sum() for o in outs).backward()
     grads = {k: v.grad for k, v in leaves.items()}
     grads.update(eta_bias=layer.eta_bias.grad, alpha_bias=layer.alpha_bias.grad)
     return outs, grads
