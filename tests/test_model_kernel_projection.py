@@ -102,3 +102,31 @@ def test_second_order_reads_in_pytorch_with_a_warning(interpreted_kernel, monkey
     assert len(warned) == 1 and "first_order=False" in warned[0], warned
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
     assert all(torch.equal(grads[k], ref_grads[k]) for k in ref_grads if ref_grads[k] is not None)
+
+
+def test_projection_reads_kernel_on_a_view_of_longer_inputs(interpreted_kernel, no_fallback, monkeypatch):
+    """The layer hands the kernel each chunk's inputs as a view of the whole forward's (split along the tokens, not
+    contiguous): the kernel reads them through their strides, without a copy, with the same results."""
+    from hope_scale.model.kernels import triton_projection
+
+    strides = []
+
+    def recorded(x, *args, _launch=triton_projection.launch_projection_reads, **kwargs):
+        strides.append(x.stride())
+        return _launch(x, *args, **kwargs)
+
+    monkeypatch.setattr(triton_projection, "launch_projection_reads", recorded)
+
+    def second_chunk(fn):  # the inputs as the second of two chunks of a longer sequence
+        def run_fn(layer, w1, w2, inputs, static_q):
+            longer = torch.cat([inputs.flip(3), inputs], dim=3)
+            return fn(layer, w1, w2, longer.split(inputs.shape[3], dim=3)[1], static_q)
+        return run_fn
+
+    layer = make_layer({})
+    x = inputs(layer)
+    ref = run(layer, second_chunk(projection_reads), x, torch.float64)
+    found = errors(run(layer, second_chunk(kernel.kernel_projection_reads), x, torch.float32), ref)
+    assert max(found.values()) <= 2e-4, found  # the biases' gradients cancel: 7e-5 in PyTorch's fp32 too
+    c, d = x["inputs"].shape[-2:]
+    assert strides and strides[0][2] == d and strides[0][1] == 2 * c * d, strides  # a view: rows d apart, no copy

@@ -80,6 +80,8 @@ def kernel_projection_reads(layer, w1: torch.Tensor, w2: torch.Tensor, inputs: t
     batch = w1.shape[:2]  # [B, H]
     options = dict(n_heads=layer.eta_bias.shape[0], eta_max=layer.cfg.eta_max,
                    normalize_values=layer.cfg.normalize_values, frozen=layer.memory_frozen)
-    outs = ProjectionReadsFunction.apply(options, _flat(inputs, batch, 3), _flat(w1, batch, 3), _flat(w2, batch, 3),
+    # the chunk's inputs as a view of the forward's (the kernel takes their strides), not a copy per chunk
+    x = inputs.expand(*batch, *inputs.shape[2:]).flatten(0, 1) if inputs.stride(-1) == 1 else _flat(inputs, batch, 3)
+    outs = ProjectionReadsFunction.apply(options, x, _flat(w1, batch, 3), _flat(w2, batch, 3),
                                          _flat(static_q, batch, 2), layer.eta_bias, layer.alpha_bias)
     return tuple(t.view(*batch, *t.shape[1:]) for t in outs)

@@ -18,7 +18,8 @@ KERNELS = {  # name: (module of this package, kernel)
     "coefficients backward": ("triton_coefficients", "_chunk_coefficients_bwd_kernel"),
     "projection reads forward": ("triton_projection", "_projection_reads_kernel"),
     "projection reads backward": ("triton_projection", "_projection_reads_bwd_kernel")}
-INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full", "P", "PX", "H", "share", "n_anchors")
+INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full", "P", "PX", "H", "share", "n_anchors", "sx_n", "sx_p",
+            "sx_t")
 FLOATS = ("step_bound", "tiny", "eta_max")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SHARED_BYTES = 232448  # shared memory one block may use on sm_90 (227 KiB)

@@ -58,10 +58,13 @@ def _normalize_bwd(g, y, norm):
 
 
 @triton.jit
-def _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, C, D, HID, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+def _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
           PRECISION: tl.constexpr):
-    """Memory p's read of its input: M_p(X_p), z, X_p and the weights (X shared: PX = 1, else PX = P)."""
-    x = _load_tile(x_ptr, pid * PX + p % PX, C, D, BC, BD)
+    """Memory p's read of its input: M_p(X_p), z, X_p and the weights (X shared: PX = 1, else PX = P; X_p of
+    stack pid starts at pid sx_n + p sx_p, its rows sx_t apart: a chunk's view of a whole forward's inputs)."""
+    r, k = tl.arange(0, BC), tl.arange(0, BD)
+    x = tl.load(x_ptr + pid * sx_n + (p % PX) * sx_p + r[:, None] * sx_t + k[None, :],
+                mask=(r < C)[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
     w1 = _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH)
     w2 = _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD)
     out, z = _mlp(x, w1, w2, PRECISION)
@@ -83,10 +86,10 @@ def _rates(eta_logit, alpha_logit, eta_bias, alpha_bias, eta_max):
 
 
 @triton.jit
-def _read_out(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, C, D, HID, BC: tl.constexpr, BD: tl.constexpr,
+def _read_out(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC: tl.constexpr, BD: tl.constexpr,
               BH: tl.constexpr, PRECISION: tl.constexpr):
     """Memory p's read of its input, M_p(X_p), alone."""
-    out, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+    out, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     return out
 
 
@@ -94,7 +97,7 @@ def _read_out(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, C, D, HID, BC: tl.constexpr,
 def _projection_reads_kernel(
     x_ptr, w1_ptr, w2_ptr, static_q_ptr, eta_bias_ptr, alpha_bias_ptr,
     k_out, v_out, q_out, eta_out, alpha_out, targets_out,
-    P, PX, H, C, D, HID, eta_max,
+    P, PX, sx_n, sx_p, sx_t, H, C, D, HID, eta_max,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NORM_V: tl.constexpr, ADAPTIVE_Q: tl.constexpr,
     FROZEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -102,9 +105,9 @@ def _projection_reads_kernel(
     order k, v, eta, alpha, q as ``titans.K, V, ETA, ALPHA, Q``)."""
     pid = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BC)
-    k, k_norm = _normalize(_read_out(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, C, D, HID, BC, BD, BH, PRECISION))
+    k, k_norm = _normalize(_read_out(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION))
     _store_tile(k_out, pid, k, C, D, BC, BD)
-    v = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+    v = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     if NORM_V:
         v, v_norm = _normalize(v)
     _store_tile(v_out, pid, v, C, D, BC, BD)
@@ -112,15 +115,15 @@ def _projection_reads_kernel(
         eta = tl.where(rc < C, 0.0, 0.0)
         alpha = tl.where(rc < C, 1.0, 1.0)
     else:
-        eta_read = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, C, D, HID, BC, BD, BH, PRECISION)
-        alpha_read = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+        eta_read = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+        alpha_read = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
         eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
                                    tl.load(eta_bias_ptr + pid % H).to(tl.float32),
                                    tl.load(alpha_bias_ptr + pid % H).to(tl.float32), eta_max)
     _store_vec(eta_out, pid, eta, C, BC)
     _store_vec(alpha_out, pid, alpha, C, BC)
     if ADAPTIVE_Q:
-        q = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+        q = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     else:
         q = _load_tile(static_q_ptr, pid, C, D, BC, BD)
     q, q_norm = _normalize(q)
@@ -157,7 +160,7 @@ def _projection_reads_bwd_kernel(
     x_ptr, w1_ptr, w2_ptr, static_q_ptr, eta_bias_ptr, alpha_bias_ptr,
     g_k_ptr, g_v_ptr, g_q_ptr, g_eta_ptr, g_alpha_ptr, g_targets_ptr,
     x_grad, w1_grad, w2_grad, static_q_grad, eta_bias_grad, alpha_bias_grad,
-    P, PX, H, C, D, HID, eta_max,
+    P, PX, sx_n, sx_p, sx_t, H, C, D, HID, eta_max,
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NORM_V: tl.constexpr, ADAPTIVE_Q: tl.constexpr,
     FROZEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -167,13 +170,13 @@ def _projection_reads_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     g_x = tl.full([BC, BD], 0.0, dtype=tl.float32)
     # k
-    k_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+    k_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     k, k_norm = _normalize(k_read)
     g_k = _normalize_bwd(_load_tile(g_k_ptr, pid, C, D, BC, BD), k_read, k_norm)
     g_x = _input_grad(x_grad, g_x, _read_bwd(g_k, z, x, w1, w2, w1_grad, w2_grad, pid * P, D, HID, BD, BH,
                                              PRECISION), pid, 0, PX, C, D, BC, BD)
     # v: its own gradient and the P targets' M_p(v)
-    v_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+    v_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     v = v_read
     if NORM_V:
         v, v_norm = _normalize(v_read)
@@ -200,9 +203,9 @@ def _projection_reads_bwd_kernel(
         tl.store(alpha_bias_grad + pid, 0.0)
     else:
         rd = tl.arange(0, BD)
-        eta_read, z_eta, x_eta, w1_eta, w2_eta = _read(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, C, D, HID,
+        eta_read, z_eta, x_eta, w1_eta, w2_eta = _read(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, sx_n, sx_p, sx_t, C, D, HID,
                                                        BC, BD, BH, PRECISION)
-        alpha_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+        alpha_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
         eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
                                  tl.load(eta_bias_ptr + pid % H).to(tl.float32),
                                  tl.load(alpha_bias_ptr + pid % H).to(tl.float32), eta_max)
@@ -220,7 +223,7 @@ def _projection_reads_bwd_kernel(
     # q: adaptive (memory 4) or the static queries
     g_q = _load_tile(g_q_ptr, pid, C, D, BC, BD)
     if ADAPTIVE_Q:
-        q_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, C, D, HID, BC, BD, BH, PRECISION)
+        q_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
         q, q_norm = _normalize(q_read)
         g_x = _input_grad(x_grad, g_x, _read_bwd(_normalize_bwd(g_q, q_read, q_norm), z, x, w1, w2, w1_grad,
                                                  w2_grad, pid * P + 4, D, HID, BD, BH, PRECISION),
@@ -245,18 +248,20 @@ def _constexprs(w1: torch.Tensor, x: torch.Tensor, normalize_values: bool, adapt
 
 def launch_projection_reads(x, w1, w2, static_q, eta_bias, alpha_bias, *, n_heads: int, eta_max: float,
                             normalize_values: bool, frozen: bool):
-    """Run the forward kernel on flat contiguous inputs: x [N, PX, C, d] (PX = 1: shared), w1 [N, P, d, h],
+    """Run the forward kernel on flat inputs, contiguous but x: x [N, PX, C, d] (PX = 1: shared; any strides but a
+    unit one along d, e.g. a chunk's view of a whole forward's inputs, which is not copied), w1 [N, P, d, h],
     w2 [N, P, h, d], static_q [N, C, d] or None (adaptive q), eta_bias, alpha_bias [H] (program n has head
     n % H). Returns k, v, q [N, C, d], eta, alpha [N, C], targets [N, P, C, d]."""
     n, px, c, d = x.shape
     p = w1.shape[1]
     k, v, q = (x.new_empty(n, c, d) for _ in range(3))
+    assert x.stride(-1) == 1, "the memories' inputs need unit stride along d"
     eta, alpha = x.new_empty(n, c), x.new_empty(n, c)
     targets = x.new_empty(n, p, c, d)
     with _on_device(x):
         _projection_reads_kernel[(n,)](
             x, w1, w2, static_q if static_q is not None else x, eta_bias, alpha_bias, k, v, q, eta, alpha, targets,
-            p, px, n_heads, c, d, w1.shape[-1], float(eta_max),
+            p, px, *x.stride()[:3], n_heads, c, d, w1.shape[-1], float(eta_max),
             **_constexprs(w1, x, normalize_values, static_q is None, frozen))
     return k, v, q, eta, alpha, targets
 
@@ -264,17 +269,17 @@ def launch_projection_reads(x, w1, w2, static_q, eta_bias, alpha_bias, *, n_head
 def launch_projection_reads_bwd(x, w1, w2, static_q, eta_bias, alpha_bias, grads, *, n_heads: int,
                                 eta_max: float, normalize_values: bool, frozen: bool):
     """Run the backward kernel: the forward's inputs and the gradients of its outputs (k, v, q, eta, alpha,
-    targets; contiguous). Returns the gradients of x, w1, w2, static_q (None for adaptive q), and of the biases
-    per program [N] (to be summed over the batch)."""
+    targets; contiguous). Returns the gradients of x (contiguous), w1, w2, static_q (None for adaptive q), and of
+    the biases per program [N] (to be summed over the batch)."""
     n, px, c, d = x.shape
     p = w1.shape[1]
-    x_grad, w1_grad, w2_grad = torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w2)
+    x_grad, w1_grad, w2_grad = x.new_empty(x.shape), torch.empty_like(w1), torch.empty_like(w2)  # x_grad contiguous
     static_q_grad = torch.empty_like(static_q) if static_q is not None else None
     eta_bias_grad, alpha_bias_grad = x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
     with _on_device(x):
         _projection_reads_bwd_kernel[(n,)](
             x, w1, w2, static_q if static_q is not None else x, eta_bias, alpha_bias, *grads,
             x_grad, w1_grad, w2_grad, static_q_grad if static_q is not None else x, eta_bias_grad, alpha_bias_grad,
-            p, px, n_heads, c, d, w1.shape[-1], float(eta_max),
+            p, px, *x.stride()[:3], n_heads, c, d, w1.shape[-1], float(eta_max),
             **_constexprs(w1, x, normalize_values, static_q is None, frozen))
     return x_grad, w1_grad, w2_grad, static_q_grad, eta_bias_grad, alpha_bias_grad
