@@ -1,18 +1,18 @@
 """``model.kernel``: which implementation runs the memory layers' chunk update (docs/training.md, section 7).
 
 * ``naive`` (default): ``memory.chunk_step`` in PyTorch (or its ``torch.compile`` graph under ``model.compile``).
-* ``triton``: ``chunk_update.kernel_chunk_step``: the chunk's coefficients (below), the state-dependent rest of a chunk (the inner
-  gradients, curvature, step bound, erase solve, new weights and reads) fused into one Triton kernel
-  (``triton_chunk.py``); its backward (first-order rule) is one more Triton kernel that recomputes the chunk's
-  intermediates on chip, while the second-order rule and chunks beyond the backward's tiles (padded C, d or h
-  above 32) recompute the chunk in PyTorch for the backward. Rules, dtypes and shapes the kernel does not
+* ``triton``: ``chunk_update.kernel_chunk_step``: the chunk's coefficients (below), the state-dependent rest of a
+  chunk (the inner gradients, curvature, step bound, erase solve, new weights and reads) fused into one Triton
+  kernel (``triton_chunk.py``); its backward (first-order rule) is one more Triton kernel that recomputes the
+  chunk's intermediates on chip, while the second-order rule and chunks beyond the backward's tiles (padded C, d or
+  h above 32) recompute the chunk in PyTorch for the backward. Rules, dtypes and shapes the kernel does not
   implement run the naive update, with a warning naming the reason. The main memory's whole chunks of a forward
-  (``titans.scan_chunks``) run as one launch per direction (``sequence_update.kernel_scan_chunks``: all chunks of
-  a memory in one program, the targets M(v) computed in it), where the rule is first-order and the backward's
-  tiles fit; the rest scans one chunk step at a time. A chunk's state-independent coefficients (decay products,
-  the erase system's triangular inverse) are one launch per direction too (``coefficients.py``; the projection
-  memories compute them once per chunk), and so are a projection chunk's reads of k, v, q, eta, alpha and its
-  targets M_p(v) (``projection_reads.py``).
+  (``titans.scan_chunks``) run as one launch per direction (``sequence_update.kernel_scan_chunks``: all chunks of a
+  memory in one program, the targets M(v) computed in it), where the rule is first-order and the backward's tiles
+  fit; the rest scans one chunk step at a time. A chunk's state-independent coefficients (decay products, the erase
+  system's triangular inverse) are one launch per direction too (``coefficients.py``; the projection memories
+  compute them once per chunk), and so are a projection chunk's reads of k, v, q, eta, alpha and its targets M_p(v)
+  (``projection_reads.py``).
 
 ``apply_kernel`` sets the step, the scan, the coefficients and the projection reads on every memory layer, the
 way ``accel.compile_model`` sets the compiled step; with ``triton`` it replaces a compiled chunk step (the kernel

@@ -337,8 +337,8 @@ def _chunk_forward(
 ):
     """One chunk from its start weights w1 [d, h], w2 [h, d] and its targets V̂ [C, d] (fp32 tiles): the chunk's
     keys, queries and coefficients are entry ``cid`` of their pointers (shared by the programs of one chunk's
-    stacked memories), the anchor entry ``sid``. Stores the reads, overshoot and scale as entry ``idx``; returns the weights and momentum after token ``last`` (the module docstring's
-    equations)."""
+    stacked memories), the anchor entry ``sid``. Stores the reads, overshoot and scale as entry ``idx``; returns
+    the weights and momentum after token ``last`` (the module docstring's equations)."""
     at_last = tl.arange(0, BC) == last
     keys = _load_tile(keys_ptr, cid, C, D, BC, BD)  # [C, d]
     eta = _load_vec(eta_ptr, cid, C, BC)  # [C]
@@ -425,7 +425,8 @@ def _chunk_update_kernel(
     pid = tl.program_id(0).to(tl.int64)
     new_w1, new_w2, new_s1, new_s2 = _chunk_forward(
         _load_tile(w1_ptr, pid, D, HID, BD, BH), _load_tile(w2_ptr, pid, HID, D, BH, BD),
-        _load_tile(targets_ptr, pid, C, D, BC, BD), pid, pid // share, pid % n_anchors, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+        _load_tile(targets_ptr, pid, C, D, BC, BD), pid, pid // share, pid % n_anchors, keys_ptr, queries_ptr,
+        a1_ptr, a2_ptr,
         eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
         reads_out, overshoot_out, scale_out, C, D, HID, last, step_bound,
         BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
@@ -794,8 +795,9 @@ def _chunk_update_bwd_kernel(
         _load_tile(w1_ptr, pid, D, HID, BD, BH), _load_tile(w2_ptr, pid, HID, D, BH, BD),
         _load_tile(targets_ptr, pid, C, D, BC, BD), _load_tile(g_w1_ptr, pid, D, HID, BD, BH),
         _load_tile(g_w2_ptr, pid, HID, D, BH, BD), _load_tile(g_s1_ptr, pid, D, HID, BD, BH),
-        _load_tile(g_s2_ptr, pid, HID, D, BH, BD), pid, pid // share, pid % n_anchors, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
-        eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr, g_reads_ptr,
+        _load_tile(g_s2_ptr, pid, HID, D, BH, BD), pid, pid // share, pid % n_anchors, keys_ptr, queries_ptr,
+        a1_ptr, a2_ptr, eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr,
+        e_qk_ptr, g_reads_ptr,
         keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad, e_kk_prev_grad, inverse_grad,
         d_qk_grad, e_qk_grad, C, D, HID, last, step_bound,
         BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
@@ -912,7 +914,8 @@ def _sequence_update_bwd_kernel(
         w2 = _load_tile(w2_starts_ptr, idx, HID, D, BH, BD)
         values = _load_tile(values_ptr, idx, C, D, BC, BD)
         g_w1, g_w2, g_t, g_a1_n, g_a2_n = _chunk_backward(
-            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2, g_s1, g_s2, idx, idx, pid, keys_ptr, queries_ptr, a1_ptr, a2_ptr,
+            w1, w2, _targets(values, w1, w2, SELF_TARGET, PRECISION), g_w1, g_w2, g_s1, g_s2, idx, idx, pid,
+            keys_ptr, queries_ptr, a1_ptr, a2_ptr,
             eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
             g_reads_ptr, keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad,
             e_kk_prev_grad, inverse_grad, d_qk_grad, e_qk_grad, C, D, HID, C - 1, step_bound,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .triton_chunk import (PRECISION, _dot, _load_tile, _load_vec, _on_device, _sigmoid, _store_tile, _store_vec,
-                           _sum, block, num_warps)
+                           _sum, _targets, _targets_bwd, block, num_warps)
 
 _NORM_EPS = tl.constexpr(1e-12)  # F.normalize's eps
 
@@ -58,7 +58,8 @@ def _normalize_bwd(g, y, norm):
 
 
 @triton.jit
-def _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+def _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t,
+          C, D, HID, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
           PRECISION: tl.constexpr):
     """Memory p's read of its input: M_p(X_p), z, X_p and the weights (X shared: PX = 1, else PX = P; X_p of
     stack pid starts at pid sx_n + p sx_p, its rows sx_t apart: a chunk's view of a whole forward's inputs)."""
@@ -105,7 +106,8 @@ def _projection_reads_kernel(
     order k, v, eta, alpha, q as ``titans.K, V, ETA, ALPHA, Q``)."""
     pid = tl.program_id(0).to(tl.int64)
     rc = tl.arange(0, BC)
-    k, k_norm = _normalize(_read_out(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION))
+    k, k_norm = _normalize(_read_out(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t,
+                                     C, D, HID, BC, BD, BH, PRECISION))
     _store_tile(k_out, pid, k, C, D, BC, BD)
     v = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     if NORM_V:
@@ -131,8 +133,7 @@ def _projection_reads_kernel(
     for p in range(P):  # the targets M_p(v)
         w1 = _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH)
         w2 = _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD)
-        target, z = _mlp(v, w1, w2, PRECISION)
-        _store_tile(targets_out, pid * P + p, target, C, D, BC, BD)
+        _store_tile(targets_out, pid * P + p, _targets(v, w1, w2, True, PRECISION), C, D, BC, BD)
 
 
 @triton.jit
@@ -170,23 +171,23 @@ def _projection_reads_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     g_x = tl.full([BC, BD], 0.0, dtype=tl.float32)
     # k
-    k_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+    k_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t,
+                                 C, D, HID, BC, BD, BH, PRECISION)
     k, k_norm = _normalize(k_read)
     g_k = _normalize_bwd(_load_tile(g_k_ptr, pid, C, D, BC, BD), k_read, k_norm)
     g_x = _input_grad(x_grad, g_x, _read_bwd(g_k, z, x, w1, w2, w1_grad, w2_grad, pid * P, D, HID, BD, BH,
                                              PRECISION), pid, 0, PX, C, D, BC, BD)
     # v: its own gradient and the P targets' M_p(v)
-    v_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+    v_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t,
+                                 C, D, HID, BC, BD, BH, PRECISION)
     v = v_read
     if NORM_V:
         v, v_norm = _normalize(v_read)
     g_v = _load_tile(g_v_ptr, pid, C, D, BC, BD)
-    for p in range(P):
-        w1_p = _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH)
-        w2_p = _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD)
-        g_v_p, g_w1_p, g_w2_p = _mlp_bwd(_load_tile(g_targets_ptr, pid * P + p, C, D, BC, BD), v,
-                                         _dot(v, tl.trans(w2_p), PRECISION), w1_p, w2_p, PRECISION)
-        g_v += g_v_p
+    for p in range(P):  # _targets_bwd: g_t + its gradient through M_p's branch, at constant weights
+        g_v += _targets_bwd(_load_tile(g_targets_ptr, pid * P + p, C, D, BC, BD), v,
+                            _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH),
+                            _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD), True, PRECISION)
     if NORM_V:
         g_v = _normalize_bwd(g_v, v_read, v_norm)
     g_x = _input_grad(x_grad, g_x, _read_bwd(g_v, z, x, w1, w2, w1_grad, w2_grad, pid * P + 1, D, HID, BD, BH,
@@ -203,9 +204,11 @@ def _projection_reads_bwd_kernel(
         tl.store(alpha_bias_grad + pid, 0.0)
     else:
         rd = tl.arange(0, BD)
-        eta_read, z_eta, x_eta, w1_eta, w2_eta = _read(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, sx_n, sx_p, sx_t, C, D, HID,
+        eta_read, z_eta, x_eta, w1_eta, w2_eta = _read(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, sx_n, sx_p, sx_t,
+                                                       C, D, HID,
                                                        BC, BD, BH, PRECISION)
-        alpha_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+        alpha_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, sx_n, sx_p, sx_t,
+                                         C, D, HID, BC, BD, BH, PRECISION)
         eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
                                  tl.load(eta_bias_ptr + pid % H).to(tl.float32),
                                  tl.load(alpha_bias_ptr + pid % H).to(tl.float32), eta_max)
@@ -223,7 +226,8 @@ def _projection_reads_bwd_kernel(
     # q: adaptive (memory 4) or the static queries
     g_q = _load_tile(g_q_ptr, pid, C, D, BC, BD)
     if ADAPTIVE_Q:
-        q_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+        q_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, sx_n, sx_p, sx_t,
+                                     C, D, HID, BC, BD, BH, PRECISION)
         q, q_norm = _normalize(q_read)
         g_x = _input_grad(x_grad, g_x, _read_bwd(_normalize_bwd(g_q, q_read, q_norm), z, x, w1, w2, w1_grad,
                                                  w2_grad, pid * P + 4, D, HID, BD, BH, PRECISION),
