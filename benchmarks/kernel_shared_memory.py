@@ -13,8 +13,9 @@ shared memory per program, whether it fits, and whether the layer would run the 
 limit, ``triton_chunk.BWD_MAX_BLOCK``, is per dtype: where it is exceeded the backward recomputes in PyTorch).
 The main memory's rows include the sequence kernels (``kernels/sequence_update.py``: a forward's whole chunks in
 one program), which run only within the backward's tile limit, and every memory's rows the chunk-coefficient
-kernels (``kernels/coefficients.py``), and the projection memories' reads kernels
-(``kernels/projection_reads.py``).
+kernels (``kernels/coefficients.py``), and the projection memories' rows their reads kernels
+(``kernels/projection_reads.py``) and scan kernels (``kernels/projection_scan.py``: a forward's whole chunks of
+all five memories in one program, within the backward's tile limit).
 Compiling takes about 10-60 s per row on a CPU in 16 bits; fp32 at 64 tiles takes many minutes (its IEEE
 products unroll into scalar code), and rows the layer would not run (the fp32 backward beyond 32) are skipped.
 """
@@ -62,11 +63,14 @@ def main(argv=None) -> None:
             largest = {"forward": tc.MAX_BLOCK, "backward": bwd_largest, "sequence forward": bwd_largest,
                        "sequence backward": bwd_largest, "coefficients forward": tcoef.MAX_BLOCK,
                        "coefficients backward": tcoef.MAX_BLOCK, "projection reads forward": tproj.MAX_BLOCK,
-                       "projection reads backward": tproj.MAX_BLOCK}
+                       "projection reads backward": tproj.MAX_BLOCK, "projection scan forward": bwd_largest,
+                       "projection scan backward": bwd_largest}
             # the main memory also scans whole chunks with the sequence kernels (both need the backward's tiles);
             # every memory's chunk coefficients are one more kernel each way, and the projection memories' reads
+            # and their scan over whole chunks
             kernels = ("forward", "backward") + (("sequence forward", "sequence backward") if reads else
-                                                 ("projection reads forward", "projection reads backward"))
+                                                 ("projection reads forward", "projection reads backward",
+                                                  "projection scan forward", "projection scan backward"))
             for kernel in kernels + ("coefficients forward", "coefficients backward"):
                 if tiles > largest[kernel]:
                     size, fits, runs = "not compiled", "-", f"no: tiles {tiles} > {largest[kernel]}, PyTorch"

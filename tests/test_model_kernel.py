@@ -41,7 +41,7 @@ def interpreted_kernel():
     os.environ["TRITON_INTERPRET"] = "1"
     # the other kernel modules bind triton_chunk's jit helpers when they run: reloaded after it, in the same mode
     modules = [importlib.import_module(f"hope_scale.model.kernels.{name}")
-               for name in ("triton_chunk", "triton_coefficients", "triton_projection")]
+               for name in ("triton_chunk", "triton_coefficients", "triton_projection", "triton_projection_scan")]
     if not all(m.INTERPRETED for m in modules):
         modules = [importlib.reload(m) for m in modules]
     assert all(m.INTERPRETED for m in modules)
@@ -383,7 +383,7 @@ def test_kernel_compiles_for_sm90(tmp_path, interpreted_kernel):
     compiled for sm_90 (H100/H200; front end to cubin with triton's bundled ptxas, no GPU needed) with every
     branch on and off, and at the largest supported 16-bit shapes (C = d = h = 64, the shipped models' head size
     and projection chunks, in bf16 for both kernels; the sequence kernels at the main memory's C = 16; the
-    coefficient and projection-reads kernels at the projection memories' C = d = h = 64), each
+    coefficient, projection-reads and projection-scan kernels at the projection memories' C = d = h = 64), each
     within the shared memory one block may use there. The
     fp32 backward is compiled at 16 with every branch on: at its limit, 32 (92 KiB of 227), its IEEE fp32
     products unroll into scalar code that takes over 2 minutes to compile, so that row is left to
@@ -410,7 +410,10 @@ def test_kernel_compiles_for_sm90(tmp_path, interpreted_kernel):
                ["coefficients backward", "bf16", 16, 64, 64, off],
                ["projection reads forward", "bf16", 64, 64, 64, on],
                ["projection reads backward", "bf16", 64, 64, 64, on],
-               ["projection reads backward", "fp32", 16, 16, 16, on]]
+               ["projection reads backward", "fp32", 16, 16, 16, on],
+               ["projection scan forward", "bf16", 64, 64, 64, dict(on, reads=False)],  # the shipped projections
+               ["projection scan backward", "bf16", 64, 64, 64, dict(on, reads=False)],
+               ["projection scan backward", "fp32", 8, 8, 12, dict(off, normalized=True)]]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRITON_CACHE_DIR=str(tmp_path))  # compiled afresh
     proc = subprocess.run([sys.executable, "-c", SM90_COMPILE, json.dumps(configs)], env=env, cwd=REPO,

@@ -141,22 +141,24 @@ def test_unsupported_scan_runs_chunk_steps_with_a_warning(interpreted_kernel, mo
         assert torch.equal(out[name], r), name
 
 
-def test_model_scans_the_main_memory_in_one_launch(interpreted_kernel, no_fallback, monkeypatch):
-    """A Hope model with ``model.kernel: triton`` runs its main memory's whole chunks through the sequence kernel:
-    one forward and one backward launch per layer and training step, whatever the number of chunks; the per-chunk
-    kernel runs the projection memories' complete chunks only (forward and backward), and every coefficient
-    computation is one launch per direction (the main memory's for all its chunks at once, the projection memories'
-    per chunk), and so is every projection chunk's reads. Without this the layer would silently keep the per-chunk
-    path, or the coefficients or reads in PyTorch, which give the same numbers."""
+def test_model_scans_the_memories_in_one_launch(interpreted_kernel, no_fallback, monkeypatch):
+    """A Hope model with ``model.kernel: triton`` runs its main memory's whole chunks through the sequence kernel
+    and its projection memories' whole chunks through the projection scan kernel: one forward and one backward
+    launch of each per layer and training step, whatever the number of chunks. The per-chunk kernels are left to
+    what the scans do not cover (here a projection chunk that ends after the forward: its reads, in one launch
+    each way), and the main memory's coefficients are one launch per direction for all its chunks. Without this
+    the layer would silently keep the per-chunk path, or the coefficients or reads in PyTorch, which give the same
+    numbers."""
     from hope_scale.model import build_model
-    from hope_scale.model.kernels import triton_coefficients, triton_projection
+    from hope_scale.model.kernels import triton_coefficients, triton_projection, triton_projection_scan
     from tests.test_model_kernel import layer_config
 
     launches = {}
     for module, names in ((interpreted_kernel, ("launch_chunk_update", "launch_chunk_update_bwd",
                                                 "launch_sequence_update", "launch_sequence_update_bwd")),
                           (triton_coefficients, ("launch_chunk_coefficients", "launch_chunk_coefficients_bwd")),
-                          (triton_projection, ("launch_projection_reads", "launch_projection_reads_bwd"))):
+                          (triton_projection, ("launch_projection_reads", "launch_projection_reads_bwd")),
+                          (triton_projection_scan, ("launch_projection_scan", "launch_projection_scan_bwd"))):
         for name in names:
             def counted(*args, _launch=getattr(module, name), _name=name, **kwargs):
                 launches[_name] = launches.get(_name, 0) + 1
@@ -166,10 +168,9 @@ def test_model_scans_the_main_memory_in_one_launch(interpreted_kernel, no_fallba
     model = build_model(layer_config("triton", n_layers=2))
     ids = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(2))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
-    # 40 tokens: main memory 2 whole chunks of 16 and a padded one; projection memories 2 complete chunks of 16
-    # (coefficients: per layer one main-memory launch and two projection ones, each way; the projection memories
-    # read every chunk, the buffered third too, in one launch each way)
+    # 40 tokens per layer: main memory 2 whole chunks of 16 and a padded one; projection memories 2 whole chunks
+    # of 16 (scanned) and 8 tokens that wait in the state (read only)
     assert launches == {"launch_sequence_update": 2, "launch_sequence_update_bwd": 2,
-                        "launch_chunk_update": 4, "launch_chunk_update_bwd": 4,
-                        "launch_chunk_coefficients": 6, "launch_chunk_coefficients_bwd": 6,
-                        "launch_projection_reads": 6, "launch_projection_reads_bwd": 6}, launches
+                        "launch_projection_scan": 2, "launch_projection_scan_bwd": 2,
+                        "launch_chunk_coefficients": 2, "launch_chunk_coefficients_bwd": 2,
+                        "launch_projection_reads": 2, "launch_projection_reads_bwd": 2}, launches

@@ -59,6 +59,44 @@ def _chunk_spans(start: int, length: int, chunk: int):
         a = b
 
 
+def _projection_segments(start: int, length: int, chunk: int):
+    """``_chunk_spans`` of positions [start, start+length) grouped for the projection memories: yields (a, b, whole),
+    a continued first chunk and an unfinished last one alone (whole=False), the whole chunks between them (begun
+    at a chunk boundary and complete) as one segment (whole=True)."""
+    segments = []
+    for a, b in _chunk_spans(start, length, chunk):
+        whole = (start + a) % chunk == 0 and (start + b) % chunk == 0
+        if whole and segments and segments[-1][2]:
+            segments[-1] = (segments[-1][0], b, True)
+        else:
+            segments.append((a, b, whole))
+    return segments
+
+
+def scan_projection_chunks(layer: "SelfModifyingTitans", proj: MemoryState, inputs: torch.Tensor,
+                           static_q: torch.Tensor | None, write_grad: float):
+    """The projection memories over whole chunks that begin at a chunk boundary (nothing buffered in ``proj``), one
+    chunk at a time: each chunk's k, v, q, eta, alpha and targets v̂_□ = M_□(v) are read from the memories' weights
+    at its start (``layer.projection_reads``), and every memory takes the chunk's update (``layer.chunk_step``).
+    ``inputs`` [B, H, P|1, T, d] (``memory_inputs``), ``static_q`` [B, H, T, d] or None, T a multiple of the chunk;
+    ``write_grad``: ``model.write_cost``'s gradient on eta. Returns k, v, q [B, H, T, d], eta, alpha [B, H, T], the
+    state after the last chunk and the (overshoot, scale) of every chunk."""
+    c = layer.cfg.chunk_size_projection
+    # split, not sliced per chunk: a slice's backward would fill a whole-sequence zero gradient per chunk
+    chunk_inputs = inputs.split(c, dim=3)
+    chunk_q = [None] * len(chunk_inputs) if static_q is None else static_q.split(c, dim=2)
+    pieces, bounds = [], []
+    for x, q_static in zip(chunk_inputs, chunk_q):
+        k, v, q, eta, alpha, targets = layer.projection_reads(layer, proj.w1, proj.w2, x, q_static)
+        eta = charge_writes(eta, write_grad)
+        r = layer._update(proj, k[:, :, None], targets, eta[:, :, None], alpha[:, :, None], projection=True)
+        bounds.append((r.overshoot, r.scale))
+        proj = proj.advanced(r.w1, r.w2, r.s1, r.s2)
+        pieces.append((k, v, q, eta, alpha))
+    k, v, q, eta, alpha = (torch.cat(p, dim=2) for p in zip(*pieces))
+    return k, v, q, eta, alpha, proj, bounds
+
+
 def scan_chunks(layer: "SelfModifyingTitans", mem: MemoryState, keys: torch.Tensor, values: torch.Tensor,
                 queries: torch.Tensor, eta: torch.Tensor, alpha: torch.Tensor, coef: ChunkCoefficients,
                 n_valid: int) -> tuple[torch.Tensor, MemoryState, list]:
@@ -217,6 +255,9 @@ class SelfModifyingTitans(nn.Module):
     coefficients = staticmethod(chunk_coefficients)
     # a projection chunk's reads and targets: ``projection_reads``, or the Triton kernel's (``model.kernel: triton``)
     projection_reads = staticmethod(projection_reads)
+    # the projection memories' whole chunks of a forward: ``scan_projection_chunks`` (one chunk at a time), or the
+    # Triton scan kernel's (``model.kernel: triton``: all of them in one launch; the same computation)
+    scan_projection_chunks = staticmethod(scan_projection_chunks)
 
     def retention_anchor(self, projection: bool):
         """What retention decays a memory toward: its meta-learned initial weights (``retain_toward: init``, or
@@ -250,16 +291,21 @@ class SelfModifyingTitans(nn.Module):
         proj = state.proj
         if self.self_modifying:
             c_proj, pieces = self.cfg.chunk_size_projection, []
-            inputs = self.memory_inputs(xh)  # state-independent: every token's inputs at once, split per chunk
+            inputs = self.memory_inputs(xh)  # state-independent: every token's inputs at once, split per segment
             static_q = None if self.adaptive_q else torch.einsum("bhtd,hed->bhte", xh, self.w_q)
-            spans = list(_chunk_spans(pos, t_len, c_proj))
-            # split, not sliced per chunk: a slice's backward would fill a whole-sequence zero gradient per chunk
-            sizes = [b - a for a, b in spans]
+            segments = _projection_segments(pos, t_len, c_proj)
+            sizes = [b - a for a, b, _ in segments]
             inputs = inputs.split(sizes, dim=3)
-            static_q = [None] * len(spans) if static_q is None else static_q.split(sizes, dim=2)
-            for (a, b), chunk_inputs, chunk_q in zip(spans, inputs, static_q):
-                p = (pos + a) % c_proj
-                k, v, q, eta, alpha, targets = self.projection_reads(self, proj.w1, proj.w2, chunk_inputs, chunk_q)
+            static_q = [None] * len(segments) if static_q is None else static_q.split(sizes, dim=2)
+            for (a, b, whole), seg_inputs, seg_q in zip(segments, inputs, static_q):
+                if whole:  # whole chunks: scanned (one chunk at a time, or in one launch of the Triton kernel)
+                    *piece, proj, chunk_bounds = self.scan_projection_chunks(self, proj, seg_inputs, seg_q,
+                                                                             write_grad)
+                    bounds["proj"] += chunk_bounds
+                    pieces.append(piece)
+                    continue
+                p = (pos + a) % c_proj  # a chunk begun in an earlier forward, or one that ends after this one
+                k, v, q, eta, alpha, targets = self.projection_reads(self, proj.w1, proj.w2, seg_inputs, seg_q)
                 eta = charge_writes(eta, write_grad)
                 new = (k[:, :, None], targets, eta[:, :, None], alpha[:, :, None])
                 if (pos + b) % c_proj:  # the chunk is not complete: its tokens wait in the state
@@ -267,7 +313,7 @@ class SelfModifyingTitans(nn.Module):
                 else:
                     r = self._update(proj, *proj.with_pending(p, *new), projection=True)
                     note("proj", r)
-                    proj = (proj.committed if p else proj.advanced)(r.w1, r.w2, r.s1, r.s2)
+                    proj = proj.committed(r.w1, r.w2, r.s1, r.s2)
                 pieces.append((k, v, q, eta, alpha))
             k, v, q, eta, alpha = (torch.cat(p, dim=2) for p in zip(*pieces))
         else:

@@ -12,9 +12,12 @@
   fit; the rest scans one chunk step at a time. A chunk's state-independent coefficients (decay products, the erase
   system's triangular inverse) are one launch per direction too (``coefficients.py``; the projection memories
   compute them once per chunk), and so are a projection chunk's reads of k, v, q, eta, alpha and its targets M_p(v)
-  (``projection_reads.py``).
+  (``projection_reads.py``). The projection memories' whole chunks of a forward (``titans.scan_projection_chunks``)
+  run as one launch per direction too (``projection_scan.kernel_scan_projection_chunks``: per chunk the reads, the
+  coefficients and the five memories' updates in one program per head), where the rule is first-order and the
+  backward's tiles fit.
 
-``apply_kernel`` sets the step, the scan, the coefficients and the projection reads on every memory layer, the
+``apply_kernel`` sets the step, the scans, the coefficients and the projection reads on every memory layer, the
 way ``accel.compile_model`` sets the compiled step; with ``triton`` it replaces a compiled chunk step (the kernel
 is not traced by ``torch.compile``), and where no kernel can run (no CUDA and no ``TRITON_INTERPRET=1``, or no
 triton) it warns once and leaves the naive step.
@@ -30,6 +33,7 @@ from ..config import KERNELS
 from .chunk_update import kernel_chunk_step, kernel_mode_unavailable, rule_unsupported, warn_once
 from .coefficients import kernel_chunk_coefficients
 from .projection_reads import kernel_projection_reads
+from .projection_scan import kernel_scan_projection_chunks
 from .sequence_update import kernel_scan_chunks
 
 
@@ -59,4 +63,5 @@ def apply_kernel(model: nn.Module, kernel: str) -> nn.Module:
         layer.coefficients = kernel_chunk_coefficients
         if layer.self_modifying:
             layer.projection_reads = kernel_projection_reads
+            layer.scan_projection_chunks = kernel_scan_projection_chunks
     return model

@@ -17,7 +17,9 @@ KERNELS = {  # name: (module of this package, kernel)
     "coefficients forward": ("triton_coefficients", "_chunk_coefficients_kernel"),
     "coefficients backward": ("triton_coefficients", "_chunk_coefficients_bwd_kernel"),
     "projection reads forward": ("triton_projection", "_projection_reads_kernel"),
-    "projection reads backward": ("triton_projection", "_projection_reads_bwd_kernel")}
+    "projection reads backward": ("triton_projection", "_projection_reads_bwd_kernel"),
+    "projection scan forward": ("triton_projection_scan", "_projection_scan_kernel"),
+    "projection scan backward": ("triton_projection_scan", "_projection_scan_bwd_kernel")}
 INTEGERS = ("C", "D", "HID", "last", "n_chunks", "n_full", "P", "PX", "H", "share", "n_anchors", "sx_n", "sx_p",
             "sx_t")
 FLOATS = ("step_bound", "tiny", "eta_max")

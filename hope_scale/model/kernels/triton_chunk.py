@@ -152,11 +152,21 @@ def _load_tile(ptr, pid, R, K, BR: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _in_dtype_of(ptr, x):
+    """x converted to ptr's dtype, rounded to the nearest value as a GPU rounds (the interpreter's fp32 -> bf16
+    conversion truncates: a state stored and reloaded chunk after chunk would drift toward zero)."""
+    if _INTERPRET:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = _round_bf16(x)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _store_tile(ptr, pid, x, R, K, BR: tl.constexpr, BK: tl.constexpr):
     """Store the [R, K] part of the padded tile x as program pid's matrix, in ptr's dtype."""
     r, k = tl.arange(0, BR), tl.arange(0, BK)
     mask = (r < R)[:, None] & (k < K)[None, :]
-    tl.store(ptr + pid * R * K + r[:, None] * K + k[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + pid * R * K + r[:, None] * K + k[None, :], _in_dtype_of(ptr, x), mask=mask)
 
 
 @triton.jit
@@ -169,7 +179,7 @@ def _load_vec(ptr, pid, N, BN: tl.constexpr):
 @triton.jit
 def _store_vec(ptr, pid, x, N, BN: tl.constexpr):
     r = tl.arange(0, BN)
-    tl.store(ptr + pid * N + r, x.to(ptr.dtype.element_ty), mask=r < N)
+    tl.store(ptr + pid * N + r, _in_dtype_of(ptr, x), mask=r < N)
 
 
 @triton.jit

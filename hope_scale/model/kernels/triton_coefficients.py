@@ -70,29 +70,70 @@ def _erase_system(keys, eta, lg, log_alpha, BC: tl.constexpr, PRECISION: tl.cons
 
 
 @triton.jit
+def _coefficients(
+    keys_ptr, eta_ptr, alpha_ptr, queries_ptr,
+    gamma_out, d_out, gamma_prev_out, e_kk_prev_out, inverse_out, d_qk_out,
+    idx, C, D, tiny,
+    BC: tl.constexpr, BD: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The coefficients of chunk ``idx`` (entry idx of every input and output; the module docstring's
+    equations)."""
+    r = tl.arange(0, BC)
+    _, log_alpha, lg = _log_decays(alpha_ptr, idx, C, tiny, BC)
+    d_mat = _decay(lg, lg, r[None, :] <= r[:, None])
+    _store_vec(gamma_out, idx, tl.exp(lg), C, BC)
+    _store_tile(d_out, idx, d_mat, C, C, BC, BC)
+    keys = _load_tile(keys_ptr, idx, C, D, BC, BD)
+    if ERASE:
+        eta = _load_vec(eta_ptr, idx, C, BC)
+        _, _, e_kk_prev, inverse = _erase_system(keys, eta, lg, log_alpha, BC, PRECISION)
+        _store_vec(gamma_prev_out, idx, tl.exp(lg - log_alpha), C, BC)
+        _store_tile(e_kk_prev_out, idx, e_kk_prev, C, C, BC, BC)
+        _store_tile(inverse_out, idx, inverse, C, C, BC, BC)
+    if READS:
+        queries = _load_tile(queries_ptr, idx, C, D, BC, BD)
+        _store_tile(d_qk_out, idx, d_mat * _dot(queries, tl.trans(keys), PRECISION), C, C, BC, BC)
+
+
+@triton.jit
 def _chunk_coefficients_kernel(
     keys_ptr, eta_ptr, alpha_ptr, queries_ptr,
     gamma_out, d_out, gamma_prev_out, e_kk_prev_out, inverse_out, d_qk_out,
     C, D, tiny,
     BC: tl.constexpr, BD: tl.constexpr, ERASE: tl.constexpr, READS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The coefficients of chunk ``pid`` (the module docstring's equations)."""
-    pid = tl.program_id(0).to(tl.int64)
+    """The coefficients of chunk ``pid``."""
+    _coefficients(keys_ptr, eta_ptr, alpha_ptr, queries_ptr, gamma_out, d_out, gamma_prev_out, e_kk_prev_out,
+                  inverse_out, d_qk_out, tl.program_id(0).to(tl.int64), C, D, tiny, BC, BD, ERASE, READS, PRECISION)
+
+
+@triton.jit
+def _coefficients_bwd(keys, eta, alpha, log_alpha, lg, d_mat, g_keys, g_gamma, g_d, g_gamma_prev, g_e_kk_prev,
+                      g_inverse, tiny, BC: tl.constexpr, ERASE: tl.constexpr, PRECISION: tl.constexpr):
+    """Gradients of a chunk's keys (added to ``g_keys``), eta and alpha from those of gamma, D (= E), and with
+    ERASE gamma_prev, E_kk_prev and the inverse (tiles); ``_log_decays``' alpha, l, lg and D are recomputed by the
+    caller."""
     r = tl.arange(0, BC)
-    _, log_alpha, lg = _log_decays(alpha_ptr, pid, C, tiny, BC)
-    d_mat = _decay(lg, lg, r[None, :] <= r[:, None])
-    _store_vec(gamma_out, pid, tl.exp(lg), C, BC)
-    _store_tile(d_out, pid, d_mat, C, C, BC, BC)
-    keys = _load_tile(keys_ptr, pid, C, D, BC, BD)
+    g_lg = g_gamma * tl.exp(lg)  # gamma = exp(lg)
+    g_log_alpha = lg * 0.0
+    g_eta = lg * 0.0
     if ERASE:
-        eta = _load_vec(eta_ptr, pid, C, BC)
-        _, _, e_kk_prev, inverse = _erase_system(keys, eta, lg, log_alpha, BC, PRECISION)
-        _store_vec(gamma_prev_out, pid, tl.exp(lg - log_alpha), C, BC)
-        _store_tile(e_kk_prev_out, pid, e_kk_prev, C, C, BC, BC)
-        _store_tile(inverse_out, pid, inverse, C, C, BC, BC)
-    if READS:
-        queries = _load_tile(queries_ptr, pid, C, D, BC, BD)
-        _store_tile(d_qk_out, pid, d_mat * _dot(queries, tl.trans(keys), PRECISION), C, C, BC, BC)
+        shifted, kk, e_kk_prev, inverse = _erase_system(keys, eta, lg, log_alpha, BC, PRECISION)
+        # the inverse of A = I + diag(eta) E_kk_prev: dA = -A^-T d(A^-1) A^-T, strictly lower (the rest is constant)
+        g_system = -_dot(_dot(tl.trans(inverse), g_inverse, "ieee"), tl.trans(inverse), "ieee")
+        g_system = tl.where(r[None, :] < r[:, None], g_system, 0.0)
+        g_eta = _sum(g_system * e_kk_prev, axis=1)
+        g_e_kk_prev += eta[:, None] * g_system
+        g_kk = g_e_kk_prev * shifted
+        g_keys += _dot(g_kk + tl.trans(g_kk), keys, PRECISION)
+        g_exponent = g_e_kk_prev * e_kk_prev  # of exp(lg_prev_s - lg_j), per entry
+        g_lg_prev = g_gamma_prev * tl.exp(lg - log_alpha) + _sum(g_exponent, axis=1)
+        g_lg += g_lg_prev - _sum(g_exponent, axis=0)
+        g_log_alpha -= g_lg_prev  # lg_prev = lg - l
+    g_exponent = g_d * d_mat  # of exp(lg_t - lg_s)
+    g_lg += _sum(g_exponent, axis=1) - _sum(g_exponent, axis=0)
+    g_log_alpha += _sum(tl.where(r[:, None] >= r[None, :], g_lg[:, None], 0.0), axis=0)  # lg = cumsum(l)
+    return g_keys, g_eta, tl.where(alpha >= tiny, g_log_alpha / tl.maximum(alpha, tiny), 0.0)
 
 
 @triton.jit
@@ -112,8 +153,6 @@ def _chunk_coefficients_bwd_kernel(
     g_d = _load_tile(g_d_ptr, pid, C, C, BC, BC)
     keys = _load_tile(keys_ptr, pid, C, D, BC, BD)
     g_keys = keys * 0.0
-    g_lg = _load_vec(g_gamma_ptr, pid, C, BC) * tl.exp(lg)  # gamma = exp(lg)
-    g_log_alpha = lg * 0.0
     if READS:  # D_qk = D * (Q K^T)
         queries = _load_tile(queries_ptr, pid, C, D, BC, BD)
         g_d_qk = _load_tile(g_d_qk_ptr, pid, C, C, BC, BC)
@@ -121,25 +160,18 @@ def _chunk_coefficients_bwd_kernel(
         g_qk = g_d_qk * d_mat
         _store_tile(queries_grad, pid, _dot(g_qk, keys, PRECISION), C, D, BC, BD)
         g_keys += _dot(tl.trans(g_qk), queries, PRECISION)
+    eta, g_gamma_prev, g_e_kk_prev, g_inverse = lg * 0.0, lg * 0.0, d_mat * 0.0, d_mat * 0.0  # used with ERASE
     if ERASE:
         eta = _load_vec(eta_ptr, pid, C, BC)
-        shifted, kk, e_kk_prev, inverse = _erase_system(keys, eta, lg, log_alpha, BC, PRECISION)
-        # the inverse of A = I + diag(eta) E_kk_prev: dA = -A^-T d(A^-1) A^-T, strictly lower (the rest is constant)
-        g_system = -_dot(_dot(tl.trans(inverse), _load_tile(g_inverse_ptr, pid, C, C, BC, BC), "ieee"),
-                         tl.trans(inverse), "ieee")
-        g_system = tl.where(r[None, :] < r[:, None], g_system, 0.0)
-        _store_vec(eta_grad, pid, _sum(g_system * e_kk_prev, axis=1), C, BC)
-        g_e_kk_prev = _load_tile(g_e_kk_prev_ptr, pid, C, C, BC, BC) + eta[:, None] * g_system
-        g_kk = g_e_kk_prev * shifted
-        g_keys += _dot(g_kk + tl.trans(g_kk), keys, PRECISION)
-        g_exponent = g_e_kk_prev * e_kk_prev  # of exp(lg_prev_s - lg_j), per entry
-        g_lg_prev = _load_vec(g_gamma_prev_ptr, pid, C, BC) * tl.exp(lg - log_alpha) + _sum(g_exponent, axis=1)
-        g_lg += g_lg_prev - _sum(g_exponent, axis=0)
-        g_log_alpha -= g_lg_prev  # lg_prev = lg - l
-    g_exponent = g_d * d_mat  # of exp(lg_t - lg_s)
-    g_lg += _sum(g_exponent, axis=1) - _sum(g_exponent, axis=0)
-    g_log_alpha += _sum(tl.where(r[:, None] >= r[None, :], g_lg[:, None], 0.0), axis=0)  # lg = cumsum(l)
-    _store_vec(alpha_grad, pid, tl.where(alpha >= tiny, g_log_alpha / tl.maximum(alpha, tiny), 0.0), C, BC)
+        g_gamma_prev = _load_vec(g_gamma_prev_ptr, pid, C, BC)
+        g_e_kk_prev = _load_tile(g_e_kk_prev_ptr, pid, C, C, BC, BC)
+        g_inverse = _load_tile(g_inverse_ptr, pid, C, C, BC, BC)
+    g_keys, g_eta, g_alpha = _coefficients_bwd(keys, eta, alpha, log_alpha, lg, d_mat, g_keys,
+                                               _load_vec(g_gamma_ptr, pid, C, BC), g_d, g_gamma_prev, g_e_kk_prev,
+                                               g_inverse, tiny, BC, ERASE, PRECISION)
+    if ERASE:
+        _store_vec(eta_grad, pid, g_eta, C, BC)
+    _store_vec(alpha_grad, pid, g_alpha, C, BC)
     if ERASE or READS:
         _store_tile(keys_grad, pid, g_keys, C, D, BC, BD)
 

@@ -58,16 +58,17 @@ def _normalize_bwd(g, y, norm):
 
 
 @triton.jit
-def _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t,
+def _read(x_ptr, w1_ptr, w2_ptr, wid, p, P, PX, sx_p, sx_t,
           C, D, HID, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
           PRECISION: tl.constexpr):
-    """Memory p's read of its input: M_p(X_p), z, X_p and the weights (X shared: PX = 1, else PX = P; X_p of
-    stack pid starts at pid sx_n + p sx_p, its rows sx_t apart: a chunk's view of a whole forward's inputs)."""
+    """Memory p's read of its input: M_p(X_p), z, X_p and the weights (entry wid P + p). X shared: PX = 1, else
+    PX = P; ``x_ptr`` points at the chunk's first row of X_0, X_p starts p sx_p further, its rows sx_t apart (a
+    chunk's view of a whole forward's inputs)."""
     r, k = tl.arange(0, BC), tl.arange(0, BD)
-    x = tl.load(x_ptr + pid * sx_n + (p % PX) * sx_p + r[:, None] * sx_t + k[None, :],
+    x = tl.load(x_ptr + (p % PX) * sx_p + r[:, None] * sx_t + k[None, :],
                 mask=(r < C)[:, None] & (k < D)[None, :], other=0.0).to(tl.float32)
-    w1 = _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH)
-    w2 = _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD)
+    w1 = _load_tile(w1_ptr, wid * P + p, D, HID, BD, BH)
+    w2 = _load_tile(w2_ptr, wid * P + p, HID, D, BH, BD)
     out, z = _mlp(x, w1, w2, PRECISION)
     return out, z, x, w1, w2
 
@@ -87,11 +88,54 @@ def _rates(eta_logit, alpha_logit, eta_bias, alpha_bias, eta_max):
 
 
 @triton.jit
-def _read_out(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC: tl.constexpr, BD: tl.constexpr,
+def _read_out(x_ptr, w1_ptr, w2_ptr, wid, p, P, PX, sx_p, sx_t, C, D, HID, BC: tl.constexpr, BD: tl.constexpr,
               BH: tl.constexpr, PRECISION: tl.constexpr):
     """Memory p's read of its input, M_p(X_p), alone."""
-    out, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, p, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+    out, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, wid, p, P, PX, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
     return out
+
+
+@triton.jit
+def _projection_reads(
+    x_ptr, w1_ptr, w2_ptr, static_q_ptr, eta_bias_ptr, alpha_bias_ptr,
+    k_out, v_out, q_out, eta_out, alpha_out, targets_out,
+    wid, oid, tid, head, P, PX, sx_p, sx_t, C, D, HID, eta_max,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NORM_V: tl.constexpr, ADAPTIVE_Q: tl.constexpr,
+    FROZEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """k, v, q, eta, alpha (entry ``oid``, as the static queries read) and the P targets (entries tid P + p) of a
+    chunk of one memory stack (the module docstring's equations; memory order k, v, eta, alpha, q as
+    ``titans.K, V, ETA, ALPHA, Q``), from its inputs at ``x_ptr`` (``_read``) and the memories' weights (entries
+    wid P + p) for head ``head``'s biases."""
+    rc = tl.arange(0, BC)
+    k, k_norm = _normalize(_read_out(x_ptr, w1_ptr, w2_ptr, wid, 0, P, PX, sx_p, sx_t,
+                                     C, D, HID, BC, BD, BH, PRECISION))
+    _store_tile(k_out, oid, k, C, D, BC, BD)
+    v = _read_out(x_ptr, w1_ptr, w2_ptr, wid, 1, P, PX, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+    if NORM_V:
+        v, v_norm = _normalize(v)
+    _store_tile(v_out, oid, v, C, D, BC, BD)
+    if FROZEN:  # the memory switched off: no writes, full retention
+        eta = tl.where(rc < C, 0.0, 0.0)
+        alpha = tl.where(rc < C, 1.0, 1.0)
+    else:
+        eta_read = _read_out(x_ptr, w1_ptr, w2_ptr, wid, 2, P, PX, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+        alpha_read = _read_out(x_ptr, w1_ptr, w2_ptr, wid, 3, P, PX, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+        eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
+                                   tl.load(eta_bias_ptr + head).to(tl.float32),
+                                   tl.load(alpha_bias_ptr + head).to(tl.float32), eta_max)
+    _store_vec(eta_out, oid, eta, C, BC)
+    _store_vec(alpha_out, oid, alpha, C, BC)
+    if ADAPTIVE_Q:
+        q = _read_out(x_ptr, w1_ptr, w2_ptr, wid, 4, P, PX, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
+    else:
+        q = _load_tile(static_q_ptr, oid, C, D, BC, BD)
+    q, q_norm = _normalize(q)
+    _store_tile(q_out, oid, q, C, D, BC, BD)
+    for p in range(P):  # the targets M_p(v)
+        w1 = _load_tile(w1_ptr, wid * P + p, D, HID, BD, BH)
+        w2 = _load_tile(w2_ptr, wid * P + p, HID, D, BH, BD)
+        _store_tile(targets_out, tid * P + p, _targets(v, w1, w2, True, PRECISION), C, D, BC, BD)
 
 
 @triton.jit
@@ -102,38 +146,11 @@ def _projection_reads_kernel(
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NORM_V: tl.constexpr, ADAPTIVE_Q: tl.constexpr,
     FROZEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """k, v, q, eta, alpha and the P targets of memory stack ``pid`` (the module docstring's equations; memory
-    order k, v, eta, alpha, q as ``titans.K, V, ETA, ALPHA, Q``)."""
+    """``_projection_reads`` of memory stack ``pid`` (everything entry pid; its inputs pid sx_n from x_ptr)."""
     pid = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, BC)
-    k, k_norm = _normalize(_read_out(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t,
-                                     C, D, HID, BC, BD, BH, PRECISION))
-    _store_tile(k_out, pid, k, C, D, BC, BD)
-    v = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
-    if NORM_V:
-        v, v_norm = _normalize(v)
-    _store_tile(v_out, pid, v, C, D, BC, BD)
-    if FROZEN:  # the memory switched off: no writes, full retention
-        eta = tl.where(rc < C, 0.0, 0.0)
-        alpha = tl.where(rc < C, 1.0, 1.0)
-    else:
-        eta_read = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
-        alpha_read = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
-        eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
-                                   tl.load(eta_bias_ptr + pid % H).to(tl.float32),
-                                   tl.load(alpha_bias_ptr + pid % H).to(tl.float32), eta_max)
-    _store_vec(eta_out, pid, eta, C, BC)
-    _store_vec(alpha_out, pid, alpha, C, BC)
-    if ADAPTIVE_Q:
-        q = _read_out(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, sx_n, sx_p, sx_t, C, D, HID, BC, BD, BH, PRECISION)
-    else:
-        q = _load_tile(static_q_ptr, pid, C, D, BC, BD)
-    q, q_norm = _normalize(q)
-    _store_tile(q_out, pid, q, C, D, BC, BD)
-    for p in range(P):  # the targets M_p(v)
-        w1 = _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH)
-        w2 = _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD)
-        _store_tile(targets_out, pid * P + p, _targets(v, w1, w2, True, PRECISION), C, D, BC, BD)
+    _projection_reads(x_ptr + pid * sx_n, w1_ptr, w2_ptr, static_q_ptr, eta_bias_ptr, alpha_bias_ptr,
+                      k_out, v_out, q_out, eta_out, alpha_out, targets_out, pid, pid, pid, pid % H,
+                      P, PX, sx_p, sx_t, C, D, HID, eta_max, BC, BD, BH, NORM_V, ADAPTIVE_Q, FROZEN, PRECISION)
 
 
 @triton.jit
@@ -148,12 +165,97 @@ def _read_bwd(g_out, z, x, w1, w2, w1_grad, w2_grad, wid, D, HID, BD: tl.constex
 
 
 @triton.jit
-def _input_grad(x_grad, g_x, g_x_p, pid, p, PX, C, D, BC: tl.constexpr, BD: tl.constexpr):
-    """Memory p's input gradient: stored as its own (per-memory inputs, PX > 1), or added to the shared input's
-    running gradient ``g_x``. Returns the running gradient."""
+def _input_grad(x_grad, g_x, g_x_p, oid, p, PX, C, D, BC: tl.constexpr, BD: tl.constexpr):
+    """Memory p's input gradient: stored as its own (per-memory inputs, PX > 1: entry oid PX + p), or added to the
+    shared input's running gradient ``g_x``. Returns the running gradient."""
     if PX > 1:
-        _store_tile(x_grad, pid * PX + p, g_x_p, C, D, BC, BD)
+        _store_tile(x_grad, oid * PX + p, g_x_p, C, D, BC, BD)
     return tl.where(PX > 1, g_x, g_x + g_x_p)
+
+
+@triton.jit
+def _projection_reads_bwd(
+    x_ptr, w1_ptr, w2_ptr, static_q_ptr, eta_bias_ptr, alpha_bias_ptr,
+    g_k_ptr, g_v_ptr, g_q_ptr, g_eta_ptr, g_alpha_ptr, g_targets_ptr,
+    x_grad, w1_grad, w2_grad, static_q_grad, eta_bias_grad, alpha_bias_grad,
+    wid, oid, gid, tid, head, P, PX, sx_p, sx_t, C, D, HID, eta_max,
+    BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NORM_V: tl.constexpr, ADAPTIVE_Q: tl.constexpr,
+    FROZEN: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Gradients of ``_projection_reads``' inputs from those of its outputs, recomputing the reads: the gradients
+    of k, v, q, eta, alpha are entry ``gid``, the targets' entries tid P + p; stores the weights' gradients as
+    entries tid P + p, the static queries', the biases' (per chunk and stack: the caller sums them) and the
+    inputs' (entries oid PX + p, or oid when shared) as entry ``oid``. Each memory's weights get the gradient of
+    their one read (the targets' weights are constants: first order)."""
+    g_x = tl.full([BC, BD], 0.0, dtype=tl.float32)
+    # k
+    k_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, wid, 0, P, PX, sx_p, sx_t,
+                                 C, D, HID, BC, BD, BH, PRECISION)
+    k, k_norm = _normalize(k_read)
+    g_k = _normalize_bwd(_load_tile(g_k_ptr, gid, C, D, BC, BD), k_read, k_norm)
+    g_x = _input_grad(x_grad, g_x, _read_bwd(g_k, z, x, w1, w2, w1_grad, w2_grad, tid * P, D, HID, BD, BH,
+                                             PRECISION), oid, 0, PX, C, D, BC, BD)
+    # v: its own gradient and the P targets' M_p(v)
+    v_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, wid, 1, P, PX, sx_p, sx_t,
+                                 C, D, HID, BC, BD, BH, PRECISION)
+    v = v_read
+    if NORM_V:
+        v, v_norm = _normalize(v_read)
+    g_v = _load_tile(g_v_ptr, gid, C, D, BC, BD)
+    for p in range(P):  # _targets_bwd: g_t + its gradient through M_p's branch, at constant weights
+        g_v += _targets_bwd(_load_tile(g_targets_ptr, tid * P + p, C, D, BC, BD), v,
+                            _load_tile(w1_ptr, wid * P + p, D, HID, BD, BH),
+                            _load_tile(w2_ptr, wid * P + p, HID, D, BH, BD), True, PRECISION)
+    if NORM_V:
+        g_v = _normalize_bwd(g_v, v_read, v_norm)
+    g_x = _input_grad(x_grad, g_x, _read_bwd(g_v, z, x, w1, w2, w1_grad, w2_grad, tid * P + 1, D, HID, BD, BH,
+                                             PRECISION), oid, 1, PX, C, D, BC, BD)
+    # eta and alpha: eta_max sigmoid(mean_c M(X) + b), sigmoid(mean_c M(X) + b) (constants when frozen)
+    if FROZEN:
+        zero_w1 = tl.full([BD, BH], 0.0, dtype=tl.float32)
+        zero_w2 = tl.full([BH, BD], 0.0, dtype=tl.float32)
+        for p in range(2, 4):
+            _store_tile(w1_grad, tid * P + p, zero_w1, D, HID, BD, BH)
+            _store_tile(w2_grad, tid * P + p, zero_w2, HID, D, BH, BD)
+            g_x = _input_grad(x_grad, g_x, tl.full([BC, BD], 0.0, dtype=tl.float32), oid, p, PX, C, D, BC, BD)
+        tl.store(eta_bias_grad + oid, 0.0)
+        tl.store(alpha_bias_grad + oid, 0.0)
+    else:
+        rd = tl.arange(0, BD)
+        eta_read, z_eta, x_eta, w1_eta, w2_eta = _read(x_ptr, w1_ptr, w2_ptr, wid, 2, P, PX, sx_p, sx_t,
+                                                       C, D, HID,
+                                                       BC, BD, BH, PRECISION)
+        alpha_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, wid, 3, P, PX, sx_p, sx_t,
+                                         C, D, HID, BC, BD, BH, PRECISION)
+        eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
+                                 tl.load(eta_bias_ptr + head).to(tl.float32),
+                                 tl.load(alpha_bias_ptr + head).to(tl.float32), eta_max)
+        g_eta_logit = _load_vec(g_eta_ptr, gid, C, BC) * eta_max * s_eta * (1.0 - s_eta)
+        g_alpha_logit = _load_vec(g_alpha_ptr, gid, C, BC) * alpha * (1.0 - alpha)
+        tl.store(eta_bias_grad + oid, _sum(g_eta_logit, axis=0))
+        tl.store(alpha_bias_grad + oid, _sum(g_alpha_logit, axis=0))
+        real = (rd < D)[None, :]
+        g_eta_read = tl.where(real, g_eta_logit[:, None] / D, 0.0)  # the mean over the d columns
+        g_x = _input_grad(x_grad, g_x, _read_bwd(g_eta_read, z_eta, x_eta, w1_eta, w2_eta, w1_grad, w2_grad,
+                                                 tid * P + 2, D, HID, BD, BH, PRECISION), oid, 2, PX, C, D, BC, BD)
+        g_alpha_read = tl.where(real, g_alpha_logit[:, None] / D, 0.0)
+        g_x = _input_grad(x_grad, g_x, _read_bwd(g_alpha_read, z, x, w1, w2, w1_grad, w2_grad, tid * P + 3, D, HID,
+                                                 BD, BH, PRECISION), oid, 3, PX, C, D, BC, BD)
+    # q: adaptive (memory 4) or the static queries
+    g_q = _load_tile(g_q_ptr, gid, C, D, BC, BD)
+    if ADAPTIVE_Q:
+        q_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, wid, 4, P, PX, sx_p, sx_t,
+                                     C, D, HID, BC, BD, BH, PRECISION)
+        q, q_norm = _normalize(q_read)
+        g_x = _input_grad(x_grad, g_x, _read_bwd(_normalize_bwd(g_q, q_read, q_norm), z, x, w1, w2, w1_grad,
+                                                 w2_grad, tid * P + 4, D, HID, BD, BH, PRECISION),
+                          oid, 4, PX, C, D, BC, BD)
+    else:
+        static_q = _load_tile(static_q_ptr, oid, C, D, BC, BD)
+        q, q_norm = _normalize(static_q)
+        _store_tile(static_q_grad, oid, _normalize_bwd(g_q, static_q, q_norm), C, D, BC, BD)
+    if PX == 1:
+        _store_tile(x_grad, oid, g_x, C, D, BC, BD)
 
 
 @triton.jit
@@ -165,79 +267,14 @@ def _projection_reads_bwd_kernel(
     BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, NORM_V: tl.constexpr, ADAPTIVE_Q: tl.constexpr,
     FROZEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Gradients of the forward kernel's inputs from those of its outputs, recomputing the reads. Each memory's
-    weights get the gradient of their one read (the targets' weights are constants: first order).
-    ``eta_bias_grad``, ``alpha_bias_grad``: per program (the launcher sums them over the batch)."""
+    """``_projection_reads_bwd`` of memory stack ``pid`` (everything entry pid; the biases' gradients per program:
+    the launcher sums them over the batch)."""
     pid = tl.program_id(0).to(tl.int64)
-    g_x = tl.full([BC, BD], 0.0, dtype=tl.float32)
-    # k
-    k_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 0, P, PX, sx_n, sx_p, sx_t,
-                                 C, D, HID, BC, BD, BH, PRECISION)
-    k, k_norm = _normalize(k_read)
-    g_k = _normalize_bwd(_load_tile(g_k_ptr, pid, C, D, BC, BD), k_read, k_norm)
-    g_x = _input_grad(x_grad, g_x, _read_bwd(g_k, z, x, w1, w2, w1_grad, w2_grad, pid * P, D, HID, BD, BH,
-                                             PRECISION), pid, 0, PX, C, D, BC, BD)
-    # v: its own gradient and the P targets' M_p(v)
-    v_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 1, P, PX, sx_n, sx_p, sx_t,
-                                 C, D, HID, BC, BD, BH, PRECISION)
-    v = v_read
-    if NORM_V:
-        v, v_norm = _normalize(v_read)
-    g_v = _load_tile(g_v_ptr, pid, C, D, BC, BD)
-    for p in range(P):  # _targets_bwd: g_t + its gradient through M_p's branch, at constant weights
-        g_v += _targets_bwd(_load_tile(g_targets_ptr, pid * P + p, C, D, BC, BD), v,
-                            _load_tile(w1_ptr, pid * P + p, D, HID, BD, BH),
-                            _load_tile(w2_ptr, pid * P + p, HID, D, BH, BD), True, PRECISION)
-    if NORM_V:
-        g_v = _normalize_bwd(g_v, v_read, v_norm)
-    g_x = _input_grad(x_grad, g_x, _read_bwd(g_v, z, x, w1, w2, w1_grad, w2_grad, pid * P + 1, D, HID, BD, BH,
-                                             PRECISION), pid, 1, PX, C, D, BC, BD)
-    # eta and alpha: eta_max sigmoid(mean_c M(X) + b), sigmoid(mean_c M(X) + b) (constants when frozen)
-    if FROZEN:
-        zero_w1 = tl.full([BD, BH], 0.0, dtype=tl.float32)
-        zero_w2 = tl.full([BH, BD], 0.0, dtype=tl.float32)
-        for p in range(2, 4):
-            _store_tile(w1_grad, pid * P + p, zero_w1, D, HID, BD, BH)
-            _store_tile(w2_grad, pid * P + p, zero_w2, HID, D, BH, BD)
-            g_x = _input_grad(x_grad, g_x, tl.full([BC, BD], 0.0, dtype=tl.float32), pid, p, PX, C, D, BC, BD)
-        tl.store(eta_bias_grad + pid, 0.0)
-        tl.store(alpha_bias_grad + pid, 0.0)
-    else:
-        rd = tl.arange(0, BD)
-        eta_read, z_eta, x_eta, w1_eta, w2_eta = _read(x_ptr, w1_ptr, w2_ptr, pid, 2, P, PX, sx_n, sx_p, sx_t,
-                                                       C, D, HID,
-                                                       BC, BD, BH, PRECISION)
-        alpha_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 3, P, PX, sx_n, sx_p, sx_t,
-                                         C, D, HID, BC, BD, BH, PRECISION)
-        eta, alpha, s_eta = _rates(_logit(eta_read, D, BD), _logit(alpha_read, D, BD),
-                                 tl.load(eta_bias_ptr + pid % H).to(tl.float32),
-                                 tl.load(alpha_bias_ptr + pid % H).to(tl.float32), eta_max)
-        g_eta_logit = _load_vec(g_eta_ptr, pid, C, BC) * eta_max * s_eta * (1.0 - s_eta)
-        g_alpha_logit = _load_vec(g_alpha_ptr, pid, C, BC) * alpha * (1.0 - alpha)
-        tl.store(eta_bias_grad + pid, _sum(g_eta_logit, axis=0))
-        tl.store(alpha_bias_grad + pid, _sum(g_alpha_logit, axis=0))
-        real = (rd < D)[None, :]
-        g_eta_read = tl.where(real, g_eta_logit[:, None] / D, 0.0)  # the mean over the d columns
-        g_x = _input_grad(x_grad, g_x, _read_bwd(g_eta_read, z_eta, x_eta, w1_eta, w2_eta, w1_grad, w2_grad,
-                                                 pid * P + 2, D, HID, BD, BH, PRECISION), pid, 2, PX, C, D, BC, BD)
-        g_alpha_read = tl.where(real, g_alpha_logit[:, None] / D, 0.0)
-        g_x = _input_grad(x_grad, g_x, _read_bwd(g_alpha_read, z, x, w1, w2, w1_grad, w2_grad, pid * P + 3, D, HID,
-                                                 BD, BH, PRECISION), pid, 3, PX, C, D, BC, BD)
-    # q: adaptive (memory 4) or the static queries
-    g_q = _load_tile(g_q_ptr, pid, C, D, BC, BD)
-    if ADAPTIVE_Q:
-        q_read, z, x, w1, w2 = _read(x_ptr, w1_ptr, w2_ptr, pid, 4, P, PX, sx_n, sx_p, sx_t,
-                                     C, D, HID, BC, BD, BH, PRECISION)
-        q, q_norm = _normalize(q_read)
-        g_x = _input_grad(x_grad, g_x, _read_bwd(_normalize_bwd(g_q, q_read, q_norm), z, x, w1, w2, w1_grad,
-                                                 w2_grad, pid * P + 4, D, HID, BD, BH, PRECISION),
-                          pid, 4, PX, C, D, BC, BD)
-    else:
-        static_q = _load_tile(static_q_ptr, pid, C, D, BC, BD)
-        q, q_norm = _normalize(static_q)
-        _store_tile(static_q_grad, pid, _normalize_bwd(g_q, static_q, q_norm), C, D, BC, BD)
-    if PX == 1:
-        _store_tile(x_grad, pid, g_x, C, D, BC, BD)
+    _projection_reads_bwd(x_ptr + pid * sx_n, w1_ptr, w2_ptr, static_q_ptr, eta_bias_ptr, alpha_bias_ptr,
+                          g_k_ptr, g_v_ptr, g_q_ptr, g_eta_ptr, g_alpha_ptr, g_targets_ptr,
+                          x_grad, w1_grad, w2_grad, static_q_grad, eta_bias_grad, alpha_bias_grad,
+                          pid, pid, pid, pid, pid % H, P, PX, sx_p, sx_t, C, D, HID, eta_max,
+                          BC, BD, BH, NORM_V, ADAPTIVE_Q, FROZEN, PRECISION)
 
 
 INTERPRETED = not isinstance(_projection_reads_kernel, triton.runtime.JITFunction)
