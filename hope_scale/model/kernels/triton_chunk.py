@@ -785,6 +785,19 @@ def _chunk_backward(
 
 
 @triton.jit
+def _store_start_grads(w1_grad, w2_grad, targets_grad, a1_grad, a2_grad, idx, g_w1, g_w2, g_t, g_a1, g_a2,
+                       C, D, HID, BC: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, ANCHOR: tl.constexpr):
+    """Store ``_chunk_backward``'s gradients of the start weights, the targets and (ANCHOR) the anchor as entry
+    ``idx``."""
+    _store_tile(w1_grad, idx, g_w1, D, HID, BD, BH)
+    _store_tile(w2_grad, idx, g_w2, HID, D, BH, BD)
+    _store_tile(targets_grad, idx, g_t, C, D, BC, BD)
+    if ANCHOR:
+        _store_tile(a1_grad, idx, g_a1, D, HID, BD, BH)
+        _store_tile(a2_grad, idx, g_a2, HID, D, BH, BD)
+
+
+@triton.jit
 def _chunk_update_bwd_kernel(
     w1_ptr, w2_ptr, keys_ptr, targets_ptr, queries_ptr, a1_ptr, a2_ptr,
     eta_ptr, gamma_ptr, d_ptr, e_ptr, gamma_prev_ptr, e_kk_prev_ptr, inverse_ptr, d_qk_ptr, e_qk_ptr,
@@ -811,12 +824,8 @@ def _chunk_update_bwd_kernel(
         keys_grad, queries_grad, eta_grad, gamma_grad, d_grad, e_grad, gamma_prev_grad, e_kk_prev_grad, inverse_grad,
         d_qk_grad, e_qk_grad, C, D, HID, last, step_bound,
         BC, BD, BH, NORMALIZED, BOUND, ERASE, READS, ANCHOR, PRECISION)
-    _store_tile(w1_grad, pid, g_w1, D, HID, BD, BH)
-    _store_tile(w2_grad, pid, g_w2, HID, D, BH, BD)
-    _store_tile(targets_grad, pid, g_v, C, D, BC, BD)
-    if ANCHOR:
-        _store_tile(a1_grad, pid, g_a1, D, HID, BD, BH)
-        _store_tile(a2_grad, pid, g_a2, HID, D, BH, BD)
+    _store_start_grads(w1_grad, w2_grad, targets_grad, a1_grad, a2_grad, pid, g_w1, g_w2, g_v, g_a1, g_a2,
+                       C, D, HID, BC, BD, BH, ANCHOR)
 
 
 # ---- a whole sequence of chunks per program (the main memory's scan over a layer's chunks)

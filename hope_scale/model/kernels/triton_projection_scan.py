@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .triton_chunk import (PRECISION, _chunk_backward, _chunk_forward, _load_tile, _load_vec, _on_device,
-                           _store_state, _store_tile, _store_vec, _targets, block, num_warps)
+                           _store_start_grads, _store_state, _store_tile, _store_vec, _targets, block, num_warps)
 from .triton_coefficients import _coefficients, _coefficients_bwd, _decay, _log_decays
 from .triton_projection import _projection_reads, _projection_reads_bwd
 
@@ -155,12 +155,8 @@ def _projection_scan_bwd_kernel(
                 g_a1 += _load_tile(a1_grad, mid, D, HID, BD, BH)
                 g_a2 += _load_tile(a2_grad, mid, HID, D, BH, BD)
             tl.debug_barrier()  # every thread has read the carried gradient before it is overwritten
-            _store_tile(g_w1_ptr, mid, g_w1, D, HID, BD, BH)
-            _store_tile(g_w2_ptr, mid, g_w2, HID, D, BH, BD)
-            _store_tile(targets_grad, mid, g_t, C, D, BC, BD)
-            if ANCHOR:
-                _store_tile(a1_grad, mid, g_a1, D, HID, BD, BH)
-                _store_tile(a2_grad, mid, g_a2, HID, D, BH, BD)
+            _store_start_grads(g_w1_ptr, g_w2_ptr, targets_grad, a1_grad, a2_grad, mid, g_w1, g_w2, g_t, g_a1, g_a2,
+                               C, D, HID, BC, BD, BH, ANCHOR)
         tl.debug_barrier()
 
         # the shared keys', eta's and coefficients' gradients summed over the memories, through the coefficients
