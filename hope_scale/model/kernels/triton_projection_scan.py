@@ -10,8 +10,8 @@ the stacked memories' chunk-start weights W_p (p = k, v, eta, alpha, q):
 so a chunk is three function calls inside one program instead of three kernel launches and the tensor work
 between them. Each chunk's start weights are stored (``starts``, [N, n_chunks, P, ...]): the next chunk reads
 them, and the backward starts from them. The five memories' weights do not fit on chip at once (5 x 2 x 64 x 64
-in fp32 is 160 KiB), so they pass from chunk to chunk through those stores, and the k, v, eta, alpha and targets
-through global scratch: every phase that reads what another thread of the program stored waits at a
+in fp32 is 160 KiB), so they pass from chunk to chunk through those stores, and the reads, targets and
+coefficients through global scratch: every phase that reads what another thread of the program stored waits at a
 ``tl.debug_barrier()`` first (the interpreter runs a program's threads as one, so the tests cannot check those
 barriers; the GPU check can).
 
