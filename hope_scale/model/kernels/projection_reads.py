@@ -40,13 +40,26 @@ class ProjectionReadsFunction(torch.autograd.Function):
         x, w1, w2, static_q, eta_bias, alpha_bias = ctx.saved_tensors
         g_x, g_w1, g_w2, g_q, g_eta_bias, g_alpha_bias = launch_projection_reads_bwd(
             x, w1, w2, static_q, eta_bias, alpha_bias, [g.contiguous() for g in grads], **ctx.options)
-        heads = eta_bias.shape[0]  # program n has head n % H: sum the biases' gradients over the batch
-        g_eta_bias = g_eta_bias.view(-1, heads).sum(0).to(eta_bias.dtype)
-        g_alpha_bias = g_alpha_bias.view(-1, heads).sum(0).to(alpha_bias.dtype)
-        if ctx.options["frozen"]:  # eta and alpha are constants of a frozen memory: the biases enter nothing
-            g_eta_bias = g_alpha_bias = None
-        found = (g_x, g_w1, g_w2, g_q, g_eta_bias, g_alpha_bias)
+        found = (g_x, g_w1, g_w2, g_q, *bias_grads(g_eta_bias, g_alpha_bias, eta_bias, ctx.options["frozen"]))
         return (None,) + tuple(g if need else None for g, need in zip(found, ctx.needs_input_grad[1:]))
+
+
+def bias_grads(g_eta_bias: torch.Tensor, g_alpha_bias: torch.Tensor, eta_bias: torch.Tensor, frozen: bool):
+    """The biases' gradients [H] from a kernel's per-program ones [N, ...] (program n has head n % H: summed over
+    the batch and the trailing axes), in the biases' dtype; None for a frozen memory (eta and alpha are constants
+    there: the biases enter nothing)."""
+    if frozen:
+        return None, None
+    heads = eta_bias.shape[0]
+    return tuple(g.reshape(-1, heads, g[0].numel()).sum((0, 2)).to(eta_bias.dtype) for g in (g_eta_bias, g_alpha_bias))
+
+
+def kernel_inputs(inputs: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    """The projection memories' inputs [B, H, P|1, T, d] as the kernels take them, [N, P|1, T, d]: a view of the
+    forward's (the kernels take their strides) where the batch axes allow, else a contiguous copy."""
+    if inputs.stride(-1) == 1:
+        return inputs.expand(*batch, *inputs.shape[2:]).flatten(0, 1)
+    return _flat(inputs, batch, 3)
 
 
 def projection_reads_unsupported(layer, w1: torch.Tensor, w2: torch.Tensor, inputs: torch.Tensor,
@@ -80,8 +93,8 @@ def kernel_projection_reads(layer, w1: torch.Tensor, w2: torch.Tensor, inputs: t
     batch = w1.shape[:2]  # [B, H]
     options = dict(n_heads=layer.eta_bias.shape[0], eta_max=layer.cfg.eta_max,
                    normalize_values=layer.cfg.normalize_values, frozen=layer.memory_frozen)
-    # the chunk's inputs as a view of the forward's (the kernel takes their strides), not a copy per chunk
-    x = inputs.expand(*batch, *inputs.shape[2:]).flatten(0, 1) if inputs.stride(-1) == 1 else _flat(inputs, batch, 3)
-    outs = ProjectionReadsFunction.apply(options, x, _flat(w1, batch, 3), _flat(w2, batch, 3),
-                                         _flat(static_q, batch, 2), layer.eta_bias, layer.alpha_bias)
+    # the chunk's inputs as a view of the forward's, not a copy per chunk
+    outs = ProjectionReadsFunction.apply(options, kernel_inputs(inputs, batch), _flat(w1, batch, 3),
+                                         _flat(w2, batch, 3), _flat(static_q, batch, 2), layer.eta_bias,
+                                         layer.alpha_bias)
     return tuple(t.view(*batch, *t.shape[1:]) for t in outs)

@@ -21,7 +21,7 @@ import torch
 from ..memory import MemoryState
 from ..write_cost import charge_writes
 from .chunk_update import _flat, backward_tiles_unsupported, rule_unsupported, triton_out_of_resources, warn_once
-from .projection_reads import projection_reads_unsupported
+from .projection_reads import bias_grads, kernel_inputs, projection_reads_unsupported
 
 
 class ProjectionScan(torch.autograd.Function):
@@ -52,10 +52,8 @@ class ProjectionScan(torch.autograd.Function):
         x, static_q, eta_bias, alpha_bias, anchor1, anchor2, starts1 = saved[:7]
         g_x, g_w1, g_w2, g_q, g_eta_bias, g_alpha_bias, g_a1, g_a2 = launch_projection_scan_bwd(
             *saved, grads[:9], options=ctx.options)
-        heads = eta_bias.shape[0]  # stack n has head n % H: sum the biases' gradients over the batch and the chunks
-        g_eta_bias, g_alpha_bias = (g.view(-1, heads, g.shape[-1]).sum((0, 2)) for g in (g_eta_bias, g_alpha_bias))
-        if ctx.options["frozen"]:  # eta and alpha are constants of a frozen memory: the biases enter nothing
-            g_eta_bias = g_alpha_bias = None
+        # per stack and chunk: summed over the batch and the chunks
+        g_eta_bias, g_alpha_bias = bias_grads(g_eta_bias, g_alpha_bias, eta_bias, ctx.options["frozen"])
         if anchor1 is not None:  # stack n's anchors are entries (n % N_A) P + p
             g_a1, g_a2 = (g.flatten(0, 1).view(-1, *a.shape).sum(0) for g, a in ((g_a1, anchor1), (g_a2, anchor2)))
         found = (g_x, g_w1, g_w2, g_q, g_eta_bias, g_alpha_bias, g_a1, g_a2)
@@ -96,13 +94,11 @@ def kernel_scan_projection_chunks(layer, proj: MemoryState, inputs: torch.Tensor
         return scan_projection_chunks(layer, proj, inputs, static_q, write_grad)
     batch = proj.w1.shape[:2]  # [B, H]
     n_chunks = inputs.shape[3] // layer.cfg.chunk_size_projection
-    # the inputs as a view of the forward's (the kernel takes their strides) where the batch axes allow
-    x = inputs.expand(*batch, *inputs.shape[2:]).flatten(0, 1) if inputs.stride(-1) == 1 else _flat(inputs, batch, 3)
     anchor = layer.retention_anchor(True)
     anchor1, anchor2 = (a.flatten(0, 1) for a in anchor) if anchor is not None else (None, None)
     try:
         w1, w2, s1, s2, k, v, q, eta, alpha, overshoot, scale = ProjectionScan.apply(
-            options(layer), n_chunks, x, _flat(proj.w1, batch, 3), _flat(proj.w2, batch, 3),
+            options(layer), n_chunks, kernel_inputs(inputs, batch), _flat(proj.w1, batch, 3), _flat(proj.w2, batch, 3),
             _flat(static_q, batch, 2), layer.eta_bias, layer.alpha_bias, anchor1, anchor2)
     except triton_out_of_resources() as e:  # a GPU with less shared memory than an H100's: the tiles do not fit
         warn_once(f"model.kernel=triton: the projection memories run one chunk at a time: {e}")

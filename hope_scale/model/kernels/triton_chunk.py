@@ -384,8 +384,8 @@ def _chunk_forward(
         new_w2 += _dot(tl.trans(d_end[:, None] * (x_state + s_end * x_grad)), keys, PRECISION)
     new_s1 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_u, 0.0)), h, PRECISION)
     new_s2 = -s_end * _dot(tl.trans(tl.where(at_last[:, None], eta_delta, 0.0)), keys, PRECISION)
-    tl.store(overshoot_out + idx, _at(lam, at_last).to(overshoot_out.dtype.element_ty))
-    tl.store(scale_out + idx, s_end.to(scale_out.dtype.element_ty))
+    tl.store(overshoot_out + idx, _in_dtype_of(overshoot_out, _at(lam, at_last)))
+    tl.store(scale_out + idx, _in_dtype_of(scale_out, s_end))
 
     if READS:  # o_t = m_{W_t}(q_t), the gradient parts of W_t scaled by s_t
         queries = _load_tile(queries_ptr, cid, C, D, BC, BD)
