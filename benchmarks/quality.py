@@ -4,6 +4,7 @@
     python benchmarks/quality.py --out runs/quality --only a --seeds 0    # one section, one seed
     python benchmarks/quality.py --out runs/quality --summary             # only rebuild the tables
     python benchmarks/quality.py --out runs/smoke --scale 0.05 --seeds 0  # a quick smoke run
+    python benchmarks/quality.py --out runs/quality-lr6e-3 --only a --lr 6e-3  # (a) at another peak lr
 
 Every (section, corpus, seed) run writes ``<out>/<section>-<corpus>-s<seed>.json`` and is skipped when that
 file exists, so runs can be split over processes (one per core) and resumed; ``<out>/summary.md`` gets the
@@ -89,6 +90,9 @@ DIAGNOSTIC_ARCHS = {
 }
 
 
+# (a)'s peak learning rate unless --lr says otherwise: the rate of every other section
+SECTION_A_LR = 3e-3
+
 # --write-cost: model.write_cost of the memory architectures (Hope, Titans) in every section
 MEMORY_ARCH_EXTRA: dict = {}
 
@@ -118,6 +122,14 @@ def _run_fraction(text: str, last_included: bool) -> float:
     value = float(text)
     if not (0 <= value <= 1 if last_included else 0 <= value < 1):
         raise argparse.ArgumentTypeError(f"must be in [0, {'1]' if last_included else '1)'}, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A float > 0 (an argparse type)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -175,7 +187,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
     rows, hope_cpu = [], None
 
     def config(n: int) -> TrainConfig:
-        return train_config(n, 3e-3, 10, args.write_cost_from, args.write_cost_ramp)
+        return train_config(n, args.lr, 10, args.write_cost_from, args.write_cost_ramp)
 
     runs = section_a_runs(args.models)
     for name, spec, budget in runs:
@@ -205,7 +217,8 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
         log(f"(a) {corpus} s{seed} {name:32s} params {row['parameters']:7d} steps {row['steps']:4d} "
             f"cpu {row['train_cpu_seconds']:6.1f}s clipped {row['clipped_fraction'] or 0:.2f} held-out loss "
             f"{row['fixed']['loss']:.4f}" + (f" (memory off {row['memory_off']['loss']:.4f})" if "memory_off" in row else ""))
-    return {"corpus": corpus, "source": CORPORA[corpus], "seed": seed, "seq_len": seq, "batch": batch, "rows": rows}
+    return {"corpus": corpus, "source": CORPORA[corpus], "seed": seed, "seq_len": seq, "batch": batch, "lr": args.lr,
+            "rows": rows}
 
 
 # -- (b) MQAR ---------------------------------------------------------------------------------------------
@@ -394,7 +407,12 @@ def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
         by = by_model(runs, "rows", "model")
-        lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {runs[0]['seq_len']} tokens)", "",
+        lrs = sorted({run.get("lr", SECTION_A_LR) for run in runs})  # runs from before --lr: SECTION_A_LR
+        if len(lrs) > 1:
+            raise SystemExit(f"{out}: the (a) {corpus} runs differ in their peak lr {lrs}; summarize each rate "
+                             "from its own --out")
+        lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {runs[0]['seq_len']} tokens, "
+                  f"peak lr {lrs[0]:g})", "",
                   "| model | params | steps | train CPU s | clipped steps | held-out loss | perplexity | "
                   "memory off: loss | streaming ppl |", "|---|---|---|---|---|---|---|---|---|"]
         for n, rs in by.items():
@@ -508,6 +526,9 @@ def parser() -> argparse.ArgumentParser:
                                                     f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
                                                     "Transformer++; diagnostics, only when named: "
                                                     f"{', '.join(DIAGNOSTIC_ARCHS)})")
+    ap.add_argument("--lr", type=positive_float, default=SECTION_A_LR,
+                    help=f"(a): the peak learning rate of every model (default {SECTION_A_LR:g}, the rate of every "
+                         "section; a per-model sweep runs each rate into its own --out); recorded in every result")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-cost", type=float, default=None, metavar="LAMBDA",

@@ -141,3 +141,40 @@ def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
                               capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert not (ROOT / "unused").exists()
+
+
+def test_heldout_section_trains_at_the_chosen_peak_lr(quality, monkeypatch, tmp_path):
+    """``--lr`` is (a)'s peak learning rate for every model (the default is every section's 3e-3); the result
+    records it, the summary names it and refuses to average runs of different rates, and a rate <= 0 is
+    refused."""
+    import json
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, batches, cfg, name):
+            seen.append(cfg.lr)
+            raise Stop
+
+    monkeypatch.setattr(quality, "Trainer", Recorder)
+    tok = quality.load_tokenizer("byte")
+    for argv, lr in (([], 3e-3), (["--lr", "6e-3"], 6e-3)):
+        args = quality.parser().parse_args(["--models", "Titans", "--scale", "0.02", *argv])
+        with pytest.raises(Stop):
+            quality.section_a("builtin", 0, args, tok)
+        assert seen[-1] == lr
+    with pytest.raises(SystemExit):
+        quality.parser().parse_args(["--lr", "0"])
+
+    row = {"model": "Titans", "parameters": 1, "steps": 2, "train_cpu_seconds": 1.0, "clipped_fraction": 0.0,
+           "fixed": {"loss": 2.0, "token_perplexity": 7.4}, "streaming": {"token_perplexity": 7.4},
+           "profile": {"bucket_start": [0], "bucket_end": [1], "loss": [2.0]}}
+    (tmp_path / "a-builtin-s0.json").write_text(json.dumps({"seq_len": 512, "lr": 0.006, "rows": [row]}))
+    (tmp_path / "a-builtin-s1.json").write_text(json.dumps({"seq_len": 512, "rows": [row]}))  # before --lr: 3e-3
+    with pytest.raises(SystemExit, match=r"peak lr \[0.003, 0.006\]"):
+        quality.summary(tmp_path)
+    (tmp_path / "a-builtin-s1.json").write_text(json.dumps({"seq_len": 512, "lr": 0.006, "rows": [row]}))
+    assert "(2 seeds, trained at 512 tokens, peak lr 0.006)" in quality.summary(tmp_path)
