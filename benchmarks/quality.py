@@ -90,8 +90,8 @@ DIAGNOSTIC_ARCHS = {
 }
 
 
-# (a)'s peak learning rate unless --lr says otherwise: the rate of every other section
-SECTION_A_LR = 3e-3
+# every section's peak learning rate (AdamW, warm-up + cosine); (a) takes another with --lr
+LR = 3e-3
 
 # --write-cost: model.write_cost of the memory architectures (Hope, Titans) in every section
 MEMORY_ARCH_EXTRA: dict = {}
@@ -246,7 +246,7 @@ def section_b(corpus: str, seed: int, args, tok) -> dict:
             "steps": n_steps, "batch": batch, "chance": 1 / (vocab - vocab // 2), "models": models}
 
 
-MQAR_LRS = (3e-3,)  # the lr of every other section; add rates to sweep (the summary picks each model's best)
+MQAR_LRS = (LR,)  # the lr of every other section; add rates to sweep (the summary picks each model's best)
 
 
 # -- (c) passkey NIAH -------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def section_c(corpus: str, seed: int, args, tok) -> dict:
     for name, spec in selected(args.models).items():
         model = make(seed, **spec)
         gen = NIAHGenerator(task, tok, seed=1 + seed, name="passkey-train")
-        cfg = train_config(n_steps, 3e-3, 20, args.write_cost_from, args.write_cost_ramp)
+        cfg = train_config(n_steps, LR, 20, args.write_cost_from, args.write_cost_ramp)
         tr = Trainer(model, scheduled_niah_batches(gen, batch, train_len, seed, tok.pad_id, mix, mix_from), cfg, name)
         tr.run(log=None, progress=True)
         if getattr(args, "save_models", False):
@@ -365,7 +365,7 @@ def section_d(corpus: str, seed: int, args, tok) -> dict:
     dom_a = load_domain(CORPORA["shakespeare"], tok, 0.1, max_chars=600_000, name="shakespeare")
     dom_b = load_domain("builtin:pydoc", tok, 0.1, max_chars=600_000, name="python-docs")
     cfg = ContinualConfig(mode="both", seq_len=args.seq_len, batch_size=8, steps_a=steps_a,
-                          steps_b=steps(CONTINUAL_STEPS_B, args.scale), baseline_period=CONTINUAL_PERIODS[0], lr=3e-3,
+                          steps_b=steps(CONTINUAL_STEPS_B, args.scale), baseline_period=CONTINUAL_PERIODS[0], lr=LR,
                           warmup_steps=10, eval_tokens=8192, eval_points=4,
                           stream_tokens=max(2048, int(32768 * min(1.0, args.scale * 2))), stream_lr=0.3,
                           stream_segment_len=args.seq_len, stream_max_grad_norm=1.0, seed=seed)
@@ -407,7 +407,7 @@ def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
         by = by_model(runs, "rows", "model")
-        lrs = sorted({run.get("lr", SECTION_A_LR) for run in runs})  # runs from before --lr: SECTION_A_LR
+        lrs = sorted({run.get("lr", LR) for run in runs})  # runs from before --lr trained at LR
         if len(lrs) > 1:
             raise SystemExit(f"{out}: the (a) {corpus} runs differ in their peak lr {lrs}; summarize each rate "
                              "from its own --out")
@@ -526,8 +526,8 @@ def parser() -> argparse.ArgumentParser:
                                                     f"(default: all of {', '.join(ARCHS)}; (d) has Hope and "
                                                     "Transformer++; diagnostics, only when named: "
                                                     f"{', '.join(DIAGNOSTIC_ARCHS)})")
-    ap.add_argument("--lr", type=positive_float, default=SECTION_A_LR,
-                    help=f"(a): the peak learning rate of every model (default {SECTION_A_LR:g}, the rate of every "
+    ap.add_argument("--lr", type=positive_float, default=LR,
+                    help=f"(a): the peak learning rate of every model (default {LR:g}, the rate of every "
                          "section; a per-model sweep runs each rate into its own --out); recorded in every result")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
