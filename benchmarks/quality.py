@@ -5,6 +5,7 @@
     python benchmarks/quality.py --out runs/quality --summary             # only rebuild the tables
     python benchmarks/quality.py --out runs/smoke --scale 0.05 --seeds 0  # a quick smoke run
     python benchmarks/quality.py --out runs/quality-lr6e-3 --only a --lr 6e-3  # (a) at another peak lr
+    python benchmarks/quality.py --out runs/quality-d128 --only a --d-model 128  # (a) with wider models
 
 Every (section, corpus, seed) run writes ``<out>/<section>-<corpus>-s<seed>.json`` and is skipped when that
 file exists, so runs can be split over processes (one per core) and resumed; ``<out>/summary.md`` gets the
@@ -21,8 +22,8 @@ tables with mean ± std over the seeds found.
 (d) continual learning (A = tinyshakespeare, B = Python documentation): forgetting and learning in continued
     training and at test time (CMS level updates only), Hope with 1, 2, 3 CMS levels vs Transformer++.
 
-Every model is d_model 64, 2 layers, 2 heads, byte vocabulary; torch runs on ``--threads`` threads (1 by
-default: on a shared 2-core machine more threads are slower).
+Every model is d_model 64 (``--d-model`` for (a)), 2 layers, 2 heads, byte vocabulary; torch runs on
+``--threads`` threads (1 by default: on a shared 2-core machine more threads are slower).
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
 
     runs = section_a_runs(args.models)
     for name, spec, budget in runs:
+        spec = spec | {"d_model": args.d_model}
         model, cfg = make(seed, **spec), config(n_steps)
         if budget == "time":  # as many steps as fit in Hope's CPU time, measured on a short probe run
             probe = Trainer(make(seed, **spec), text_batches(dom.train, batch, seq, seed=seed), config(10), name)
@@ -218,7 +220,7 @@ def section_a(corpus: str, seed: int, args, tok) -> dict:
             f"cpu {row['train_cpu_seconds']:6.1f}s clipped {row['clipped_fraction'] or 0:.2f} held-out loss "
             f"{row['fixed']['loss']:.4f}" + (f" (memory off {row['memory_off']['loss']:.4f})" if "memory_off" in row else ""))
     return {"corpus": corpus, "source": CORPORA[corpus], "seed": seed, "seq_len": seq, "batch": batch, "lr": args.lr,
-            "rows": rows}
+            "d_model": args.d_model, "rows": rows}
 
 
 # -- (b) MQAR ---------------------------------------------------------------------------------------------
@@ -403,16 +405,24 @@ def by_model(runs: list[dict], rows: str, label: str) -> dict[str, list[dict]]:
     return {n: [r for run in runs for r in run[rows] if r[label] == n] for n in names}
 
 
+def run_setting(out: Path, corpus: str, runs: list[dict], key: str, what: str, default):
+    """The one value of setting ``key`` of the (a) runs of a corpus (``default`` for runs from before it was
+    recorded); runs that differ in it are not averaged: each value needs its own --out."""
+    values = sorted({run.get(key, default) for run in runs})
+    if len(values) > 1:
+        raise SystemExit(f"{out}: the (a) {corpus} runs differ in their {what} {values}; summarize each value "
+                         "from its own --out")
+    return values[0]
+
+
 def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
         by = by_model(runs, "rows", "model")
-        lrs = sorted({run.get("lr", LR) for run in runs})  # runs from before --lr trained at LR
-        if len(lrs) > 1:
-            raise SystemExit(f"{out}: the (a) {corpus} runs differ in their peak lr {lrs}; summarize each rate "
-                             "from its own --out")
+        lr, width = (run_setting(out, corpus, runs, key, what, default) for key, what, default in
+                     (("lr", "peak lr", LR), ("d_model", "d_model", BASE["d_model"])))
         lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {runs[0]['seq_len']} tokens, "
-                  f"peak lr {lrs[0]:g})", "",
+                  f"peak lr {lr:g}, d_model {width})", "",
                   "| model | params | steps | train CPU s | clipped steps | held-out loss | perplexity | "
                   "memory off: loss | streaming ppl |", "|---|---|---|---|---|---|---|---|---|"]
         for n, rs in by.items():
@@ -529,6 +539,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=positive_float, default=LR,
                     help=f"(a): the peak learning rate of every model (default {LR:g}, the rate of every "
                          "section; a per-model sweep runs each rate into its own --out); recorded in every result")
+    ap.add_argument("--d-model", type=int, default=BASE["d_model"],
+                    help=f"(a): the width of every model (default {BASE['d_model']}; 2 heads, so the head width is "
+                         "half of it; the architectures' widths keep their ratios to it, which keeps the parameter "
+                         "counts within 4%% of each other at 128); recorded in every result")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (smoke runs: 0.05)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write-cost", type=float, default=None, metavar="LAMBDA",
@@ -554,6 +568,10 @@ def main() -> int:
         ap.error(f"--shakespeare: no such file {args.shakespeare}")
     CORPORA["shakespeare"] = args.shakespeare
     selected(args.models)  # an unknown name is an error before any run starts
+    try:  # so is a width no model can have
+        model_config(**ARCHS["Titans"], d_model=args.d_model)
+    except ValueError as e:
+        ap.error(f"--d-model: {e}")
     try:  # a bad value is an error before any run starts; unset: the model's default
         write_cost = ModelConfig(arch="hope", write_cost=args.write_cost).write_cost
     except ValueError as e:

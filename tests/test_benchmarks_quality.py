@@ -143,11 +143,13 @@ def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
         assert not (ROOT / "unused").exists()
 
 
-def test_heldout_section_trains_at_the_chosen_peak_lr(quality, monkeypatch, tmp_path):
-    """``--lr`` is (a)'s peak learning rate for every model (the default is every section's 3e-3); the result
-    records it, the summary names it and refuses to average runs of different rates, and a rate <= 0 is
-    refused."""
+def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeypatch, tmp_path):
+    """``--lr`` and ``--d-model`` are (a)'s peak learning rate and width for every model (the defaults are every
+    section's 3e-3 and 64); the result records them, the summary names them and refuses to average runs that
+    differ in either, and a rate <= 0 or a width the 2 heads cannot split is refused before any run starts."""
     import json
+    import subprocess
+    import sys
 
     class Stop(Exception):
         pass
@@ -156,25 +158,34 @@ def test_heldout_section_trains_at_the_chosen_peak_lr(quality, monkeypatch, tmp_
 
     class Recorder:
         def __init__(self, model, batches, cfg, name):
-            seen.append(cfg.lr)
+            seen.append((cfg.lr, model.cfg.d_model))
             raise Stop
 
     monkeypatch.setattr(quality, "Trainer", Recorder)
     tok = quality.load_tokenizer("byte")
-    for argv, lr in (([], 3e-3), (["--lr", "6e-3"], 6e-3)):
+    for argv, setting in (([], (3e-3, 64)), (["--lr", "6e-3", "--d-model", "128"], (6e-3, 128))):
         args = quality.parser().parse_args(["--models", "Titans", "--scale", "0.02", *argv])
         with pytest.raises(Stop):
             quality.section_a("builtin", 0, args, tok)
-        assert seen[-1] == lr
+        assert seen[-1] == setting
     with pytest.raises(SystemExit):
         quality.parser().parse_args(["--lr", "0"])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--d-model", "63", "--out",
+                           "unused"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "--d-model: model.n_heads: d_model=63" in proc.stderr, proc.stderr
+    assert not (ROOT / "unused").exists()
+    counts = [quality.make(0, **arch, d_model=128).num_parameters() for arch in quality.ARCHS.values()]
+    assert max(counts) / min(counts) - 1 <= 0.04  # the help's promise at 128
 
     row = {"model": "Titans", "parameters": 1, "steps": 2, "train_cpu_seconds": 1.0, "clipped_fraction": 0.0,
            "fixed": {"loss": 2.0, "token_perplexity": 7.4}, "streaming": {"token_perplexity": 7.4},
            "profile": {"bucket_start": [0], "bucket_end": [1], "loss": [2.0]}}
-    (tmp_path / "a-builtin-s0.json").write_text(json.dumps({"seq_len": 512, "lr": 0.006, "rows": [row]}))
-    (tmp_path / "a-builtin-s1.json").write_text(json.dumps({"seq_len": 512, "rows": [row]}))  # before --lr: 3e-3
-    with pytest.raises(SystemExit, match=r"peak lr \[0.003, 0.006\]"):
-        quality.summary(tmp_path)
-    (tmp_path / "a-builtin-s1.json").write_text(json.dumps({"seq_len": 512, "lr": 0.006, "rows": [row]}))
-    assert "(2 seeds, trained at 512 tokens, peak lr 0.006)" in quality.summary(tmp_path)
+    run = {"seq_len": 512, "lr": 0.006, "d_model": 128, "rows": [row]}
+    (tmp_path / "a-builtin-s0.json").write_text(json.dumps(run))
+    for older, message in (({"lr", "d_model"}, r"peak lr \[0.003, 0.006\]"), ({"d_model"}, r"d_model \[64, 128\]")):
+        # runs from before the options were recorded trained at 3e-3 and width 64
+        (tmp_path / "a-builtin-s1.json").write_text(json.dumps({k: v for k, v in run.items() if k not in older}))
+        with pytest.raises(SystemExit, match=message):
+            quality.summary(tmp_path)
+    (tmp_path / "a-builtin-s1.json").write_text(json.dumps(run))
+    assert "(2 seeds, trained at 512 tokens, peak lr 0.006, d_model 128)" in quality.summary(tmp_path)
