@@ -2,6 +2,8 @@
 section."""
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,14 @@ ROOT = BENCHMARKS.parent
 @pytest.fixture(scope="module")
 def quality():
     return load_benchmark("quality")
+
+
+def assert_refused_before_any_run(argv: list[str], message: str) -> None:
+    """quality.py with ``argv`` exits with a usage error (2) naming ``message``, before it creates its --out."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), *argv, "--out", "unused"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (ROOT / "unused").exists()
 
 
 def test_selected_models(quality):
@@ -126,9 +136,6 @@ def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
     """``--write-cost-from F --write-cost-ramp R``: every training run of (a)-(c) leaves the write cost out of its
     first F * steps steps, then ramps it up over R * steps; a fraction outside its range, or one given with
     section (d), is refused before any run starts."""
-    import subprocess
-    import sys
-
     cfg = quality.train_config(5000, 3e-3, 20, 0.5, 0.16)
     assert (cfg.write_cost_from_step, cfg.write_cost_ramp_steps) == (2500, 800)
     cfg = quality.train_config(800, 3e-3, 20)
@@ -137,10 +144,7 @@ def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
                           (["--write-cost-ramp", "1.5"], "must be in [0, 1]"),
                           (["--only", "c,d", "--write-cost-from", "0.5"], "section (d)"),
                           (["--only", "d", "--write-cost-ramp", "0.5"], "--write-cost-ramp: section (d)")):
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), *argv, "--out", "unused"],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert not (ROOT / "unused").exists()
+        assert_refused_before_any_run(argv, message)
 
 
 def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeypatch, tmp_path):
@@ -148,8 +152,6 @@ def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeyp
     section's 3e-3 and 64); the result records them, the summary names them and refuses to average runs that
     differ in either, and a rate <= 0 or a width the 2 heads cannot split is refused before any run starts."""
     import json
-    import subprocess
-    import sys
 
     class Stop(Exception):
         pass
@@ -170,10 +172,7 @@ def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeyp
         assert seen[-1] == setting
     with pytest.raises(SystemExit):
         quality.parser().parse_args(["--lr", "0"])
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--d-model", "63", "--out",
-                           "unused"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and "--d-model: model.n_heads: d_model=63" in proc.stderr, proc.stderr
-    assert not (ROOT / "unused").exists()
+    assert_refused_before_any_run(["--d-model", "63"], "--d-model: model.n_heads: d_model=63")
     counts = [quality.make(0, **arch, d_model=128).num_parameters() for arch in quality.ARCHS.values()]
     assert max(counts) / min(counts) - 1 <= 0.04  # the help's promise at 128
 
