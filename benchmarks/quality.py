@@ -419,9 +419,10 @@ def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
         by = by_model(runs, "rows", "model")
-        lr, width = (run_setting(out, corpus, runs, key, what, default) for key, what, default in
-                     (("lr", "peak lr", LR), ("d_model", "d_model", BASE["d_model"])))
-        lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {runs[0]['seq_len']} tokens, "
+        seq, lr, width = (run_setting(out, corpus, runs, key, what, default) for key, what, default in
+                          (("seq_len", "training length", 512), ("lr", "peak lr", LR),
+                           ("d_model", "d_model", BASE["d_model"])))
+        lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {seq} tokens, "
                   f"peak lr {lr:g}, d_model {width})", "",
                   "| model | params | steps | train CPU s | clipped steps | held-out loss | perplexity | "
                   "memory off: loss | streaming ppl |", "|---|---|---|---|---|---|---|---|---|"]

@@ -150,7 +150,8 @@ def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
 def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeypatch, tmp_path):
     """``--lr`` and ``--d-model`` are (a)'s peak learning rate and width for every model (the defaults are every
     section's 3e-3 and 64); the result records them, the summary names them and refuses to average runs that
-    differ in either, and a rate <= 0 or a width the 2 heads cannot split is refused before any run starts."""
+    differ in either (or in ``--seq-len``), and a rate <= 0 or a width the 2 heads cannot split is refused before
+    any run starts."""
     import json
 
     class Stop(Exception):
@@ -181,9 +182,12 @@ def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeyp
            "profile": {"bucket_start": [0], "bucket_end": [1], "loss": [2.0]}}
     run = {"seq_len": 512, "lr": 0.006, "d_model": 128, "rows": [row]}
     (tmp_path / "a-builtin-s0.json").write_text(json.dumps(run))
-    for older, message in (({"lr", "d_model"}, r"peak lr \[0.003, 0.006\]"), ({"d_model"}, r"d_model \[64, 128\]")):
-        # runs from before the options were recorded trained at 3e-3 and width 64
-        (tmp_path / "a-builtin-s1.json").write_text(json.dumps({k: v for k, v in run.items() if k not in older}))
+    for other, message in (({"lr": None, "d_model": None}, r"peak lr \[0.003, 0.006\]"),
+                           ({"d_model": None}, r"d_model \[64, 128\]"),
+                           ({"seq_len": 2048}, r"training length \[512, 2048\]")):
+        # runs from before the options were recorded (None: the key is missing) trained at 3e-3 and width 64
+        changed = {k: v for k, v in (run | other).items() if v is not None}
+        (tmp_path / "a-builtin-s1.json").write_text(json.dumps(changed))
         with pytest.raises(SystemExit, match=message):
             quality.summary(tmp_path)
     (tmp_path / "a-builtin-s1.json").write_text(json.dumps(run))
