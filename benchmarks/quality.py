@@ -134,6 +134,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An int > 0 (an argparse type)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def write_cost_start(text: str) -> float:
     """``--write-cost-from``: a fraction of a run's steps in [0, 1) (an argparse type)."""
     return _run_fraction(text, last_included=False)
@@ -184,7 +192,7 @@ def section_a_runs(names: str | None) -> list[tuple[str, dict, str | None]]:
 def section_a(corpus: str, seed: int, args, tok) -> dict:
     dom = load_domain(CORPORA[corpus], tok, holdout_fraction=0.1)
     held_text = dom.heldout_text[:16384]
-    seq, batch, n_steps = args.seq_len, 8, steps(150, args.scale)
+    seq, batch, n_steps = args.seq_len, args.batch, steps(150, args.scale)
     rows, hope_cpu = [], None
 
     def config(n: int) -> TrainConfig:
@@ -419,10 +427,10 @@ def summary(out: Path) -> str:
     lines = ["# Quality benchmark results (mean ± std over seeds)", ""]
     for corpus, runs in load_runs(out, "a").items():
         by = by_model(runs, "rows", "model")
-        seq, lr, width = (run_setting(out, corpus, runs, key, what, default) for key, what, default in
-                          (("seq_len", "training length", 512), ("lr", "peak lr", LR),
-                           ("d_model", "d_model", BASE["d_model"])))
-        lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {seq} tokens, "
+        seq, batch, lr, width = (run_setting(out, corpus, runs, key, what, default) for key, what, default in
+                                 (("seq_len", "training length", 512), ("batch", "sequences per step", 8),
+                                  ("lr", "peak lr", LR), ("d_model", "d_model", BASE["d_model"])))
+        lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {batch} x {seq} tokens, "
                   f"peak lr {lr:g}, d_model {width})", "",
                   "| model | params | steps | train CPU s | clipped steps | held-out loss | perplexity | "
                   "memory off: loss | streaming ppl |", "|---|---|---|---|---|---|---|---|---|"]
@@ -521,6 +529,9 @@ def parser() -> argparse.ArgumentParser:
                     help="tinyshakespeare text of (a) and (d) (default: the committed 210 KB head; the documented "
                          "tables use the whole 1.1 MB file)")
     ap.add_argument("--seq-len", type=int, default=512, help="training/evaluation length of (a) and (d)")
+    ap.add_argument("--batch", type=positive_int, default=8,
+                    help="(a): sequences per training step (default 8; --seq-len 2048 --batch 2 keeps the default's "
+                         "tokens per step and steps, so only the context length changes); recorded in every result")
     ap.add_argument("--passkey-len", type=int, default=128, help="training length of (c)")
     ap.add_argument("--passkey-mix", type=length_schedule, default=PASSKEY_MIX, metavar="LEN:EVERY[:BATCH]|none",
                     help="(c): every EVERY-th training step uses a batch of BATCH (default: the usual 8) sequences "

@@ -147,11 +147,11 @@ def test_write_cost_from_and_ramp_are_fractions_of_each_run(quality):
         assert_refused_before_any_run(argv, message)
 
 
-def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeypatch, tmp_path):
-    """``--lr`` and ``--d-model`` are (a)'s peak learning rate and width for every model (the defaults are every
-    section's 3e-3 and 64); the result records them, the summary names them and refuses to average runs that
-    differ in either (or in ``--seq-len``), and a rate <= 0 or a width the 2 heads cannot split is refused before
-    any run starts."""
+def test_heldout_section_trains_at_the_chosen_peak_lr_width_and_batch(quality, monkeypatch, tmp_path):
+    """``--lr``, ``--d-model`` and ``--batch`` are (a)'s peak learning rate, width and sequences per step for every
+    model (the defaults are every section's 3e-3, 64 and 8); the result records them, the summary names them and
+    refuses to average runs that differ in any of them (or in ``--seq-len``), and a rate or batch <= 0 or a width
+    the 2 heads cannot split is refused before any run starts."""
     import json
 
     class Stop(Exception):
@@ -161,18 +161,22 @@ def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeyp
 
     class Recorder:
         def __init__(self, model, batches, cfg, name):
-            seen.append((cfg.lr, model.cfg.d_model))
+            inputs, _ = batches(0)
+            seen.append((cfg.lr, model.cfg.d_model, tuple(inputs.shape)))
             raise Stop
 
     monkeypatch.setattr(quality, "Trainer", Recorder)
     tok = quality.load_tokenizer("byte")
-    for argv, setting in (([], (3e-3, 64)), (["--lr", "6e-3", "--d-model", "128"], (6e-3, 128))):
+    for argv, setting in (([], (3e-3, 64, (8, 512))),
+                          (["--lr", "6e-3", "--d-model", "128", "--seq-len", "1024", "--batch", "2"],
+                           (6e-3, 128, (2, 1024)))):
         args = quality.parser().parse_args(["--models", "Titans", "--scale", "0.02", *argv])
         with pytest.raises(Stop):
             quality.section_a("builtin", 0, args, tok)
         assert seen[-1] == setting
-    with pytest.raises(SystemExit):
-        quality.parser().parse_args(["--lr", "0"])
+    for bad in (["--lr", "0"], ["--batch", "0"]):
+        with pytest.raises(SystemExit):
+            quality.parser().parse_args(bad)
     assert_refused_before_any_run(["--d-model", "63"], "--d-model: model.n_heads: d_model=63")
     counts = [quality.make(0, **arch, d_model=128).num_parameters() for arch in quality.ARCHS.values()]
     assert max(counts) / min(counts) - 1 <= 0.04  # the help's promise at 128
@@ -180,15 +184,16 @@ def test_heldout_section_trains_at_the_chosen_peak_lr_and_width(quality, monkeyp
     row = {"model": "Titans", "parameters": 1, "steps": 2, "train_cpu_seconds": 1.0, "clipped_fraction": 0.0,
            "fixed": {"loss": 2.0, "token_perplexity": 7.4}, "streaming": {"token_perplexity": 7.4},
            "profile": {"bucket_start": [0], "bucket_end": [1], "loss": [2.0]}}
-    run = {"seq_len": 512, "lr": 0.006, "d_model": 128, "rows": [row]}
+    run = {"seq_len": 512, "batch": 2, "lr": 0.006, "d_model": 128, "rows": [row]}
     (tmp_path / "a-builtin-s0.json").write_text(json.dumps(run))
     for other, message in (({"lr": None, "d_model": None}, r"peak lr \[0.003, 0.006\]"),
                            ({"d_model": None}, r"d_model \[64, 128\]"),
-                           ({"seq_len": 2048}, r"training length \[512, 2048\]")):
+                           ({"seq_len": 2048}, r"training length \[512, 2048\]"),
+                           ({"batch": 8}, r"sequences per step \[2, 8\]")):
         # runs from before the options were recorded (None: the key is missing) trained at 3e-3 and width 64
         changed = {k: v for k, v in (run | other).items() if v is not None}
         (tmp_path / "a-builtin-s1.json").write_text(json.dumps(changed))
         with pytest.raises(SystemExit, match=message):
             quality.summary(tmp_path)
     (tmp_path / "a-builtin-s1.json").write_text(json.dumps(run))
-    assert "(2 seeds, trained at 512 tokens, peak lr 0.006, d_model 128)" in quality.summary(tmp_path)
+    assert "(2 seeds, trained at 2 x 512 tokens, peak lr 0.006, d_model 128)" in quality.summary(tmp_path)
