@@ -93,6 +93,9 @@ DIAGNOSTIC_ARCHS = {
 
 # every section's peak learning rate (AdamW, warm-up + cosine); (a) takes another with --lr
 LR = 3e-3
+# (a)'s defaults: training/evaluation length (also (d)'s) and sequences per training step; results from before a
+# setting was recorded were run at its default
+SEQ_LEN, BATCH = 512, 8
 
 # --write-cost: model.write_cost of the memory architectures (Hope, Titans) in every section
 MEMORY_ARCH_EXTRA: dict = {}
@@ -428,7 +431,7 @@ def summary(out: Path) -> str:
     for corpus, runs in load_runs(out, "a").items():
         by = by_model(runs, "rows", "model")
         seq, batch, lr, width = (run_setting(out, corpus, runs, key, what, default) for key, what, default in
-                                 (("seq_len", "training length", 512), ("batch", "sequences per step", 8),
+                                 (("seq_len", "training length", SEQ_LEN), ("batch", "sequences per step", BATCH),
                                   ("lr", "peak lr", LR), ("d_model", "d_model", BASE["d_model"])))
         lines += [f"## (a) held-out perplexity: {corpus} ({len(runs)} seeds, trained at {batch} x {seq} tokens, "
                   f"peak lr {lr:g}, d_model {width})", "",
@@ -528,10 +531,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--shakespeare", default=str(SHAKESPEARE_HEAD),
                     help="tinyshakespeare text of (a) and (d) (default: the committed 210 KB head; the documented "
                          "tables use the whole 1.1 MB file)")
-    ap.add_argument("--seq-len", type=int, default=512, help="training/evaluation length of (a) and (d)")
-    ap.add_argument("--batch", type=positive_int, default=8,
-                    help="(a): sequences per training step (default 8; --seq-len 2048 --batch 2 keeps the default's "
-                         "tokens per step and steps, so only the context length changes); recorded in every result")
+    ap.add_argument("--seq-len", type=int, default=SEQ_LEN, help="training/evaluation length of (a) and (d)")
+    ap.add_argument("--batch", type=positive_int, default=BATCH,
+                    help=f"(a): sequences per training step (default {BATCH}; --seq-len 2048 --batch 2 keeps the "
+                         "default's tokens per step and steps, so only the context length changes); recorded in every "
+                         "result")
     ap.add_argument("--passkey-len", type=int, default=128, help="training length of (c)")
     ap.add_argument("--passkey-mix", type=length_schedule, default=PASSKEY_MIX, metavar="LEN:EVERY[:BATCH]|none",
                     help="(c): every EVERY-th training step uses a batch of BATCH (default: the usual 8) sequences "
